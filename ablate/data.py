@@ -1,0 +1,297 @@
+"""Paired embeddings: the built-in synthetic benchmark, file loaders and ligand-disjoint splits."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ablate.errors import AblateError
+from ablate.specs import DataSpec, SyntheticSpec
+
+SUFFIXES = (".npz", ".pt", ".parquet")
+
+
+@dataclass(frozen=True)
+class PairedEmbeddings:
+    """Pocket features ``[N, Dp]``, ligand embeddings ``[N, Dl]`` and ligand ids ``[N]`` (int64).
+
+    Row i pairs pocket i with ligand i; rows with the same ligand id hold the same ligand.
+    """
+
+    pocket: Tensor
+    ligand: Tensor
+    ligand_id: Tensor
+
+    def __post_init__(self) -> None:
+        n = self.pocket.shape[0]
+        if self.pocket.ndim != 2 or self.ligand.ndim != 2 or self.ligand_id.ndim != 1:
+            raise ValueError("pocket and ligand must be 2-D and ligand_id 1-D")
+        if self.ligand.shape[0] != n or self.ligand_id.shape[0] != n:
+            raise ValueError(
+                f"row counts differ: pocket {n}, ligand {self.ligand.shape[0]}, "
+                f"ligand_id {self.ligand_id.shape[0]}"
+            )
+
+    def __len__(self) -> int:
+        return int(self.pocket.shape[0])
+
+    @property
+    def pocket_dim(self) -> int:
+        """Width of the pocket features."""
+        return int(self.pocket.shape[1])
+
+    @property
+    def ligand_dim(self) -> int:
+        """Width of the ligand embeddings."""
+        return int(self.ligand.shape[1])
+
+    def subset(self, index: Tensor) -> PairedEmbeddings:
+        """The rows at ``index``."""
+        return PairedEmbeddings(self.pocket[index], self.ligand[index], self.ligand_id[index])
+
+    def to(self, device: torch.device | str) -> PairedEmbeddings:
+        """The same pairs on another device."""
+        return PairedEmbeddings(
+            self.pocket.to(device), self.ligand.to(device), self.ligand_id.to(device)
+        )
+
+    def fingerprint(self) -> str:
+        """A short content hash, logged with every run so results name their data."""
+        h = hashlib.sha256()
+        for t in (self.pocket, self.ligand, self.ligand_id):
+            a = t.detach().cpu().contiguous().numpy()
+            h.update(str(a.shape).encode())
+            h.update(a.tobytes())
+        return h.hexdigest()[:12]
+
+    def save(self, path: str | Path) -> None:
+        """Write the pairs as .npz (arrays pocket, ligand, ligand_id)."""
+        np.savez(
+            path,
+            pocket=self.pocket.cpu().numpy(),
+            ligand=self.ligand.cpu().numpy(),
+            ligand_id=self.ligand_id.cpu().numpy(),
+        )
+
+
+# --------------------------------------------------------------------------------------
+# Loading files
+# --------------------------------------------------------------------------------------
+
+
+def load_pairs(path: str | Path) -> PairedEmbeddings:
+    """Read pairs from .npz, .pt (a dict) or .parquet with arrays pocket, ligand, ligand_id.
+
+    ``ligand_id`` is optional (rows with identical ligand vectors then share an id) and may hold
+    integers or strings. Any problem ends in one AblateError naming the file and the array.
+    """
+    p = Path(path)
+    if not p.is_file():
+        raise AblateError(f"{p}: no such data file (give a .npz, .pt or .parquet file, or 'synthetic')")
+    if p.suffix not in SUFFIXES:
+        raise AblateError(f"{p}: unknown format {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
+    try:
+        arrays = {".npz": _read_npz, ".pt": _read_pt, ".parquet": _read_parquet}[p.suffix](p)
+    except AblateError:
+        raise
+    except Exception as e:  # a corrupt or foreign file
+        raise AblateError(f"{p}: cannot read {p.suffix} file ({type(e).__name__}: {e})") from None
+    return _validated(p, arrays)
+
+
+def _read_npz(p: Path) -> dict[str, Any]:
+    with np.load(p, allow_pickle=False) as z:
+        return {k: z[k] for k in z.files}
+
+
+def _read_pt(p: Path) -> dict[str, Any]:
+    obj = torch.load(p, map_location="cpu", weights_only=True)
+    if not isinstance(obj, dict):
+        raise AblateError(f"{p}: expected a dict of arrays, got {type(obj).__name__}")
+    return {k: (v.numpy() if isinstance(v, Tensor) else np.asarray(v)) for k, v in obj.items()}
+
+
+def _read_parquet(p: Path) -> dict[str, Any]:
+    import pyarrow.parquet as pq
+
+    table = pq.read_table(p)
+    out: dict[str, Any] = {}
+    for name in table.column_names:
+        col = table.column(name).combine_chunks()
+        if hasattr(col, "flatten") and hasattr(col, "value_lengths"):
+            lengths = np.asarray(col.value_lengths().to_numpy(zero_copy_only=False))
+            if len(lengths) and (lengths != lengths[0]).any():
+                bad = int(np.argmax(lengths != lengths[0]))
+                raise AblateError(
+                    f"{p}: column {name!r}: rows have different lengths "
+                    f"(row {bad} has {lengths[bad]}, row 0 has {lengths[0]})"
+                )
+            flat = np.asarray(col.flatten().to_numpy(zero_copy_only=False))
+            width = int(lengths[0]) if len(lengths) else 0
+            out[name] = flat.reshape(len(col), width) if width else flat.reshape(len(col), 0)
+        else:
+            out[name] = np.asarray(col.to_numpy(zero_copy_only=False))
+    return out
+
+
+def _validated(p: Path, arrays: dict[str, Any]) -> PairedEmbeddings:
+    for name in ("pocket", "ligand"):
+        if name not in arrays:
+            raise AblateError(
+                f"{p}: missing array {name!r} (found: {', '.join(sorted(arrays)) or 'none'}); "
+                "the file needs arrays 'pocket' [N, Dp] and 'ligand' [N, Dl]"
+            )
+    pocket = _matrix(p, "pocket", arrays["pocket"])
+    ligand = _matrix(p, "ligand", arrays["ligand"])
+    if len(pocket) != len(ligand):
+        raise AblateError(f"{p}: 'pocket' has {len(pocket)} rows but 'ligand' has {len(ligand)}")
+    if "ligand_id" in arrays:
+        ids = _ids(p, np.asarray(arrays["ligand_id"]), len(pocket))
+    else:
+        ids = np.unique(ligand, axis=0, return_inverse=True)[1].reshape(-1)
+    return PairedEmbeddings(
+        torch.from_numpy(pocket), torch.from_numpy(ligand), torch.from_numpy(ids.astype(np.int64))
+    )
+
+
+def _matrix(p: Path, name: str, a: Any) -> np.ndarray:
+    a = np.asarray(a)
+    if a.dtype.kind not in "iuf":
+        raise AblateError(f"{p}: array {name!r} is not numeric (dtype {a.dtype}); store float values")
+    if a.ndim != 2:
+        raise AblateError(f"{p}: array {name!r} must be 2-D [rows, features], got shape {a.shape}")
+    if a.shape[0] == 0 or a.shape[1] == 0:
+        raise AblateError(f"{p}: array {name!r} is empty (shape {a.shape})")
+    a = a.astype(np.float32)
+    bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
+    if len(bad):
+        first = ", ".join(str(i) for i in bad[:5])
+        raise AblateError(
+            f"{p}: array {name!r} has {len(bad)} row(s) with NaN or inf (first: {first}); "
+            "drop or impute them"
+        )
+    return a
+
+
+def _ids(p: Path, a: np.ndarray, n: int) -> np.ndarray:
+    if a.ndim != 1:
+        raise AblateError(f"{p}: array 'ligand_id' must be 1-D, got shape {a.shape}")
+    if len(a) != n:
+        raise AblateError(f"{p}: 'ligand_id' has {len(a)} rows but 'pocket' has {n}")
+    if a.dtype.kind in "USO":
+        return np.unique(a.astype(str), return_inverse=True)[1].reshape(-1)
+    if a.dtype.kind == "f":
+        if not np.isfinite(a).all() or (a != np.round(a)).any():
+            raise AblateError(f"{p}: 'ligand_id' must hold integers or strings, got fractional values")
+        return a.astype(np.int64)
+    if a.dtype.kind not in "iu":
+        raise AblateError(f"{p}: 'ligand_id' must hold integers or strings (dtype {a.dtype})")
+    return a.astype(np.int64)
+
+
+# --------------------------------------------------------------------------------------
+# The synthetic benchmark
+# --------------------------------------------------------------------------------------
+
+
+def synthetic_pairs(spec: SyntheticSpec | None = None, seed: int = 0) -> PairedEmbeddings:
+    """The built-in benchmark: the same pairs for the same spec and seed.
+
+    Ligands come in families that share a latent (near-duplicates: false negatives for
+    InfoNCE); some ligands bind several pockets (shared ligand ids); ligand embeddings have
+    norms drawn independently of the pairing (which MSE spends capacity on); pocket features are
+    a noisy non-linear function of the ligand latent, with pocket-specific variation.
+    """
+    s = spec or SyntheticSpec()
+    g = torch.Generator().manual_seed(seed)
+
+    def randn(*shape: int) -> Tensor:
+        return torch.randn(*shape, generator=g)
+
+    n_fam = min(s.n_families, s.n_ligands)
+    centers = randn(n_fam, s.latent_dim)
+    family = torch.randperm(s.n_ligands, generator=g) % n_fam
+    z = centers[family] + s.family_spread * randn(s.n_ligands, s.latent_dim)
+
+    lig_a = randn(s.latent_dim, s.ligand_dim) / math.sqrt(s.latent_dim)
+    lig_b = randn(s.latent_dim, s.ligand_dim) / math.sqrt(s.latent_dim)
+    direction = torch.nn.functional.normalize(z @ lig_a + 0.5 * torch.tanh(z @ lig_b), dim=1)
+    norms = torch.exp(s.norm_spread * randn(s.n_ligands, 1)) * math.sqrt(s.ligand_dim) / 4
+    ligand_vec = direction * norms
+
+    extra = torch.randint(2, s.max_pockets_per_ligand + 1, (s.n_ligands,), generator=g)
+    multi = torch.rand(s.n_ligands, generator=g) < s.multi_pocket_fraction
+    counts = torch.where(multi & (s.max_pockets_per_ligand > 1), extra, torch.ones_like(extra))
+    ligand_of_pocket = torch.repeat_interleave(torch.arange(s.n_ligands), counts)
+    n = ligand_of_pocket.shape[0]
+
+    hidden = 2 * s.pocket_dim
+    w1 = randn(s.latent_dim, hidden) / math.sqrt(s.latent_dim)
+    w2 = randn(hidden, s.pocket_dim) / math.sqrt(hidden)
+    u = z[ligand_of_pocket] + s.pocket_noise * randn(n, s.latent_dim)
+    pocket = torch.nn.functional.gelu(u @ w1) @ w2 + 0.1 * randn(n, s.pocket_dim)
+
+    order = torch.randperm(n, generator=g)
+    return PairedEmbeddings(
+        pocket[order].contiguous(),
+        ligand_vec[ligand_of_pocket][order].contiguous(),
+        ligand_of_pocket[order].contiguous(),
+    )
+
+
+# --------------------------------------------------------------------------------------
+# Splits
+# --------------------------------------------------------------------------------------
+
+
+def split(
+    data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand"
+) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+    """(train, val). ``by="ligand"`` keeps every ligand on one side only; ``"random"`` splits rows."""
+    if not 0 < val_fraction < 1:
+        raise AblateError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    g = torch.Generator().manual_seed(seed)
+    n = len(data)
+    if by == "random":
+        perm = torch.randperm(n, generator=g)
+        n_val = max(1, round(n * val_fraction))
+        val_idx, train_idx = perm[:n_val], perm[n_val:]
+    elif by == "ligand":
+        ids = data.ligand_id.cpu()
+        uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
+        order = torch.randperm(len(uniq), generator=g)
+        cum = torch.cumsum(counts[order], 0)
+        n_val_ligands = int(torch.searchsorted(cum, torch.tensor(n * val_fraction)).item()) + 1
+        is_val_ligand = torch.zeros(len(uniq), dtype=torch.bool)
+        is_val_ligand[order[:n_val_ligands]] = True
+        in_val = is_val_ligand[inverse]
+        val_idx, train_idx = in_val.nonzero().flatten(), (~in_val).nonzero().flatten()
+    else:
+        raise AblateError(f"unknown split {by!r}; use 'ligand' or 'random'")
+    if len(train_idx) == 0 or len(val_idx) == 0:
+        raise AblateError(
+            f"a {by} split of {n} pairs with val_fraction {val_fraction} leaves one side empty"
+        )
+    return data.subset(train_idx), data.subset(val_idx)
+
+
+_CACHE: dict[str, tuple[PairedEmbeddings, PairedEmbeddings]] = {}
+
+
+def load_split(spec: DataSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+    """The (train, val) pairs a data spec names; cached per process, so trials share one load."""
+    key = spec.model_dump_json()
+    if key not in _CACHE:
+        if spec.source == "synthetic":
+            data = synthetic_pairs(spec.synthetic, seed=spec.seed)
+        else:
+            data = load_pairs(spec.source)
+        _CACHE[key] = split(data, spec.val_fraction, spec.seed, spec.split)
+    return _CACHE[key]

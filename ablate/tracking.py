@@ -1,0 +1,225 @@
+"""MLflow through MlflowClient with explicit run ids (never the fluent, global active-run state).
+
+NaN or inf never reaches MLflow: non-finite values are left out of the batch and named in a
+``diverged`` tag instead. Metrics are sent in one batched call per epoch; when epochs are shorter
+than ``flush_seconds`` consecutive epochs share a call, so logging stays a small fraction of
+training time on tiny models. Everything buffered is sent before a run ends, however it ends.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import subprocess
+import time
+from collections.abc import Iterator, Mapping
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from ablate.errors import AblateError
+from ablate.specs import mask_url, resolve_tracking_uri
+
+PARAM_VALUE_LIMIT = 6000
+BATCH_LIMIT = 1000
+
+
+def _quiet_mlflow() -> None:
+    for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+
+
+class Tracker:
+    """One MLflow store: experiments, runs, params, tags, metrics and artifacts by run id."""
+
+    def __init__(self, uri: str | None = None):
+        from mlflow import MlflowClient
+
+        _quiet_mlflow()
+        self.uri = resolve_tracking_uri(uri)
+        try:
+            self.client = MlflowClient(tracking_uri=self.uri)
+        except Exception as e:
+            raise AblateError(
+                f"cannot open the MLflow store {mask_url(self.uri)}: {mask_url(str(e))}"
+            ) from None
+
+    @property
+    def shown_uri(self) -> str:
+        """The tracking URI with any password masked."""
+        return mask_url(self.uri)
+
+    def experiment_id(self, name: str) -> str:
+        """The id of an experiment, created on first use (tolerating a concurrent creator)."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return str(exp.experiment_id)
+            return str(self.client.create_experiment(name))
+        except MlflowException as e:
+            exp = self.client.get_experiment_by_name(name)
+            if exp is not None:
+                return str(exp.experiment_id)
+            raise AblateError(
+                f"MLflow store {self.shown_uri}: cannot create experiment {name!r}: "
+                f"{mask_url(str(e))}"
+            ) from None
+        except Exception as e:
+            raise AblateError(
+                f"cannot reach the MLflow store {self.shown_uri}: {mask_url(str(e)).splitlines()[0]}"
+            ) from None
+
+    def start_run(
+        self,
+        experiment_id: str,
+        name: str,
+        tags: Mapping[str, Any] | None = None,
+        parent_run_id: str | None = None,
+    ) -> str:
+        """Create a RUNNING run (a child when a parent is given) and return its id."""
+        all_tags = {k: str(v) for k, v in (tags or {}).items()}
+        if parent_run_id:
+            all_tags["mlflow.parentRunId"] = parent_run_id
+        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        return str(run.info.run_id)
+
+    def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
+        """Log parameters in batches; values are stringified and masked."""
+        from mlflow.entities import Param
+
+        items = [
+            Param(k, mask_url(_param_text(v))[:PARAM_VALUE_LIMIT]) for k, v in params.items()
+        ]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run_id, params=items[i : i + 100])
+
+    def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
+        """Set tags (values stringified and masked)."""
+        from mlflow.entities import RunTag
+
+        items = [RunTag(k, mask_url(str(v))[:PARAM_VALUE_LIMIT]) for k, v in tags.items()]
+        if items:
+            self.client.log_batch(run_id, tags=items)
+
+    def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> list[str]:
+        """Log finite metrics at one step in one call; returns the keys left out as non-finite."""
+        batch = MetricBatch(self, run_id, flush_seconds=0.0)
+        skipped = batch.add(metrics, step)
+        batch.flush()
+        return skipped
+
+    def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
+        """Store a JSON artifact."""
+        self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
+        """Store a file as an artifact."""
+        self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
+        """Set a run's final status: FINISHED, FAILED or KILLED."""
+        self.client.set_terminated(run_id, status=status)
+
+    def set_status(self, run_id: str, status: str) -> None:
+        """Set a run's status without ending it (RUNNING when a suite resumes)."""
+        self.client.update_run(run_id, status=status)
+
+    @contextmanager
+    def run_status(self, run_id: str) -> Iterator[None]:
+        """End the run FINISHED, FAILED on an exception, KILLED on Ctrl-C or SIGTERM."""
+        try:
+            yield
+        except KeyboardInterrupt:
+            self.end_run(run_id, "KILLED")
+            raise
+        except BaseException:
+            self.end_run(run_id, "FAILED")
+            raise
+        self.end_run(run_id, "FINISHED")
+
+
+class MetricBatch:
+    """Per-epoch metrics for one run, sent in batches at most every ``flush_seconds``."""
+
+    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0):
+        self.tracker = tracker
+        self.run_id = run_id
+        self.flush_seconds = flush_seconds
+        self._pending: list[Any] = []
+        self._last = time.monotonic()
+        self.nonfinite: dict[str, int] = {}
+
+    def add(self, metrics: Mapping[str, float], step: int) -> list[str]:
+        """Queue one step's finite metrics; returns the non-finite keys (never sent)."""
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        skipped = []
+        for key, value in metrics.items():
+            v = float(value)
+            if math.isfinite(v):
+                self._pending.append(Metric(key, v, now, step))
+            else:
+                skipped.append(key)
+                self.nonfinite.setdefault(key, step)
+        if time.monotonic() - self._last >= self.flush_seconds:
+            self.flush()
+        return skipped
+
+    def flush(self) -> None:
+        """Send everything queued."""
+        pending, self._pending = self._pending, []
+        for i in range(0, len(pending), BATCH_LIMIT):
+            self.tracker.client.log_batch(self.run_id, metrics=pending[i : i + BATCH_LIMIT])
+        self._last = time.monotonic()
+
+
+def _param_text(v: Any) -> str:
+    if isinstance(v, (list, tuple, dict)):
+        return json.dumps(v)
+    return str(v)
+
+
+def git_commit(path: str | Path = ".") -> str | None:
+    """The commit checked out at ``path``, when it is a git work tree."""
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(path), "rev-parse", "HEAD"],
+            capture_output=True, text=True, timeout=5, check=False,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def ui_hint(uri: str) -> str:
+    """How to open the MLflow UI on this store."""
+    if uri.startswith(("http://", "https://")):
+        return f"open {mask_url(uri)} in a browser"
+    return "run `ablate ui` and open the printed URL" + (
+        "" if uri == resolve_tracking_uri(None) else f" (with --tracking-uri {mask_url(uri)})"
+    )
+
+
+def environment_tags() -> dict[str, str]:
+    """Tags that say where a run ran: versions, host, git commit."""
+    import platform
+
+    import torch
+
+    from ablate import __version__
+
+    tags = {
+        "ablate.version": __version__,
+        "torch.version": torch.__version__,
+        "host": platform.node(),
+        "pid": str(os.getpid()),
+    }
+    commit = git_commit()
+    if commit:
+        tags["mlflow.source.git.commit"] = commit
+    return tags

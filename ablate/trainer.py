@@ -1,0 +1,448 @@
+"""The one training loop. ``fit`` yields one EpochResult per epoch; it knows neither MLflow nor Optuna.
+
+Data stay on the device as tensors and batches are taken by index from a per-epoch permutation.
+With ``accumulation_steps > 1`` a batch is processed in micro-batches: per-sample losses (MSE,
+cosine) accumulate their gradients directly; contrastive losses use GradCache (Gao et al. 2021):
+representations of all micro-batches are computed without a graph, the loss and its gradient
+with respect to the representations are computed over the whole batch, then each micro-batch is
+re-run (with its dropout noise replayed) and back-propagated with its slice of that gradient. The
+parameter gradient then equals the one of a single large batch.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ablate.data import PairedEmbeddings
+from ablate.errors import AblateError
+from ablate.losses import CombinedLoss, MultiStageScheduler, build_loss
+from ablate.metrics import compute_retrieval_metrics
+from ablate.models import build_model
+from ablate.specs import RunSpec, better
+
+INBATCH_FLUSH = 64
+"""Steps whose representations are scored together for train/inbatch_top1."""
+
+
+@dataclass(frozen=True)
+class EpochResult:
+    """What one epoch reports: metrics under the vocabulary's keys (may be non-finite)."""
+
+    epoch: int
+    metrics: dict[str, float]
+    stage: str | None = None
+    improved: bool = False
+    best_epoch: int = -1
+    best_value: float = float("nan")
+    diverged: bool = False
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA, then MPS, then CPU; anything else must exist on this machine."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        dev = torch.device(name)
+    except RuntimeError:
+        raise AblateError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
+    if dev.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0 or (dev.index is not None and dev.index >= count):
+            raise AblateError(
+                f"device {name!r} is not available (this machine has {count} CUDA device(s)); "
+                "use --device auto or cpu"
+            )
+    elif dev.type == "mps" and not torch.backends.mps.is_available():
+        raise AblateError(f"device {name!r} is not available; use --device auto or cpu")
+    elif dev.type not in ("cpu", "cuda", "mps"):
+        raise AblateError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
+    return dev
+
+
+def check_batch(spec: RunSpec, n_train: int) -> None:
+    """A batch must fit in the training set (batches that do not fill up are dropped)."""
+    eff = spec.effective_batch_size
+    if eff > n_train:
+        raise AblateError(
+            f"batch of {eff} pairs (batch_size {spec.batch_size} x accumulation_steps "
+            f"{spec.accumulation_steps}) is larger than the training set ({n_train} pairs); "
+            "lower the batch size or use more data"
+        )
+
+
+@dataclass
+class _Amp:
+    enabled: bool
+    dtype: torch.dtype | None = None
+    scaler: torch.amp.GradScaler | None = None
+    device_type: str = "cpu"
+
+    def autocast(self) -> contextlib.AbstractContextManager[Any]:
+        if not self.enabled:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device_type, dtype=self.dtype)
+
+    @property
+    def label(self) -> str:
+        if not self.enabled or self.dtype is None:
+            return "off"
+        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
+
+
+def _amp_for(device: torch.device, requested: bool | None) -> _Amp:
+    enabled = requested if requested is not None else device.type == "cuda"
+    if not enabled:
+        return _Amp(False, device_type=device.type)
+    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        return _Amp(True, torch.float16, torch.amp.GradScaler("cuda"), "cuda")
+    if device.type == "mps":
+        return _Amp(True, torch.float16, torch.amp.GradScaler("mps"), "mps")
+    return _Amp(True, torch.bfloat16, None, device.type)
+
+
+@dataclass
+class _Best:
+    epoch: int = -1
+    value: float = float("nan")
+    state: dict[str, Tensor] | None = field(default=None, repr=False)
+
+
+class Trainer:
+    """One training run of a RunSpec on (train, val) pairs; iterate ``epochs()`` to train."""
+
+    def __init__(
+        self,
+        spec: RunSpec,
+        train: PairedEmbeddings,
+        val: PairedEmbeddings,
+        device: torch.device | None = None,
+        keep_best: bool = True,
+    ):
+        self.spec = spec
+        self.device = device if device is not None else resolve_device(spec.device)
+        check_batch(spec, len(train))
+        torch.manual_seed(spec.seed)
+        self.train = train.to(self.device)
+        self.val = val.to(self.device)
+        self.model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device)
+        self.loss = build_loss(spec.loss, **spec.loss_params()).to(self.device)
+        self.scheduler = self.loss if isinstance(self.loss, MultiStageScheduler) else None
+        self.amp = _amp_for(self.device, spec.amp)
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        extra = [p for p in self.loss.parameters() if p.requires_grad]
+        groups = [{"params": self.params, "weight_decay": spec.weight_decay}]
+        if extra:
+            groups.append({"params": extra, "weight_decay": 0.0})
+        self.all_params = self.params + extra
+        self.optimizer = _adamw(groups, spec.lr, self.device)
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.train_unit = F.normalize(self.train.ligand, dim=1)
+        self.keep_best = keep_best
+        self.best = _Best()
+        self.direction = better(spec.select_metric)
+
+    # ---------------------------------------------------------------- the loop
+
+    def epochs(self) -> Iterator[EpochResult]:
+        """Train epoch by epoch, yielding each epoch's metrics; stops early on divergence."""
+        for epoch in range(self.spec.epochs):
+            start = time.perf_counter()
+            criterion, stage = self._criterion(epoch)
+            lr = self._set_lr(epoch)
+            metrics = self._train_epoch(criterion)
+            metrics.update(self._validate(criterion))
+            metrics["lr"] = lr
+            if self.scheduler is not None:
+                metrics["stage"] = float(self.scheduler.stage + 1)
+            temperature = getattr(criterion, "temperature", None)
+            if isinstance(temperature, float) and self.spec.learnable_temperature:
+                metrics["temperature"] = temperature
+            metrics["epoch_seconds"] = time.perf_counter() - start
+            diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
+            improved = not diverged and self._track_best(epoch, metrics[self.spec.select_metric])
+            yield EpochResult(
+                epoch, metrics, stage, improved, self.best.epoch, self.best.value, diverged
+            )
+            if diverged:
+                return
+
+    def _criterion(self, epoch: int) -> tuple[nn.Module, str | None]:
+        if self.scheduler is not None:
+            return self.scheduler.get_loss(epoch)
+        return self.loss, None
+
+    def _set_lr(self, epoch: int) -> float:
+        s = self.spec
+        base = self.scheduler.get_recommended_lr() if self.scheduler is not None else s.lr
+        factor = 1.0
+        if epoch < s.warmup_epochs:
+            factor = (epoch + 1) / s.warmup_epochs
+        elif s.lr_schedule == "cosine":
+            span = max(1, s.epochs - s.warmup_epochs)
+            factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
+        lr = base * factor
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        return lr
+
+    def _track_best(self, epoch: int, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        b = self.best.value
+        if math.isnan(b) or (value > b if self.direction == "maximize" else value < b):
+            self.best.epoch, self.best.value = epoch, value
+            if self.keep_best:
+                self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            return True
+        return False
+
+    # ---------------------------------------------------------------- training
+
+    def _train_epoch(self, criterion: nn.Module) -> dict[str, float]:
+        s = self.spec
+        self.model.train()
+        data = self.train
+        eff = s.effective_batch_size
+        steps = len(data) // eff
+        perm = torch.randperm(len(data), generator=self.generator).to(self.device)
+        xs, ys = data.pocket[perm], data.ligand[perm]
+        ids_all = data.ligand_id[perm] if s.mask_shared_ligands else None
+        losses: list[Tensor] = []
+        norms: list[Tensor] = []
+        components: dict[str, list[Tensor]] = {}
+        pending: list[Tensor] = []
+        correct = torch.zeros((), device=self.device)
+        for step in range(steps):
+            lo, hi = step * eff, (step + 1) * eff
+            x, y = xs[lo:hi], ys[lo:hi]
+            lid = None if ids_all is None else ids_all[lo:hi]
+            if s.accumulation_steps == 1:
+                with self.amp.autocast():
+                    p = self.model(x)
+                loss = criterion(p, y, lid)
+                self._backward(loss)
+                reps = p.detach()
+            elif getattr(criterion, "contrastive", False):
+                loss, reps = self._gradcache(criterion, x, y, lid)
+            else:
+                loss, reps = self._accumulate(criterion, x, y, lid)
+            norms.append(self._optimizer_step())
+            losses.append(loss.detach())
+            if isinstance(criterion, CombinedLoss):
+                for name, value in criterion.last_components.items():
+                    components.setdefault(name, []).append(value)
+            pending.append(reps)
+            if len(pending) == INBATCH_FLUSH or step == steps - 1:
+                first = (step + 1 - len(pending)) * eff
+                correct += self._inbatch_correct(pending, perm[first : (step + 1) * eff])
+                pending = []
+        out = {
+            "train/loss": torch.stack(losses).float().mean(),
+            "train/inbatch_top1": correct / (steps * eff),
+            "grad_norm": torch.stack(norms).float().mean(),
+        }
+        for name, parts in components.items():
+            out[f"train/loss_{name}"] = torch.stack(parts).mean()
+        numbers: list[float] = torch.stack([v.float() for v in out.values()]).tolist()
+        return dict(zip(out, numbers, strict=True))
+
+    def _backward(self, loss: Tensor) -> None:
+        if self.amp.scaler is not None:
+            self.amp.scaler.scale(loss).backward()
+        else:
+            loss.backward()
+
+    def _optimizer_step(self) -> Tensor:
+        scaler = self.amp.scaler
+        if scaler is not None:
+            scaler.unscale_(self.optimizer)
+        if self.spec.grad_clip is not None:
+            norm = torch.nn.utils.clip_grad_norm_(self.all_params, self.spec.grad_clip)
+        else:
+            grads = [p.grad for p in self.all_params if p.grad is not None]
+            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+        if scaler is not None:
+            scaler.step(self.optimizer)
+            scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return norm
+
+    def _accumulate(
+        self, criterion: nn.Module, x: Tensor, y: Tensor, lid: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        """Per-sample losses: each micro-batch's gradient, weighted by its share of the batch."""
+        n = x.shape[0]
+        total = torch.zeros((), device=self.device)
+        reps = []
+        for xc, yc in zip(x.split(self.spec.batch_size), y.split(self.spec.batch_size), strict=True):
+            with self.amp.autocast():
+                p = self.model(xc)
+            part = criterion(p, yc) * (xc.shape[0] / n)
+            self._backward(part)
+            total += part.detach()
+            reps.append(p.detach())
+        return total, torch.cat(reps)
+
+    def _gradcache(
+        self, criterion: nn.Module, x: Tensor, y: Tensor, lid: Tensor | None
+    ) -> tuple[Tensor, Tensor]:
+        return grad_cache(
+            self.model, criterion, x, y, lid, self.spec.batch_size,
+            autocast=self.amp.autocast, backward=self._backward,
+        )
+
+    def _inbatch_correct(self, reps: list[Tensor], idx: Tensor) -> Tensor:
+        """How many rows rank their own ligand first among their batch (ties count as misses)."""
+        r = torch.stack(reps).float()  # [m, B, D]
+        idx = idx.view(r.shape[0], r.shape[1])
+        sims = torch.bmm(r, self.train_unit[idx].transpose(1, 2))  # [m, B, B]; row norms do not matter
+        ids = self.train.ligand_id[idx]
+        same = ids[:, :, None] == ids[:, None, :]
+        pos = sims.masked_fill(~same, float("-inf")).amax(2)
+        neg = sims.masked_fill(same, float("-inf")).amax(2)
+        return (pos > neg).sum()
+
+    # ---------------------------------------------------------------- validation
+
+    @torch.no_grad()
+    def predict(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
+        """The model's ligand-space embeddings for pocket features (eval mode, float32)."""
+        self.model.eval()
+        outs = []
+        for xc in pocket.to(self.device).split(chunk):
+            with self.amp.autocast():
+                outs.append(self.model(xc).float())
+        return torch.cat(outs)
+
+    @torch.no_grad()
+    def _validate(self, criterion: nn.Module) -> dict[str, float]:
+        val = self.val
+        pred = self.predict(val.pocket)
+        ids = val.ligand_id if self.spec.mask_shared_ligands else None
+        n_batches = max(1, math.ceil(len(val) / self.spec.effective_batch_size))
+        if getattr(criterion, "contrastive", False) and n_batches > 1:
+            parts = torch.arange(len(val), device=self.device).tensor_split(n_batches)
+            total = torch.zeros((), device=self.device)
+            for part in parts:
+                part_ids = None if ids is None else ids[part]
+                total += criterion(pred[part], val.ligand[part], part_ids) * part.numel()
+            vloss = total / len(val)
+        else:
+            vloss = criterion(pred, val.ligand, ids)
+        r = compute_retrieval_metrics(pred, val.ligand, ligand_ids=val.ligand_id, reverse=False)
+        return {
+            "val/loss": float(vloss),
+            "val/cosine": r["mean_cosine"],
+            "val/top1": r["top1_accuracy"],
+            "val/top5": r["top5_accuracy"],
+            "val/top10": r["top10_accuracy"],
+            "val/mrr": r["mrr"],
+            "val/median_rank": r["median_rank"],
+            "val/alignment": r["alignment"],
+            "val/uniformity": r["uniformity"],
+            "val/spread": r["spread"],
+        }
+
+    # ---------------------------------------------------------------- results
+
+    def save_best(self, path: str | Path) -> Path:
+        """Write the best epoch's model state (state_dict) to a file."""
+        if self.best.state is None:
+            raise AblateError("no best model to save: no epoch produced a finite selection metric")
+        out = Path(path)
+        out.parent.mkdir(parents=True, exist_ok=True)
+        torch.save({k: v.cpu() for k, v in self.best.state.items()}, out)
+        return out
+
+
+def grad_cache(
+    model: nn.Module,
+    criterion: nn.Module,
+    x: Tensor,
+    y: Tensor,
+    ligand_ids: Tensor | None,
+    micro_batch: int,
+    *,
+    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
+    backward: Callable[[Tensor], None] = Tensor.backward,
+) -> tuple[Tensor, Tensor]:
+    """Accumulate the gradient of a batch-level loss over micro-batches (GradCache).
+
+    1. embed every micro-batch without a graph, keeping each one's RNG state (dropout);
+    2. compute the loss over the whole batch on the cached embeddings and back-propagate it to
+       them (and to the loss's own parameters, e.g. a learnable temperature);
+    3. re-embed each micro-batch with the same RNG state and back-propagate its slice of the
+       cached gradient. The parameter gradients equal those of one large batch.
+
+    Returns the loss (detached) and the embeddings.
+    """
+    chunks = x.split(micro_batch)
+    device = x.device
+    states = []
+    reps = []
+    with torch.no_grad():
+        for xc in chunks:
+            states.append(_rng_state(device))
+            with autocast():
+                reps.append(model(xc))
+    cached = torch.cat(reps).to(torch.promote_types(reps[0].dtype, torch.float32)).requires_grad_()
+    loss = criterion(cached, y, ligand_ids)
+    backward(loss)
+    assert cached.grad is not None
+    for xc, state, grad in zip(chunks, states, cached.grad.split(micro_batch), strict=True):
+        _set_rng_state(device, state)
+        with autocast():
+            out = model(xc)
+        out.backward(grad.to(out.dtype))
+    return loss.detach(), cached.detach()
+
+
+def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
+    dev = None
+    if device.type == "cuda":
+        dev = torch.cuda.get_rng_state(device)
+    elif device.type == "mps":
+        dev = torch.mps.get_rng_state()
+    return torch.get_rng_state(), dev
+
+
+def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
+    torch.set_rng_state(state[0])
+    if state[1] is not None:
+        if device.type == "cuda":
+            torch.cuda.set_rng_state(state[1], device)
+        else:
+            torch.mps.set_rng_state(state[1])
+
+
+def _adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
+    try:
+        return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
+    except (RuntimeError, ValueError):
+        return torch.optim.AdamW(groups, lr=lr)
+
+
+def fit(
+    spec: RunSpec,
+    train: PairedEmbeddings,
+    val: PairedEmbeddings,
+    device: torch.device | None = None,
+) -> Iterator[EpochResult]:
+    """Train one run; yields one EpochResult per epoch (use Trainer to keep the model)."""
+    return Trainer(spec, train, val, device).epochs()
