@@ -72,7 +72,7 @@ JobsOpt = Annotated[
 DevicesOpt = Annotated[
     str | None,
     typer.Option("--devices", help="Comma-separated devices, one worker process per device, "
-                 "e.g. cuda:0,cuda:1."),
+                 "e.g. cuda:0,cuda:1; 'all' for every CUDA device."),
 ]
 HeartbeatOpt = Annotated[
     int, typer.Option("--heartbeat", min=1, help="Seconds between worker heartbeats; a trial "
@@ -86,7 +86,17 @@ def _flag(text: str, field: str | None = None) -> Any:
 
 
 def _devices(devices: str | None) -> list[str]:
-    return [d.strip() for d in devices.split(",") if d.strip()] if devices else []
+    """'cuda:0,cuda:1' -> a list; 'all' -> every CUDA device of this machine."""
+    if not devices:
+        return []
+    if devices.strip() == "all":
+        import torch
+
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise AblateError("--devices all: this machine has no CUDA device; use --jobs N on the CPU")
+        return [f"cuda:{i}" for i in range(count)]
+    return [d.strip() for d in devices.split(",") if d.strip()]
 
 
 # --------------------------------------------------------------------------------------
@@ -208,9 +218,13 @@ class StudyDisplay:
                                      info=f"{event['metric']} {shown}")
             elif kind == "end" and number in self.running:
                 self.progress.remove_task(self.running.pop(number))
-                self.done += 1
-                if event["state"] != "COMPLETE":
-                    self.progress.console.print(f"  #{number} {event['label']}: {event['state']}")
+                state = event["state"]
+                if state in ("COMPLETE", "PRUNED"):
+                    self.done += 1
+                if state != "COMPLETE":
+                    why = event.get("reason") or ""
+                    self.progress.console.print(f"  #{number} {event['label']}: {state}"
+                                                + (f" ({why})" if why else ""))
             self._refresh()
 
 

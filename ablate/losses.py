@@ -28,8 +28,13 @@ __all__ = [
 ]
 
 
+def _upcast(x: Tensor) -> Tensor:
+    """Half precision -> float32 (the loss is computed in float32 under autocast); float64 stays."""
+    return x.float() if x.dtype in (torch.float16, torch.bfloat16) else x
+
+
 def _fp32_unit(x: Tensor) -> Tensor:
-    return F.normalize(x.float(), dim=-1)
+    return F.normalize(_upcast(x), dim=-1)
 
 
 def _shared_ligand_mask(ligand_ids: Tensor | None, n: int, device: torch.device) -> Tensor | None:
@@ -49,7 +54,7 @@ class MSELoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """Mean of (pred - target)^2."""
-        return F.mse_loss(pred.float(), target.float())
+        return F.mse_loss(_upcast(pred), _upcast(target))
 
 
 class CosineSimilarityLoss(nn.Module):
@@ -59,7 +64,7 @@ class CosineSimilarityLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """Mean over the batch of 1 - cosine similarity."""
-        return (1.0 - F.cosine_similarity(pred.float(), target.float(), dim=-1)).mean()
+        return (1.0 - F.cosine_similarity(_upcast(pred), _upcast(target), dim=-1)).mean()
 
 
 class InfoNCELoss(nn.Module):
@@ -100,7 +105,8 @@ class InfoNCELoss(nn.Module):
     def logits(self, pred: Tensor, target: Tensor) -> Tensor:
         """[B, B] float32 logits: cosine similarities divided by the temperature."""
         with torch.autocast(pred.device.type, enabled=False):
-            return (_fp32_unit(pred) @ _fp32_unit(target).T) * self._scale().float()
+            p, t = _fp32_unit(pred), _fp32_unit(target)
+            return (p @ t.T) * self._scale().to(p.dtype)
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """The InfoNCE loss of a batch."""
@@ -193,17 +199,17 @@ class SupervisedContrastiveLoss(nn.Module):
             if similarity is not None:
                 if similarity.shape != (n, n):
                     raise ValueError(f"similarity must be [{n}, {n}], got {list(similarity.shape)}")
-                weights = similarity.float().clamp(0, 1).masked_fill(eye, 1.0)
+                weights = _upcast(similarity).to(logits.dtype).clamp(0, 1).masked_fill(eye, 1.0)
                 hard = eye
             elif ligand_ids is not None:
                 hard = ligand_ids[:, None] == ligand_ids[None, :]
-                weights = hard.float()
+                weights = hard.to(logits.dtype)
             else:
                 hard = eye
-                weights = eye.float()
+                weights = eye.to(logits.dtype)
             keep = torch.ones_like(eye)
             if self.threshold is not None:
-                sim = similarity.float() if similarity is not None else (t @ t.T).clamp(0, 1)
+                sim = similarity.to(logits.dtype) if similarity is not None else (t @ t.T).clamp(0, 1)
                 keep = ~((sim > self.threshold) & ~hard)
             weights = weights * keep
             log_prob = logits.masked_fill(~keep, float("-inf")).log_softmax(dim=1)

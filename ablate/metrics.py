@@ -41,18 +41,43 @@ def ranks(
     if query_labels is None or gallery_labels is None:
         if nq != ng:
             raise ValueError(f"without labels, queries ({nq}) and gallery ({ng}) must pair up")
-        query_labels = torch.arange(nq, device=q.device)
-        gallery_labels = torch.arange(ng, device=g.device)
-    step = max(1, chunk_elements // max(ng, 1))
+        target: Tensor | None = torch.arange(nq, device=q.device)
+    else:
+        target = _single_target(query_labels, gallery_labels)
+    step = max(1, min(nq, chunk_elements // max(ng, 1)))
+    scores = torch.empty((step, ng), dtype=q.dtype, device=q.device)  # reused: no page faults per chunk
+    one = torch.ones((), dtype=q.dtype, device=q.device)
     out = torch.empty(nq, dtype=torch.long, device=q.device)
     for start in range(0, nq, step):
-        s = q[start : start + step] @ g.T
-        s = torch.nan_to_num(s, nan=float("-inf"))
-        correct = query_labels[start : start + step, None] == gallery_labels[None, :]
-        best = s.masked_fill(~correct, float("-inf")).amax(dim=1, keepdim=True)
-        beaten = (s >= best) & ~correct
-        out[start : start + step] = 1 + beaten.sum(dim=1)
+        stop = min(start + step, nq)
+        s = torch.mm(q[start:stop], g.T, out=scores[: stop - start])
+        if target is not None:  # one correct item per query: its score is in s
+            own = s.gather(1, target[start:stop, None])
+            # count the items scoring >= the correct one, in place: s - own >= 0 -> 1, else 0
+            # (the correct one counts itself, which makes the count the 1-based rank)
+            at_least = s.sub_(own).heaviside_(one).nan_to_num_(0.0).sum(dim=1)
+            # a NaN correct score is the lowest possible: every wrong item beats it
+            out[start:stop] = torch.where(torch.isnan(own[:, 0]), ng, at_least.long())
+        else:
+            assert query_labels is not None and gallery_labels is not None
+            correct = query_labels[start:stop, None] == gallery_labels[None, :]
+            best = torch.nan_to_num(s.masked_fill(~correct, float("-inf")), nan=float("-inf")).amax(1, keepdim=True)
+            beaten = ((s >= best) & ~correct).sum(dim=1)
+            wrong = ng - correct.sum(dim=1)
+            out[start:stop] = 1 + torch.where(torch.isinf(best[:, 0]), wrong, beaten)
     return out
+
+
+def _single_target(query_labels: Tensor, gallery_labels: Tensor) -> Tensor | None:
+    """Where every label occurs once in the gallery: the gallery index of each query's label."""
+    order = torch.argsort(gallery_labels)
+    ordered = gallery_labels[order]
+    if ordered.numel() > 1 and bool((ordered[1:] == ordered[:-1]).any()):
+        return None
+    pos = torch.searchsorted(ordered, query_labels).clamp(max=ordered.numel() - 1)
+    if not bool((ordered[pos] == query_labels).all()):
+        raise ValueError("every query label must occur in the gallery")
+    return order[pos]
 
 
 def _summarise(r: Tensor, top_k: Sequence[int], prefix: str) -> dict[str, float]:
@@ -79,15 +104,18 @@ def uniformity(x: Tensor, t: float = 2.0, chunk_elements: int = CHUNK_ELEMENTS) 
     n = u.shape[0]
     if n < 2:
         return float("nan")
-    step = max(1, chunk_elements // n)
+    step = max(1, min(n, chunk_elements // n))
+    buf = torch.empty((step, n), dtype=u.dtype, device=u.device)
     parts = []
     for start in range(0, n, step):
-        sq = (2.0 - 2.0 * (u[start : start + step] @ u.T)).clamp_min(0)
-        e = -t * sq
-        rows = torch.arange(start, min(start + step, n), device=u.device)
-        e[rows - start, rows] = float("-inf")  # drop the pairs (a, a)
-        parts.append(torch.logsumexp(e.flatten().double(), dim=0))
-    return float(torch.logsumexp(torch.stack(parts), dim=0) - math.log(n * (n - 1)))
+        stop = min(start + step, n)
+        e = torch.mm(u[start:stop], u.T, out=buf[: stop - start])
+        e.sub_(1.0).mul_(2.0 * t)  # -t ||a - b||^2 = 2t (a.b - 1) for unit vectors
+        rows = torch.arange(start, stop, device=u.device)
+        e[rows - start, rows] = float("-inf")  # leave out the pairs (a, a)
+        top = e.amax(dim=1, keepdim=True)  # a row-wise logsumexp, in place
+        parts.append(e.sub_(top).exp_().sum(dim=1).log() + top[:, 0])
+    return float(torch.logsumexp(torch.cat(parts).double(), dim=0) - math.log(n * (n - 1)))
 
 
 def spread(x: Tensor) -> float:

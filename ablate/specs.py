@@ -60,12 +60,20 @@ def better(key: str) -> Literal["maximize", "minimize"]:
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The MLflow tracking URI: the flag, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    return uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    return _absolute_sqlite(uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI)
 
 
 def resolve_storage(url: str | None = None) -> str:
     """The Optuna storage URL: the flag, else ABLATE_STORAGE, else ./optuna.db."""
-    return url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    return _absolute_sqlite(url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/path/relative.db (a store is one file, wherever we are)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
 
 
 _PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)[^@\s]+(?=@)")
@@ -109,15 +117,15 @@ class ModelSpec(_Strict):
 class SyntheticSpec(_Strict):
     """Sizes and difficulty of the built-in synthetic benchmark (see ablate.data.synthetic_pairs)."""
 
-    n_ligands: Annotated[int, Field(ge=8)] = 560
-    n_families: Annotated[int, Field(ge=1)] = 80
+    n_ligands: Annotated[int, Field(ge=8)] = 400
+    n_families: Annotated[int, Field(ge=1)] = 60
     pocket_dim: Annotated[int, Field(ge=1)] = 64
     ligand_dim: Annotated[int, Field(ge=2)] = 128
     latent_dim: Annotated[int, Field(ge=2)] = 16
-    family_spread: NonNegativeFloat = 0.35
+    family_spread: NonNegativeFloat = 0.25
     multi_pocket_fraction: Annotated[float, Field(ge=0, le=1)] = 0.3
     max_pockets_per_ligand: Annotated[int, Field(ge=1)] = 4
-    pocket_noise: NonNegativeFloat = 0.6
+    pocket_noise: NonNegativeFloat = 1.0
     norm_spread: NonNegativeFloat = 0.6
 
 

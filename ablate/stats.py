@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -48,7 +49,9 @@ def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
         return float("nan")
     if _var(xa) == 0 and _var(xb) == 0:
         return float("nan")  # no spread at all: the t statistic is undefined
-    return float(sps.ttest_ind(xa, xb, equal_var=False).pvalue)
+    with warnings.catch_warnings():  # scipy warns when the values are nearly identical
+        warnings.simplefilter("ignore", RuntimeWarning)
+        return float(sps.ttest_ind(xa, xb, equal_var=False).pvalue)
 
 
 def _var(xs: Sequence[float]) -> float:

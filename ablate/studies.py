@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -47,7 +48,7 @@ QUEUED_ATTR = "ablate.queued"
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 """Trial states that use up a study's budget (a FAIL is run again on the next invocation)."""
 
-optuna.logging.set_verbosity(optuna.logging.WARNING)
+optuna.logging.set_verbosity(optuna.logging.ERROR)  # trial failures are shown by ablate itself
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
 
@@ -56,8 +57,19 @@ def open_storage(
     *,
     heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
     max_retry: int = DEFAULT_MAX_RETRY,
+    on_stale: Callable[[FrozenTrial], None] | None = None,
 ) -> RDBStorage:
-    """Optuna's RDB storage with heartbeats: a dead worker's trial is failed and re-queued."""
+    """Optuna's RDB storage with heartbeats: a dead worker's trial is failed and re-queued.
+
+    ``on_stale`` is called with each trial failed for a lost heartbeat, before it is re-queued.
+    """
+    retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
+
+    def stale(study: optuna.Study, trial: FrozenTrial) -> None:
+        if on_stale is not None:
+            on_stale(trial)
+        retry(study, trial)
+
     url = resolve_storage(url)
     engine_kwargs: dict[str, Any] = (
         {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
@@ -68,12 +80,12 @@ def open_storage(
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_seconds,
             grace_period=None if heartbeat_seconds is None else 3 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=RetryHeartbeatStaleTrialCallback(max_retry=max_retry),
+            heartbeat_stale_trial_callback=stale,
         )
-    except ModuleNotFoundError as e:
+    except ImportError as e:
         raise AblateError(
-            f"cannot open the Optuna storage {mask_url(url)}: the driver {e.name!r} is not "
-            "installed (for PostgreSQL: pip install 'ablate[postgres]')"
+            f"cannot open the Optuna storage {mask_url(url)}: its database driver is not installed "
+            f"({e}); for PostgreSQL: pip install 'ablate[postgres]'"
         ) from None
     except Exception as e:
         first = mask_url(str(e)).strip().splitlines()[0] if str(e).strip() else type(e).__name__
@@ -99,8 +111,6 @@ def sampler_for(spec: StudySpec) -> optuna.samplers.BaseSampler:
         n_startup_trials=s.n_startup_trials,
         multivariate=s.multivariate,
         constant_liar=True,
-        consider_endpoints=True,
-        warn_independent_sampling=False,
     )
 
 

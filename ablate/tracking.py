@@ -22,6 +22,10 @@ from typing import Any
 from ablate.errors import AblateError
 from ablate.specs import mask_url, resolve_tracking_uri
 
+# MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
+# on machines without internet access; a run's tracking needs no telemetry.
+os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+
 PARAM_VALUE_LIMIT = 6000
 BATCH_LIMIT = 1000
 
@@ -200,9 +204,8 @@ def ui_hint(uri: str) -> str:
     """How to open the MLflow UI on this store."""
     if uri.startswith(("http://", "https://")):
         return f"open {mask_url(uri)} in a browser"
-    return "run `ablate ui` and open the printed URL" + (
-        "" if uri == resolve_tracking_uri(None) else f" (with --tracking-uri {mask_url(uri)})"
-    )
+    same = uri == resolve_tracking_uri(None)
+    return "run `ablate ui` and open the printed URL" + ("" if same else f" (with --tracking-uri {mask_url(uri)})")
 
 
 def environment_tags() -> dict[str, str]:

@@ -239,9 +239,10 @@ def work(
     on): a trial whose worker died is failed after the grace period and put back in the queue.
     """
     emit = on_event or (lambda e: None)
-    store = studies.open_storage(storage, heartbeat_seconds=heartbeat_seconds)
-    ref = studies.load(name, store)
     tracker = Tracker(tracking_uri)
+    store = studies.open_storage(storage, heartbeat_seconds=heartbeat_seconds,
+                                 on_stale=lambda trial: _end_stale_run(tracker, trial))
+    ref = studies.load(name, store)
     exp_id, parent = ensure_parent(ref, tracker)
     report = WorkerReport()
     objective = _Objective(ref, tracker, exp_id, parent, device, emit, report)
@@ -258,6 +259,19 @@ def work(
 
 
 _OPEN = (TrialState.WAITING, TrialState.RUNNING)
+
+
+def _end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
+    """A trial whose worker died: its MLflow run ends FAILED, saying why."""
+    run_id = trial.user_attrs.get("mlflow_run_id")
+    if not run_id:
+        return
+    try:
+        tracker.set_tags(run_id, {"ablate.state": "FAIL",
+                                  "ablate.stop_reason": "the worker stopped sending heartbeats"})
+        tracker.end_run(run_id, "FAILED")
+    except Exception:  # the run lives in another MLflow store; the trial is re-queued anyway
+        pass
 
 
 class _Objective:
@@ -290,6 +304,7 @@ class _Objective:
         tags = {"ablate.study": self.ref.name, "ablate.trial": trial.number,
                 **{f"ablate.{k}": v for k, v in values.items()}}
         state = "FAIL"
+        reason = ""
         outcome = None
         try:
             outcome = train_and_log(
@@ -309,19 +324,21 @@ class _Objective:
             state = "COMPLETE"
             return value
         except KeyboardInterrupt:
-            state = "FAIL"
+            reason = "interrupted"
             raise
-        except optuna.TrialPruned:
+        except optuna.TrialPruned as e:
+            reason = str(e)
             raise
         except Exception as e:
-            trial.set_user_attr("error", mask_url(f"{type(e).__name__}: {e}")[:2000])
+            reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
+            trial.set_user_attr("error", reason)
             raise
         finally:
             if outcome is not None:
                 self.tracker.set_tags(outcome.run_id, {"ablate.state": state})
             self.report.add(state)
             self.emit({"kind": "end", "trial": trial.number, "label": label, "state": state,
-                       "value": (outcome.final.get(metric) if outcome else None)})
+                       "reason": reason, "value": (outcome.final.get(metric) if outcome else None)})
 
     def _hook(self, trial: optuna.Trial, spec: StudySpec, metric: str) -> EpochHook:
         def hook(result: EpochResult, history: list[dict[str, float]]) -> Instability | None:

@@ -1,0 +1,5 @@
+"""`python -m ablate` runs the CLI."""
+
+from ablate.cli import main
+
+main()

@@ -1,0 +1,103 @@
+"""Small shared pieces for the tests: tiny data specs, a CLI runner, and a model that breaks."""
+
+from __future__ import annotations
+
+import sys
+from typing import Any
+
+import pytest
+import torch
+from torch import nn
+
+from ablate.specs import DataSpec, RunSpec, SyntheticSpec
+
+TINY = SyntheticSpec(n_ligands=60, n_families=12, pocket_dim=8, ligand_dim=12, latent_dim=4)
+"""About 100 pairs: fast enough to train for a few epochs in every test."""
+
+
+def tiny_run(**fields: Any) -> RunSpec:
+    """A RunSpec on the tiny synthetic data with a small head."""
+    base: dict[str, Any] = {
+        "epochs": 3,
+        "batch_size": 16,
+        "data": DataSpec(synthetic=TINY),
+        "model": {"hidden": [16], "dropout": 0.0},
+    }
+    base.update(fields)
+    return RunSpec.model_validate(base)
+
+
+def run_cli(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+            ) -> tuple[int, str, str]:
+    """Run `ablate ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from ablate.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["ablate", *args])
+    monkeypatch.setenv("COLUMNS", "200")
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = int(e.code or 0) if not isinstance(e.code, str) else 1
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+class BreaksAfter(nn.Module):
+    """A linear head whose output turns NaN once it has been called `calls` times in training."""
+
+    def __init__(self, in_dim: int, out_dim: int, calls: int = 10):
+        super().__init__()
+        self.lin = nn.Linear(in_dim, out_dim)
+        self.calls = calls
+        self.seen = 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.training:
+            self.seen += 1
+        out = self.lin(x)
+        return out * float("nan") if self.seen > self.calls else out
+
+
+def breaks_after(in_dim: int, out_dim: int, calls: int = 10) -> nn.Module:
+    """Factory for BreaksAfter (used by import path "support:breaks_after")."""
+    return BreaksAfter(in_dim, out_dim, calls)
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the whole session (creating one costs seconds); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """A scratch PostgreSQL database for one test (ABLATE_TEST_POSTGRES names the server's admin URL)."""
+    import os
+    import uuid
+
+    import sqlalchemy
+
+    admin = os.environ.get("ABLATE_TEST_POSTGRES", PG_ADMIN_URL)
+    try:
+        engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+        conn = engine.connect()
+    except (ImportError, sqlalchemy.exc.OperationalError) as e:
+        pytest.skip(f"PostgreSQL not reachable at {admin}: {str(e).strip().splitlines()[0]}")
+    name = f"ablate_test_{uuid.uuid4().hex[:10]}"
+    conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        engine.dispose()
+
+
+def ablate_command(*args: str) -> list[str]:
+    """The argv of `ablate ARGS` in a fresh Python process."""
+    return [sys.executable, "-m", "ablate", *args]

@@ -1,0 +1,161 @@
+"""`ablate tune` and `ablate studies`: persistent searches, pruning recorded, budgets counted."""
+
+from __future__ import annotations
+
+import csv
+import io
+import math
+import random
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from support import TINY, run_cli
+
+from ablate import studies
+from ablate.data import synthetic_pairs
+from ablate.specs import load_study, study_name
+from ablate.studies import simplex_point
+
+TINY_SEARCH = ["--set", "epochs=4", "--set", "data.source=pairs.npz", "--set", "batch_size=16",
+               "--set", "model.hidden=[16]", "--set", "model.dropout=0.0", "--set", "sampler.n_startup_trials=2",
+               "--set", "pruner.n_startup_trials=2", "--set", "pruner.n_warmup_steps=1"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
+    return tmp_path
+
+
+def _load(workdir, name):
+    storage = studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}")
+    return studies.load(name, storage)
+
+
+def _finished(study):
+    return [t for t in study.get_trials() if t.state in (optuna.trial.TrialState.COMPLETE,
+                                                          optuna.trial.TrialState.PRUNED)]
+
+
+@pytest.mark.slow
+def test_tune_runs_a_persistent_search_and_counts_earlier_trials(workdir, monkeypatch, capsys):
+    code, out, err = run_cli(["tune", "temperature", "--n-trials", "4", *TINY_SEARCH], monkeypatch, capsys)
+    assert code == 0, err + out
+    ref = _load(workdir, "temperature")
+    first = _finished(ref.study)
+    assert len(first) == 4
+    for t in first:
+        assert 0.01 <= t.params["temperature"] <= 0.5
+        assert t.user_attrs["epochs_trained"] >= 1
+    assert "best: trial #" in out
+    assert "expected best val/mrr with n trials" in out
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = ref.study.user_attrs[studies.PARENT_RUN_ATTR]
+    children = [r for r in client.search_runs([client.get_experiment_by_name("temperature").experiment_id])
+                if r.data.tags.get("mlflow.parentRunId") == parent]
+    assert sorted(int(r.data.tags["ablate.trial"]) for r in children) == sorted(t.number for t in first)
+    for r in children:
+        trial = next(t for t in first if t.number == int(r.data.tags["ablate.trial"]))
+        assert r.data.tags["ablate.state"] == trial.state.name
+        assert float(r.data.params["temperature"]) == pytest.approx(trial.params["temperature"])
+    assert client.get_run(parent).info.status == "FINISHED"
+
+    # Again with a budget of 6: the 4 earlier trials count, 2 more run, in the same study.
+    code, out, err = run_cli(["tune", "temperature", "--n-trials", "6", *TINY_SEARCH], monkeypatch, capsys)
+    assert code == 0, err
+    ref2 = _load(workdir, "temperature")
+    assert ref2.name == ref.name
+    assert len(_finished(ref2.study)) == 6
+
+    code, out, err = run_cli(["studies", "list"], monkeypatch, capsys)
+    assert ref.name in out and "search" in out
+    code, out, err = run_cli(["studies", "export", ref.name, "--format", "csv"], monkeypatch, capsys)
+    assert code == 0
+    rows = list(csv.DictReader(io.StringIO(out)))
+    assert len(rows) == 6
+    assert {"number", "state", "value", "params_temperature"} <= set(rows[0])
+
+
+@pytest.mark.slow
+def test_unstable_trials_are_pruned_with_the_rule_recorded(workdir, monkeypatch, capsys):
+    args = ["tune", "temperature", "--n-trials", "2", *TINY_SEARCH, "--set", "epochs=8", "--set", "lr=1.0",
+            "--set", "params.temperature.low=0.002", "--set", "params.temperature.high=0.003"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err + out
+    ref = _load(workdir, "temperature")
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    trials = _finished(ref.study)
+    assert len(trials) == 2
+    for t in trials:
+        assert t.state == optuna.trial.TrialState.PRUNED
+        assert t.user_attrs["pruned_by"]["rule"] == "loss_ceiling"
+        assert t.user_attrs["epochs_trained"] <= 4
+        run = client.get_run(t.user_attrs["mlflow_run_id"])
+        assert run.data.tags["ablate.pruned_by"] == "loss_ceiling"
+        assert run.data.tags["ablate.state"] == "PRUNED"
+    code, out, err = run_cli(["studies", "show", ref.name], monkeypatch, capsys)
+    assert "PRUNED" in out and "above the ceiling" in out
+
+
+@pytest.mark.slow
+def test_weights_search_samples_the_simplex_and_confirm_retrains_the_top_k(workdir, monkeypatch, capsys):
+    args = ["tune", "weights", "--n-trials", "3", *TINY_SEARCH, "--set", "pruner.type=none",
+            "--set", "confirm_seeds=[7,8]", "--confirm", "2"]
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err + out
+    ref = _load(workdir, "weights")
+    for t in _finished(ref.study):
+        w = t.user_attrs["values"]
+        assert w["alpha"] + w["beta"] + w["gamma"] == pytest.approx(1.0)
+        assert min(w["alpha"], w["beta"], w["gamma"]) >= 0
+    confirm = _load(workdir, "weights-confirm")
+    done = _finished(confirm.study)
+    assert sorted(t.params["seed"] for t in done) == [7, 7, 8, 8]
+    ranked = sorted((t for t in _finished(ref.study) if t.value is not None), key=lambda t: -t.value)[:2]
+    assert set(confirm.spec.experiments) == {f"trial{t.number}" for t in ranked}
+    for t in ranked:
+        run = confirm.spec.experiments[f"trial{t.number}"]
+        assert run.alpha == pytest.approx(t.user_attrs["values"]["alpha"])
+    assert "confirming the top 2" in out
+
+
+def test_batch_search_scales_the_learning_rate_by_the_square_root_rule():
+    spec = load_study("batch")
+    study = optuna.create_study(direction="maximize")
+    for batch in (16, 32, 64, 128, 256):
+        study.enqueue_trial({"batch_size": batch})
+        trial = study.ask()
+        run, values, _ = studies.suggest(trial, spec)
+        assert run.batch_size == batch
+        assert run.lr == pytest.approx(5e-4 * math.sqrt(batch / 32))
+        assert values["lr"] == run.lr
+
+
+def test_temperature_search_file():
+    spec = load_study("temperature")
+    p = spec.params["temperature"]
+    assert (p.type, p.log) == ("float", True)
+    assert p.low <= 0.01 and p.high >= 0.5
+    assert spec.sampler.type == "tpe" and spec.pruner.type == "median"
+    assert spec.base.loss == "infonce"
+    assert study_name(spec) == study_name(load_study("temperature", {"n_trials": 99}))
+
+
+def test_simplex_points_sum_to_one_reach_every_corner_and_are_uniform():
+    for u in ([0.0, 0.0], [1.0, 0.0], [0.0, 1.0], [0.3, 0.7], [1.0, 1.0]):
+        w = simplex_point(u)
+        assert sum(w) == pytest.approx(1.0) and min(w) >= 0
+    assert simplex_point([1.0, 0.5]) == pytest.approx([1.0, 0.0, 0.0])
+    assert simplex_point([0.0, 1.0]) == pytest.approx([0.0, 1.0, 0.0])
+    assert simplex_point([0.0, 0.0]) == pytest.approx([0.0, 0.0, 1.0])
+    # Uniform u -> uniform on the simplex: each weight has mean 1/3 and P(w_i > 1/2) = 1/4.
+    rng = random.Random(0)
+    points = [simplex_point([rng.random(), rng.random()]) for _ in range(40000)]
+    for i in range(3):
+        assert sum(p[i] for p in points) / len(points) == pytest.approx(1 / 3, abs=0.01)
+        assert sum(p[i] > 0.5 for p in points) / len(points) == pytest.approx(0.25, abs=0.01)

@@ -1,0 +1,150 @@
+"""`ablate run-suite` and `ablate report`: one Optuna trial per (experiment, seed), resumable,
+one MLflow child run per trial under one parent, a report with honest statistics."""
+
+from __future__ import annotations
+
+import re
+
+import optuna
+import pytest
+from mlflow import MlflowClient
+from support import TINY, run_cli
+
+from ablate import studies
+from ablate.data import synthetic_pairs
+from ablate.specs import load_study, study_name
+
+SUITE = ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--seeds", "0,1", "--data", "pairs.npz",
+         "--set", "model.hidden=[16]", "--set", "model.dropout=0.0"]
+
+
+@pytest.fixture
+def workdir(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
+    return tmp_path
+
+
+def _study(workdir):
+    spec = load_study("baseline-vs-multistage", {"seeds": [0, 1], "data.source": "pairs.npz",
+                                                 "model.hidden": [16], "model.dropout": 0.0}, epochs=3)
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    return optuna.load_study(study_name=study_name(spec), storage=storage), spec
+
+
+def _child_runs(workdir, parent):
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    exp = client.get_experiment_by_name("baseline-vs-multistage")
+    runs = client.search_runs([exp.experiment_id])
+    return [r for r in runs if r.data.tags.get("mlflow.parentRunId") == parent]
+
+
+@pytest.mark.slow
+def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeypatch, capsys):
+    code, out, err = run_cli(SUITE, monkeypatch, capsys)
+    assert code == 0, err + out
+    study, spec = _study(workdir)
+    trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    pairs = sorted((t.params["experiment"], t.params["seed"]) for t in trials)
+    assert pairs == sorted((e, s) for e in spec.experiments for s in (0, 1))
+    assert study.user_attrs[studies.SPEC_ATTR]["kind"] == "suite"
+
+    parent = study.user_attrs[studies.PARENT_RUN_ATTR]
+    children = _child_runs(workdir, parent)
+    assert len(children) == 10
+    assert sorted((r.data.tags["ablate.experiment"], int(r.data.tags["ablate.seed"])) for r in children) == pairs
+    assert all(r.info.status == "FINISHED" for r in children)
+
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent_run = client.get_run(parent)
+    assert parent_run.info.status == "FINISHED"
+    assert parent_run.data.tags["ablate.complete"] == "true"
+    assert "baseline/val/top1/final_mean" in parent_run.data.metrics
+    assert "infonce/val/cosine/final_p_holm" in parent_run.data.metrics
+    artifacts = {a.path for a in client.list_artifacts(parent, "report")}
+    assert {"report/report.md", "report/val_cosine.png", "report/val_top1.png"} <= artifacts
+
+    # The table's numbers are the mean of the trials' final values.
+    finals = [t.user_attrs["final"]["val/cosine"] for t in trials if t.params["experiment"] == "infonce"]
+    assert parent_run.data.metrics["infonce/val/cosine/final_mean"] == pytest.approx(sum(finals) / 2)
+    report_md = (workdir / "reports" / study.study_name / "report.md").read_text()
+    assert re.search(r"^\| baseline \(baseline\)( ★)? \| 2 \|", report_md, re.M)
+    assert "Welch" in report_md and "Holm" in report_md
+    assert "val/top1" in out and "baseline" in out
+
+    # Running the same command again trains nothing and re-creates the report.
+    code, out, err = run_cli(SUITE, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(_child_runs(workdir, parent)) == 10
+    assert len(study.get_trials()) == 10
+
+    # `ablate report` rebuilds it from the stores alone.
+    (workdir / "reports").rename(workdir / "old-reports")
+    code, out, err = run_cli(["report", study.study_name], monkeypatch, capsys)
+    assert code == 0, err
+    assert (workdir / "reports" / study.study_name / "report.md").read_text() == report_md
+
+
+@pytest.mark.slow
+def test_an_interrupted_suite_resumes_where_it_stopped(workdir, monkeypatch, capsys):
+    from ablate import worker
+
+    real = worker._Objective.__call__
+    calls = {"n": 0}
+
+    def interrupt_third(self, trial):
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise KeyboardInterrupt
+        return real(self, trial)
+
+    monkeypatch.setattr(worker._Objective, "__call__", interrupt_third)
+    code, _, err = run_cli(SUITE, monkeypatch, capsys)
+    assert code == 130
+    assert "run the same command again to resume" in err
+    study, _ = _study(workdir)
+    states = [t.state for t in study.get_trials()]
+    assert states.count(optuna.trial.TrialState.COMPLETE) == 2
+    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    parent = study.user_attrs[studies.PARENT_RUN_ATTR]
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(parent).info.status == "KILLED"
+
+    monkeypatch.setattr(worker._Objective, "__call__", real)
+    code, _, err = run_cli(SUITE, monkeypatch, capsys)
+    assert code == 0, err
+    complete = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len(complete) == 10
+    assert len({(t.params["experiment"], t.params["seed"]) for t in complete}) == 10
+    assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(parent).info.status == "FINISHED"
+
+
+def test_changed_settings_start_a_new_suite_run():
+    a = load_study("baseline-vs-multistage")
+    b = load_study("baseline-vs-multistage", {"experiments.infonce.temperature": 0.1})
+    c = load_study("baseline-vs-multistage", {"description": "same runs, other words"})
+    assert study_name(a) != study_name(b)
+    assert study_name(a) == study_name(c)
+
+
+def test_the_suite_file_encodes_the_quick_start_experiments():
+    spec = load_study("baseline-vs-multistage")
+    e = spec.experiments
+    assert list(e) == ["baseline", "cosine", "infonce", "combined", "multistage"]
+    assert (e["baseline"].loss, e["baseline"].lr, e["baseline"].batch_size) == ("mse", 1e-3, 16)
+    assert (e["cosine"].loss, e["cosine"].lr, e["cosine"].batch_size) == ("cosine", 1e-3, 16)
+    assert (e["infonce"].lr, e["infonce"].batch_size, e["infonce"].temperature) == (5e-4, 32, 0.07)
+    assert (e["combined"].alpha, e["combined"].beta, e["combined"].gamma) == (0.5, 0.3, 0.2)
+    assert (e["combined"].lr, e["combined"].batch_size) == (5e-4, 32)
+    assert (e["multistage"].stage1_epochs, e["multistage"].stage2_epochs, e["multistage"].batch_size) == (50, 100, 32)
+    assert all(r.epochs == 300 for r in e.values())
+    assert spec.baseline_name == "baseline"
+    assert len(spec.seeds) >= 3
+
+
+def test_epochs_shortcut_keeps_the_multistage_proportions():
+    spec = load_study("baseline-vs-multistage", epochs=60)
+    m = spec.experiments["multistage"]
+    assert (m.epochs, m.stage1_epochs, m.stage2_epochs, m.stage3) == (60, 10, 20, 30)
+    assert all(r.epochs == 60 for r in spec.experiments.values())

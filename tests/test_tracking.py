@@ -1,0 +1,144 @@
+"""MLflow tracking: what a run holds, how it ends, NaN kept out, passwords masked."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+from mlflow import MlflowClient
+from support import mlflow_uri, tiny_run
+
+from ablate.specs import mask_url
+from ablate.stability import Instability
+from ablate.tracking import MetricBatch, Tracker
+from ablate.worker import train_and_log
+
+__all__ = ["mlflow_uri"]
+
+
+@pytest.fixture
+def tracker(mlflow_uri, request):
+    t = Tracker(mlflow_uri)
+    t.test_experiment = t.experiment_id(request.node.name)
+    return t
+
+
+def _run(tracker, spec, **kw):
+    return train_and_log(spec, tracker, tracker.test_experiment, "run", **kw)
+
+
+def test_a_run_holds_params_tags_per_epoch_metrics_and_artifacts(tracker, tmp_path):
+    spec = tiny_run(loss="infonce", epochs=4)
+    outcome = _run(tracker, spec)
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["loss"] == "infonce"
+    assert run.data.params["temperature"] == "0.07"
+    assert run.data.params["model.hidden"] == "[16]"
+    assert run.data.params["data.synthetic.n_ligands"] == "60"
+    tags = run.data.tags
+    for key in ("ablate.loss", "ablate.device", "torch.version", "ablate.data_fingerprint"):
+        assert tags[key]
+    assert tags["ablate.device"] == "cpu"
+    history = client.get_metric_history(outcome.run_id, "val/top1")
+    assert [m.step for m in sorted(history, key=lambda m: m.step)] == [0, 1, 2, 3]
+    assert [m.value for m in sorted(history, key=lambda m: m.step)] == [h["val/top1"] for h in outcome.history]
+    for key in ("train/loss", "train/inbatch_top1", "val/loss", "val/cosine", "val/top5", "val/top10",
+                "val/mrr", "val/median_rank", "lr", "grad_norm", "epoch_seconds"):
+        assert len(client.get_metric_history(outcome.run_id, key)) == 4, key
+    artifacts = {a.path for a in client.list_artifacts(outcome.run_id)}
+    assert {"spec.json", "final_metrics.json"} <= artifacts
+    local = client.download_artifacts(outcome.run_id, "final_metrics.json", str(tmp_path))
+    with open(local) as f:
+        final = json.load(f)
+    assert final["final"]["val/mrr"] == pytest.approx(outcome.history[-1]["val/mrr"])
+
+
+def test_nan_never_reaches_mlflow_and_the_run_is_tagged_diverged(tracker):
+    spec = tiny_run(epochs=8, model={"factory": "support:breaks_after", "kwargs": {"calls": 12}})
+    outcome = _run(tracker, spec)
+    assert outcome.diverged
+    client = MlflowClient(tracker.uri)
+    run = client.get_run(outcome.run_id)
+    assert "train/loss" in run.data.tags["ablate.diverged"]
+    assert run.data.tags["ablate.stopped_by"] == "nonfinite"
+    for key in ("train/loss", "val/loss", "val/cosine", "grad_norm"):
+        values = [m.value for m in client.get_metric_history(outcome.run_id, key)]
+        assert all(math.isfinite(v) for v in values)
+        assert len(values) == len(outcome.history) - 1  # the diverged epoch is left out
+
+
+def test_ctrl_c_ends_the_run_killed_and_keeps_what_was_logged(tracker):
+    def interrupt(result, history):
+        if result.epoch == 2:
+            raise KeyboardInterrupt
+        return None
+
+    with pytest.raises(KeyboardInterrupt):
+        _run(tracker, tiny_run(epochs=6), on_epoch=interrupt)
+    client = MlflowClient(tracker.uri)
+    (run,) = client.search_runs([tracker.test_experiment])
+    assert run.info.status == "KILLED"
+    assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 3
+
+
+def test_an_error_ends_the_run_failed(tracker):
+    def boom(result, history):
+        raise RuntimeError("boom")
+
+    with pytest.raises(RuntimeError):
+        _run(tracker, tiny_run(epochs=3), on_epoch=boom)
+    (run,) = MlflowClient(tracker.uri).search_runs([tracker.test_experiment])
+    assert run.info.status == "FAILED"
+
+
+def test_a_stop_from_the_hook_ends_the_run_finished_with_the_reason(tracker):
+    def stop(result, history):
+        return Instability("loss_ceiling", "too high", {"epoch": result.epoch}) if result.epoch == 1 else None
+
+    outcome = _run(tracker, tiny_run(epochs=6), on_epoch=stop)
+    run = MlflowClient(tracker.uri).get_run(outcome.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags["ablate.stopped_by"] == "loss_ceiling"
+    assert len(outcome.history) == 2
+
+
+def test_metric_batches_are_sent_whole_even_when_flushed_late(tracker):
+    exp = tracker.test_experiment
+    run_id = tracker.start_run(exp, "batched")
+    batch = MetricBatch(tracker, run_id, flush_seconds=3600)
+    for step in range(5):
+        skipped = batch.add({"a": float(step), "b": float("nan") if step == 3 else 1.0}, step)
+        assert skipped == (["b"] if step == 3 else [])
+    assert MlflowClient(tracker.uri).get_metric_history(run_id, "a") == []
+    batch.flush()
+    history = MlflowClient(tracker.uri).get_metric_history(run_id, "a")
+    assert sorted(m.value for m in history) == [0, 1, 2, 3, 4]
+    assert len(MlflowClient(tracker.uri).get_metric_history(run_id, "b")) == 4
+    assert batch.nonfinite == {"b": 3}
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        ("postgresql://ablate:s3cret@db:5432/optuna", "postgresql://ablate:***@db:5432/optuna"),
+        ("postgresql+psycopg2://u:p%40ss@h/db", "postgresql+psycopg2://u:***@h/db"),
+        ("http://user:pw@mlflow:5000", "http://user:***@mlflow:5000"),
+        ("sqlite:///optuna.db", "sqlite:///optuna.db"),
+        ("postgresql://ablate@db/optuna", "postgresql://ablate@db/optuna"),
+        ("cannot reach postgresql://a:b@h/x: timeout", "cannot reach postgresql://a:***@h/x: timeout"),
+    ],
+)
+def test_passwords_in_urls_are_masked(url, masked):
+    assert mask_url(url) == masked
+
+
+def test_params_and_tags_are_masked_when_logged(tracker):
+    exp = tracker.test_experiment
+    run_id = tracker.start_run(exp, "masked")
+    tracker.log_params(run_id, {"storage": "postgresql://u:topsecret@h/db"})
+    tracker.set_tags(run_id, {"note": "http://a:topsecret@h:5000"})
+    run = MlflowClient(tracker.uri).get_run(run_id)
+    assert "topsecret" not in json.dumps(run.data.params) + json.dumps(run.data.tags)

@@ -1,0 +1,194 @@
+"""The one training loop: GradCache equality, determinism, stages, schedules, best epoch, divergence."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import tiny_run
+
+from ablate.data import load_split
+from ablate.errors import AblateError
+from ablate.losses import CombinedLoss, InfoNCELoss, SupervisedContrastiveLoss
+from ablate.metrics import compute_retrieval_metrics
+from ablate.models import ProjectionHead
+from ablate.specs import METRIC_KEYS
+from ablate.trainer import Trainer, grad_cache, resolve_device
+
+
+def _history(spec):
+    train, val = load_split(spec.data)
+    trainer = Trainer(spec, train, val)
+    return trainer, [r for r in trainer.epochs()]
+
+
+def _grads(model):
+    return [p.grad.detach().clone() for p in model.parameters()]
+
+
+@pytest.mark.parametrize(
+    "criterion",
+    [InfoNCELoss(0.1), InfoNCELoss(0.05, symmetric=False), CombinedLoss(), SupervisedContrastiveLoss(0.1)],
+    ids=["infonce", "infonce-p2l", "combined", "supcon"],
+)
+def test_gradcache_gradient_equals_one_large_batch(criterion):
+    torch.manual_seed(0)
+    x = torch.randn(32, 10, dtype=torch.float64)
+    y = torch.randn(32, 6, dtype=torch.float64)
+    ids = torch.arange(32)
+    ids[5] = ids[4]  # a ligand shared by two pockets: masked out of each other's denominators
+    criterion = criterion.double()
+    model = ProjectionHead(10, 6, (16,), dropout=0.3).double()
+
+    torch.manual_seed(1)
+    criterion(model(x), y, ids).backward()
+    big = _grads(model)
+
+    model.zero_grad()
+    torch.manual_seed(1)
+    grad_cache(model, criterion, x, y, ids, micro_batch=8)
+    cached = _grads(model)
+    for g_big, g_cache in zip(big, cached, strict=True):
+        assert torch.allclose(g_big, g_cache, atol=1e-6, rtol=0)
+
+    # Naive accumulation (each micro-batch its own loss, 7 negatives instead of 31) is not the same.
+    model.zero_grad()
+    torch.manual_seed(1)
+    for xc, yc, ic in zip(x.split(8), y.split(8), ids.split(8), strict=True):
+        (criterion(model(xc), yc, ic) / 4).backward()
+    naive = _grads(model)
+    assert max((a - b).abs().max().item() for a, b in zip(big, naive, strict=True)) > 1e-3
+
+
+@pytest.mark.parametrize("loss", ["mse", "cosine", "infonce", "combined"])
+def test_accumulated_training_follows_the_large_batch_run(loss):
+    one = tiny_run(loss=loss, batch_size=32, epochs=2, lr=1e-2)
+    acc = tiny_run(loss=loss, batch_size=8, accumulation_steps=4, epochs=2, lr=1e-2)
+    _, h1 = _history(one)
+    _, h2 = _history(acc)
+    for a, b in zip(h1, h2, strict=True):
+        for key in ("train/loss", "val/loss", "val/cosine", "grad_norm"):
+            assert a.metrics[key] == pytest.approx(b.metrics[key], rel=1e-4, abs=1e-6), key
+
+
+def test_same_spec_gives_the_same_numbers_twice():
+    spec = tiny_run(loss="combined", epochs=3, model={"hidden": [16], "dropout": 0.2})
+    _, h1 = _history(spec)
+    _, h2 = _history(spec)
+    for a, b in zip(h1, h2, strict=True):
+        ma = {k: v for k, v in a.metrics.items() if k != "epoch_seconds"}
+        mb = {k: v for k, v in b.metrics.items() if k != "epoch_seconds"}
+        assert ma == mb
+
+
+def test_different_seeds_give_different_numbers():
+    _, h1 = _history(tiny_run(seed=0))
+    _, h2 = _history(tiny_run(seed=1))
+    assert h1[-1].metrics["train/loss"] != h2[-1].metrics["train/loss"]
+
+
+def test_every_epoch_reports_the_vocabulary():
+    _, hist = _history(tiny_run(loss="combined", epochs=2))
+    for r in hist:
+        for key in (*METRIC_KEYS, "lr", "grad_norm", "epoch_seconds"):
+            assert key in r.metrics, key
+        for part in ("infonce", "cosine", "mse"):
+            assert f"train/loss_{part}" in r.metrics
+        assert 0.0 <= r.metrics["train/inbatch_top1"] <= 1.0
+        assert r.metrics["epoch_seconds"] > 0
+
+
+def test_combined_train_loss_is_the_weighted_sum_of_its_logged_parts():
+    _, hist = _history(tiny_run(loss="combined", alpha=0.6, beta=0.3, gamma=0.1, epochs=1))
+    m = hist[0].metrics
+    expected = 0.6 * m["train/loss_infonce"] + 0.3 * m["train/loss_cosine"] + 0.1 * m["train/loss_mse"]
+    assert m["train/loss"] == pytest.approx(expected, rel=1e-5)
+
+
+def test_multistage_switches_loss_and_learning_rate_at_the_boundaries():
+    spec = tiny_run(loss="multistage", epochs=6, stage1_epochs=2, stage2_epochs=2, stage_lrs=(1e-2, 5e-3, 1e-3))
+    _, hist = _history(spec)
+    assert [r.stage for r in hist] == ["mse_warmup"] * 2 + ["contrastive"] * 2 + ["finetune"] * 2
+    assert [r.metrics["stage"] for r in hist] == [1, 1, 2, 2, 3, 3]
+    assert [r.metrics["lr"] for r in hist] == [1e-2, 1e-2, 5e-3, 5e-3, 1e-3, 1e-3]
+
+
+def test_warmup_and_cosine_decay_follow_their_formulas():
+    spec = tiny_run(epochs=6, lr=0.01, warmup_epochs=2, lr_schedule="cosine")
+    _, hist = _history(spec)
+    expected = [0.005, 0.01] + [0.01 * 0.5 * (1 + math.cos(math.pi * k / 4)) for k in range(4)]
+    assert [r.metrics["lr"] for r in hist] == pytest.approx(expected)
+
+
+def test_best_epoch_is_tracked_and_its_state_reproduces_the_metric(tmp_path):
+    spec = tiny_run(loss="infonce", epochs=5, select_metric="val/mrr")
+    trainer, hist = _history(spec)
+    values = [r.metrics["val/mrr"] for r in hist]
+    assert trainer.best.epoch == values.index(max(values))
+    assert trainer.best.value == max(values)
+    assert hist[-1].best_epoch == trainer.best.epoch
+
+    path = trainer.save_best(tmp_path / "best.pt")
+    state = torch.load(path)
+    trainer.model.load_state_dict(state)
+    val = trainer.val
+    mrr = compute_retrieval_metrics(trainer.predict(val.pocket), val.ligand, ligand_ids=val.ligand_id)["mrr"]
+    assert mrr == pytest.approx(max(values), abs=1e-6)
+
+
+def test_a_run_whose_outputs_turn_nan_stops_and_says_so():
+    spec = tiny_run(epochs=10, model={"factory": "support:breaks_after", "kwargs": {"calls": 12}})
+    _, hist = _history(spec)
+    assert len(hist) < 10
+    assert hist[-1].diverged
+    assert not math.isfinite(hist[-1].metrics["train/loss"])
+    assert all(not r.diverged for r in hist[:-1])
+
+
+def test_learnable_temperature_is_trained_and_logged():
+    _, hist = _history(tiny_run(loss="infonce", learnable_temperature=True, temperature=0.2, lr=0.05))
+    temps = [r.metrics["temperature"] for r in hist]
+    assert temps[-1] != pytest.approx(0.2)
+    assert all(0.01 <= t <= 1.0 for t in temps)
+
+
+def test_bf16_autocast_on_cpu_trains_with_finite_numbers():
+    _, hist = _history(tiny_run(loss="infonce", amp=True, temperature=0.01))
+    assert all(math.isfinite(v) for r in hist for k, v in r.metrics.items() if k != "epoch_seconds")
+
+
+def test_batch_larger_than_training_set_is_a_clear_error():
+    spec = tiny_run(batch_size=512)
+    train, val = load_split(spec.data)
+    with pytest.raises(AblateError, match=r"batch of 512 pairs .* larger than the training set"):
+        Trainer(spec, train, val)
+
+
+def test_device_resolution():
+    assert resolve_device("cpu").type == "cpu"
+    expected = "cuda" if torch.cuda.is_available() else "cpu"
+    if not torch.cuda.is_available() and torch.backends.mps.is_available():
+        expected = "mps"
+    assert resolve_device("auto").type == expected
+    if not torch.cuda.is_available():
+        with pytest.raises(AblateError, match=r"'cuda:1' is not available .*0 CUDA device"):
+            resolve_device("cuda:1")
+    with pytest.raises(AblateError, match="unknown device 'gpu0'"):
+        resolve_device("gpu0")
+
+
+def test_inbatch_top1_counts_rows_that_rank_their_own_ligand_first():
+    spec = tiny_run(batch_size=8)
+    train, val = load_split(spec.data)
+    trainer = Trainer(spec, train, val)
+    idx = torch.arange(16)
+    perfect = [train.ligand[idx[:8]], train.ligand[idx[8:]]]
+    assert trainer._inbatch_correct(perfect, idx).item() == 16
+    # A constant output ranks the same ligand first for every row: at most one hit per batch (chance).
+    constant = [torch.ones(8, train.ligand_dim), torch.ones(8, train.ligand_dim)]
+    assert trainer._inbatch_correct(constant, idx).item() <= 2
+    # Exact ties count as misses.
+    tied = trainer.train_unit.clone()
+    trainer.train_unit = torch.ones_like(tied)
+    assert trainer._inbatch_correct(constant, idx).item() == 0
