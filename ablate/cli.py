@@ -499,18 +499,39 @@ def ui(
     port: Annotated[int, typer.Option(help="Port.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the same store and print its URL (Ctrl-C stops it)."""
+    import signal
+
+    from ablate.tracking import Tracker, runs_url
+    from ablate.worker import sigterm_as_interrupt
+
     uri = specs.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         console.print(f"{specs.mask_url(uri)} is a tracking server: open it in a browser")
         return
+    base = f"http://{host}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
            "--host", host, "--port", str(port), "--workers", "1"]
-    console.print(f"MLflow UI on {specs.mask_url(uri)}: [bold]http://{host}:{port}[/bold] (Ctrl-C stops it)")
-    try:
-        code = subprocess.call(cmd)
-    except KeyboardInterrupt:
-        code = 0
-    if code not in (0, -2, 130):
+    # The job runner serves only MLflow's GenAI features; it costs seven processes.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    server = subprocess.Popen(cmd, env=env, start_new_session=True)
+    console.print(f"MLflow UI on {specs.mask_url(uri)}: [bold]{base}[/bold] (Ctrl-C stops it)")
+    for name, exp_id in Tracker(uri).experiments():
+        console.print(f"  {name}: {runs_url(base, exp_id)}")
+    code = 0
+    with sigterm_as_interrupt():
+        try:
+            code = server.wait()
+        except KeyboardInterrupt:
+            pass
+        finally:
+            if server.poll() is None:
+                os.killpg(server.pid, signal.SIGTERM)
+                try:
+                    server.wait(timeout=15)
+                except subprocess.TimeoutExpired:
+                    os.killpg(server.pid, signal.SIGKILL)
+                    server.wait()
+    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
         raise AblateError(f"the MLflow UI exited with code {code}; is port {port} free? (try --port)")
 
 

@@ -77,6 +77,10 @@ class Tracker:
                 f"cannot reach the MLflow store {self.shown_uri}: {mask_url(str(e)).splitlines()[0]}"
             ) from None
 
+    def experiments(self) -> list[tuple[str, str]]:
+        """(name, id) of every experiment in the store."""
+        return [(e.name, str(e.experiment_id)) for e in self.client.search_experiments()]
+
     def start_run(
         self,
         experiment_id: str,
@@ -198,6 +202,11 @@ def git_commit(path: str | Path = ".") -> str | None:
     except (OSError, subprocess.SubprocessError):
         return None
     return out.stdout.strip() or None if out.returncode == 0 else None
+
+
+def runs_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI page of an experiment's runs table (MLflow 3 opens its GenAI view otherwise)."""
+    return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
 
 
 def ui_hint(uri: str) -> str:
