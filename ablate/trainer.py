@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -222,7 +222,7 @@ class Trainer:
         xs, ys = data.pocket[perm], data.ligand[perm]
         ids_all = data.ligand_id[perm] if s.mask_shared_ligands else None
         losses: list[Tensor] = []
-        norms: list[Tensor] = []
+        norms: list[Tensor | Sequence[Tensor]] = []
         components: dict[str, list[Tensor]] = {}
         pending: list[Tensor] = []
         correct = torch.zeros((), device=self.device)
@@ -253,7 +253,7 @@ class Trainer:
         out = {
             "train/loss": torch.stack(losses).float().mean(),
             "train/inbatch_top1": correct / (steps * eff),
-            "grad_norm": torch.stack(norms).float().mean(),
+            "grad_norm": _mean_total_norm(norms),
         }
         for name, parts in components.items():
             out[f"train/loss_{name}"] = torch.stack(parts).mean()
@@ -266,15 +266,16 @@ class Trainer:
         else:
             loss.backward()
 
-    def _optimizer_step(self) -> Tensor:
+    def _optimizer_step(self) -> Tensor | Sequence[Tensor]:
         scaler = self.amp.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
+        norm: Tensor | Sequence[Tensor]
         if self.spec.grad_clip is not None:
             norm = torch.nn.utils.clip_grad_norm_(self.all_params, self.spec.grad_clip)
-        else:
+        else:  # per-parameter norms now (one op); their total is taken once per epoch
             grads = [p.grad for p in self.all_params if p.grad is not None]
-            norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+            norm = torch._foreach_norm(grads)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
@@ -369,6 +370,13 @@ class Trainer:
         out.parent.mkdir(parents=True, exist_ok=True)
         torch.save({k: v.cpu() for k, v in self.best.state.items()}, out)
         return out
+
+
+def _mean_total_norm(norms: list[Tensor | Sequence[Tensor]]) -> Tensor:
+    """The mean over steps of the gradient's total norm, from per-step totals or per-parameter norms."""
+    flat = [n for step in norms for n in ([step] if isinstance(step, Tensor) else step)]
+    per_step = torch.stack(flat).float().view(len(norms), -1)
+    return torch.linalg.vector_norm(per_step, dim=1).mean()
 
 
 def grad_cache(
