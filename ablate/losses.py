@@ -44,7 +44,7 @@ def _shared_ligand_mask(ligand_ids: Tensor | None, n: int, device: torch.device)
     if ligand_ids.shape != (n,):
         raise ValueError(f"ligand_ids must have shape [{n}], got {list(ligand_ids.shape)}")
     same = ligand_ids[:, None] == ligand_ids[None, :]
-    return same & ~torch.eye(n, dtype=torch.bool, device=device)
+    return same.fill_diagonal_(False)
 
 
 class MSELoss(nn.Module):
@@ -86,6 +86,7 @@ class InfoNCELoss(nn.Module):
             raise AblateError(f"temperature must be > 0, got {temperature}")
         self.symmetric = symmetric
         self.learnable = learnable
+        self.temperature_value = temperature
         init = torch.tensor(math.log(1.0 / temperature))
         if learnable:
             self.log_scale = nn.Parameter(init)
@@ -105,13 +106,18 @@ class InfoNCELoss(nn.Module):
     def logits(self, pred: Tensor, target: Tensor) -> Tensor:
         """[B, B] float32 logits: cosine similarities divided by the temperature."""
         with torch.autocast(pred.device.type, enabled=False):
-            p, t = _fp32_unit(pred), _fp32_unit(target)
+            return self._logits(pred, target)
+
+    def _logits(self, pred: Tensor, target: Tensor) -> Tensor:
+        p, t = _fp32_unit(pred), _fp32_unit(target)
+        if self.learnable:
             return (p @ t.T) * self._scale().to(p.dtype)
+        return (p @ t.T).mul_(1.0 / self.temperature_value)
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """The InfoNCE loss of a batch."""
         with torch.autocast(pred.device.type, enabled=False):
-            logits = self.logits(pred, target)
+            logits = self._logits(pred, target)
             mask = _shared_ligand_mask(ligand_ids, logits.shape[0], logits.device)
             if mask is not None:
                 logits = logits.masked_fill(mask, float("-inf"))

@@ -103,7 +103,7 @@ class ModelSpec(_Strict):
 
     factory: str = "mlp"
     hidden: list[Annotated[int, Field(gt=0)]] = [256]
-    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.1
+    dropout: Annotated[float, Field(ge=0, lt=1)] = 0.0
     kwargs: dict[str, Any] = {}
 
     @field_validator("factory")
