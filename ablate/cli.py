@@ -46,8 +46,11 @@ _RUN = specs.RunSpec()
 
 
 def _d(field: str) -> str:
-    """The default of a run field, for help texts (the defaults live in ablate.specs)."""
-    return str(getattr(_RUN, field))
+    """The default of a run field (dotted for nested ones), for help texts; defaults live in ablate.specs."""
+    value: Any = _RUN
+    for part in field.split("."):
+        value = getattr(value, part)
+    return str(value)
 
 
 StorageOpt = Annotated[
@@ -117,8 +120,8 @@ def train(
     gamma: Annotated[float | None, _flag("Combined: MSE weight", "gamma")] = None,
     stage1_epochs: Annotated[int | None, _flag("Multistage: MSE warm-up epochs", "stage1_epochs")] = None,
     stage2_epochs: Annotated[int | None, _flag("Multistage: InfoNCE epochs", "stage2_epochs")] = None,
-    data: Annotated[str, _flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
-                               "or 'synthetic' (the built-in benchmark)")] = "synthetic",
+    data: Annotated[str | None, _flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
+                                      "or 'synthetic' (the built-in benchmark)", "data.source")] = None,
     seed: Annotated[int | None, _flag("Seed of initialisation and batch order", "seed")] = None,
     device: Annotated[str | None, _flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device")] = None,
     amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA]")] = None,

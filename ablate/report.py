@@ -289,7 +289,7 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
 def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str] = CURVE_KEYS
            ) -> dict[str, dict[str, list[list[float]]]]:
     """Per experiment and metric, one per-epoch series per seed, read back from MLflow."""
-    out: dict[str, dict[str, list[list[float]]]] = {}
+    out: dict[str, dict[str, list[list[float]]]] = {e: {} for e in report.spec.experiments}
     for r in report.trials:
         if not r.run_id:
             continue
@@ -309,7 +309,7 @@ def plot(series: dict[str, dict[str, list[list[float]]]], key: str, path: Path, 
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for exp, by_key in series.items():
+    for exp, by_key in series.items():  # in the suite's order of experiments
         runs = by_key.get(key, [])
         if not runs:
             continue
