@@ -274,6 +274,19 @@ def _end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
         pass
 
 
+class _Running:
+    """The best value so far of a metric (NaN until a finite value arrives)."""
+
+    def __init__(self, direction: str):
+        self.sign = 1.0 if direction == "maximize" else -1.0
+        self.best = float("nan")
+
+    def update(self, value: float) -> float:
+        if math.isfinite(value) and (math.isnan(self.best) or self.sign * (value - self.best) > 0):
+            self.best = value
+        return self.best
+
+
 class _Objective:
     def __init__(
         self,
@@ -341,23 +354,28 @@ class _Objective:
                        "reason": reason, "value": (outcome.final.get(metric) if outcome else None)})
 
     def _hook(self, trial: optuna.Trial, spec: StudySpec, metric: str) -> EpochHook:
+        running = _Running(better(metric))
+
         def hook(result: EpochResult, history: list[dict[str, float]]) -> Instability | None:
             value = result.metrics.get(metric, float("nan"))
             self.emit({"kind": "epoch", "trial": trial.number, "epoch": result.epoch,
                        "metric": metric, "value": value})
             if isinstance(spec, SuiteSpec):
                 return None
-            if math.isfinite(value):
-                trial.report(value, result.epoch)
+            # Optuna compares intermediate values at the same step. When a trial is judged by its
+            # best epoch, the value at epoch e is the best so far: the objective if it stopped here.
+            reported = running.update(value) if spec.objective_at == "best" else value
+            if math.isfinite(reported):
+                trial.report(reported, result.epoch)
             found = stability.check(history, spec.stability)
             if found is not None:
                 return found
             if trial.should_prune():
                 return Instability(
                     "median",
-                    f"{metric} {value:.4g} at epoch {result.epoch} is below the median of "
+                    f"{metric} {reported:.4g} at epoch {result.epoch} is below the median of "
                     "earlier trials at that epoch",
-                    {"epoch": result.epoch, metric: value},
+                    {"epoch": result.epoch, metric: reported},
                 )
             return None
 
