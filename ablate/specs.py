@@ -327,12 +327,16 @@ class SamplerSpec(_Strict):
 
 
 class PrunerSpec(_Strict):
-    """Optuna's pruner on the objective metric: median with warm-up by default."""
+    """Optuna's pruner on the objective metric: median with warm-up by default.
+
+    Trials report to Optuna, and are checked, every ``interval_steps`` epochs (each report and
+    check is a round trip to the storage); the stability rules run after every epoch.
+    """
 
     type: Literal["median", "none"] = "median"
     n_startup_trials: Annotated[int, Field(ge=0)] = 5
     n_warmup_steps: Annotated[int, Field(ge=0)] = 10
-    interval_steps: Annotated[int, Field(ge=1)] = 1
+    interval_steps: Annotated[int, Field(ge=1)] = 5
 
 
 class StabilitySpec(_Strict):

@@ -122,7 +122,7 @@ def pruner_for(spec: StudySpec) -> optuna.pruners.BasePruner:
     return optuna.pruners.MedianPruner(
         n_startup_trials=p.n_startup_trials,
         n_warmup_steps=p.n_warmup_steps,
-        interval_steps=p.interval_steps,
+        interval_steps=1,  # trials report only every p.interval_steps epochs (see worker)
         n_min_trials=1,
     )
 

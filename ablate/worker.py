@@ -365,11 +365,12 @@ class _Objective:
             # Optuna compares intermediate values at the same step. When a trial is judged by its
             # best epoch, the value at epoch e is the best so far: the objective if it stopped here.
             reported = running.update(value) if spec.objective_at == "best" else value
-            if math.isfinite(reported):
-                trial.report(reported, result.epoch)
             found = stability.check(history, spec.stability)
             if found is not None:
                 return found
+            if result.epoch % spec.pruner.interval_steps or not math.isfinite(reported):
+                return None
+            trial.report(reported, result.epoch)
             if trial.should_prune():
                 return Instability(
                     "median",

@@ -51,6 +51,11 @@ def test_tune_runs_a_persistent_search_and_counts_earlier_trials(workdir, monkey
     for t in first:
         assert 0.01 <= t.params["temperature"] <= 0.5
         assert t.user_attrs["epochs_trained"] >= 1
+        # judged by its best epoch, a trial reports its best value so far to the pruner
+        reported = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
+        assert reported == sorted(reported)
+        if t.state == optuna.trial.TrialState.COMPLETE:
+            assert t.value == reported[-1] == t.user_attrs["best"]["val/mrr"]
     assert "best: trial #" in out
     assert "expected best val/mrr with n trials" in out
 
