@@ -238,8 +238,9 @@ def _run_study(
     from ablate import studies
     from ablate.worker import execute, prepare
 
+    devs = _devices(devices)
     ref, tracker, parent = prepare(spec, storage=storage, tracking_uri=tracking_uri,
-                                   n_trials=n_trials, heartbeat_seconds=heartbeat)
+                                   n_trials=n_trials, heartbeat_seconds=heartbeat, devices=devs)
     total = spec.trial_count() if isinstance(spec, specs.SuiteSpec) else (n_trials or spec.n_trials)
     c = studies.counts(ref.study)
     done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
@@ -249,10 +250,13 @@ def _run_study(
         console.print(f"created; start workers with: ablate worker {ref.name} --storage URL")
         return ref, False
     display = StudyDisplay(total, done)
-    with display.progress:
-        finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                           devices=_devices(devices), heartbeat_seconds=heartbeat,
-                           on_event=display)
+    try:
+        with display.progress:
+            finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
+                               devices=devs, heartbeat_seconds=heartbeat, on_event=display)
+    except BaseException:
+        tracker.end_run(parent, "FAILED")
+        raise
     if not finished:
         tracker.end_run(parent, "KILLED")
         err_console.print(f"interrupted; run the same command again to resume study {ref.name}")
@@ -305,7 +309,7 @@ def _suite_report(name: str, storage: str | None, tracking_uri: str | None, out:
     from ablate import report as rep
     from ablate import studies
     from ablate.tracking import Tracker, ui_hint
-    from ablate.worker import ensure_parent
+    from ablate.worker import end_parent_if_done, ensure_parent
 
     ref = studies.load(name, studies.open_storage(storage))
     if not isinstance(ref.spec, specs.SuiteSpec):
@@ -316,14 +320,20 @@ def _suite_report(name: str, storage: str | None, tracking_uri: str | None, out:
     console.print(rep.rich_table(report))
     for line in rep.verdict(report):
         console.print(f"• {line}")
+    for r in report.trials:
+        if r.note:
+            console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
     files = rep.write(report, tracker, out / ref.name)
     rep.publish(report, tracker, parent, files)
-    if finish and report.complete:
-        tracker.end_run(parent, "FINISHED")
-    if report.missing:
-        console.print(f"[yellow]{len(report.missing)} trial(s) not finished yet: "
-                      f"{', '.join(report.missing)}[/yellow]")
+    done = end_parent_if_done(ref, tracker, parent)
     console.print(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}")
+    if report.missing:
+        what = "failed" if done else "not finished yet"
+        err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
+                          + (f"; see `ablate studies show {ref.name}` and run the same command again to retry"
+                             if done else ""))
+        if finish and done:
+            raise typer.Exit(1)
 
 
 @app.command()
@@ -362,12 +372,12 @@ def tune(
     if not ran:
         return
     from ablate.tracking import Tracker
-    from ablate.worker import ensure_parent
+    from ablate.worker import end_parent_if_done, ensure_parent
 
     tracker = Tracker(tracking_uri)
     _, parent = ensure_parent(ref, tracker)
     _show_search(ref.name, storage)
-    tracker.end_run(parent, "FINISHED")
+    end_parent_if_done(ref, tracker, parent)
     if confirm:
         from ablate.studies import confirmation_suite
 
@@ -512,10 +522,10 @@ def ui(
         console.print(f"{specs.mask_url(uri)} is a tracking server: open it in a browser")
         return
     base = f"http://{host}:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--backend-store-uri", uri,
-           "--host", host, "--port", str(port), "--workers", "1"]
-    # The job runner serves only MLflow's GenAI features; it costs seven processes.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ}
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
+    # The store's URL goes by environment (a password stays out of process listings). The job
+    # runner serves only MLflow's GenAI features; it costs seven processes.
+    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
     console.print(f"MLflow UI on {specs.mask_url(uri)}: [bold]{base}[/bold] (Ctrl-C stops it)")
     for name, exp_id in Tracker(uri).experiments():

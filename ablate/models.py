@@ -15,7 +15,7 @@ from ablate.specs import ModelSpec
 class ProjectionHead(nn.Module):
     """An MLP: (Linear -> GELU -> Dropout) per hidden width, then a Linear to the output width."""
 
-    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (256,), dropout: float = 0.1):
+    def __init__(self, in_dim: int, out_dim: int, hidden: Sequence[int] = (256,), dropout: float = 0.0):
         super().__init__()
         layers: list[nn.Module] = []
         width = in_dim

@@ -99,7 +99,7 @@ def build(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
         if t.user_attrs.get(studies.SKIPPED_ATTR):
             continue
         exp, seed = t.params.get("experiment"), t.params.get("seed")
-        if exp not in spec.experiments or seed is None or (exp, seed) in seen:
+        if exp not in spec.experiments or seed not in spec.seeds or (exp, seed) in seen:
             continue
         seen.add((exp, seed))
         pruned = t.user_attrs.get("pruned_by") or {}
@@ -313,10 +313,10 @@ def plot(series: dict[str, dict[str, list[list[float]]]], key: str, path: Path, 
         runs = by_key.get(key, [])
         if not runs:
             continue
-        length = min(len(s) for s in runs)
+        length = max(len(s) for s in runs)  # a seed that stopped early leaves the later epochs
         means, lows, highs = [], [], []
         for i in range(length):
-            s = stats.summarize([run[i] for run in runs])
+            s = stats.summarize([run[i] for run in runs if len(run) > i])
             means.append(s.mean)
             lows.append(s.ci_low if math.isfinite(s.ci_low) else s.mean)
             highs.append(s.ci_high if math.isfinite(s.ci_high) else s.mean)

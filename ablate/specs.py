@@ -77,11 +77,12 @@ def _absolute_sqlite(url: str) -> str:
 
 
 _PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)[^@\s]+(?=@)")
+_PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)[^&\s]+", re.IGNORECASE)
 
 
 def mask_url(text: str) -> str:
-    """Replace the password of every URL in a text with ***."""
-    return _PASSWORD.sub(r"\g<head>***", text)
+    """Replace the password of every URL in a text with *** (user:password@ and ?password=)."""
+    return _PASSWORD_PARAM.sub(r"\g<head>***", _PASSWORD.sub(r"\g<head>***", text))
 
 
 # --------------------------------------------------------------------------------------
@@ -253,7 +254,7 @@ class SuiteSpec(_Strict):
     description: str = ""
     metric: MetricKey = "val/top1"
     baseline: str = ""
-    seeds: list[int] = Field(default=[0, 1, 2], min_length=1)
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default=[0, 1, 2], min_length=1)
     experiments: dict[str, RunSpec]
     claims: dict[str, ClaimSpec] = {}
 
@@ -309,6 +310,8 @@ class ParamSpec(_Strict):
                 raise ValueError(f"low ({self.low}) must be below high ({self.high})")
             if self.log and self.low <= 0:
                 raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
+            if self.log and self.step is not None:
+                raise ValueError("a parameter cannot have both log = true and a step")
         elif self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical parameter needs a non-empty list of choices")
@@ -519,7 +522,7 @@ def scale_epochs(doc: dict[str, Any], epochs: int) -> dict[str, Any]:
         if merged.get("loss") == "multistage" and isinstance(old, int) and old > 0:
             for key in ("stage1_epochs", "stage2_epochs", "stage3_start"):
                 value = merged.get(key, RunSpec.model_fields[key].default)
-                if value is not None:
+                if value:  # a stage of 0 epochs stays 0
                     run[key] = max(1, round(value * epochs / old))
         run.pop("epochs", None)
     base["epochs"] = epochs
@@ -631,11 +634,18 @@ def spec_document(spec: StudySpec) -> dict[str, Any]:
 
 
 def spec_hash(spec: StudySpec) -> str:
-    """A short hash of what decides a study's results (a search's trial budget is excluded)."""
+    """A short hash of what decides a study's trials.
+
+    Left out: a search's trial budget, and a suite's seeds and report settings. So more seeds or
+    a larger budget extend the same study, and a changed run setting starts a new one.
+    """
     doc = spec_document(spec)
     doc.pop("description", None)
     if doc["kind"] == "search":
         doc.pop("n_trials", None)
+    else:
+        for key in ("seeds", "baseline", "claims"):
+            doc.pop(key, None)
     blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(blob.encode()).hexdigest()[:8]
 

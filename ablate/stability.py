@@ -43,9 +43,10 @@ def check(history: Sequence[Metrics], spec: StabilitySpec) -> Instability | None
             f"train/loss {loss:.4g} is above the ceiling {spec.max_loss:g} at epoch {epoch}",
             {"epoch": epoch, "train/loss": loss, "max_loss": spec.max_loss},
         )
-    if spec.growth_factor is not None and len(history) > spec.growth_patience:
-        best = min(h["train/loss"] for h in history)
-        recent = [h["train/loss"] for h in history[-spec.growth_patience :]]
+    stage = _current_stage(history)  # a multi-stage run changes its loss: compare within a stage
+    if spec.growth_factor is not None and len(stage) > spec.growth_patience:
+        best = min(h["train/loss"] for h in stage)
+        recent = [h["train/loss"] for h in stage[-spec.growth_patience :]]
         if best > 0 and all(v > spec.growth_factor * best for v in recent):
             return Instability(
                 "loss_growth",
@@ -70,3 +71,12 @@ def check(history: Sequence[Metrics], spec: StabilitySpec) -> Instability | None
             {"epoch": epoch, "val/spread": spread, "min_spread": spec.min_spread},
         )
     return None
+
+
+def _current_stage(history: Sequence[Metrics]) -> Sequence[Metrics]:
+    """The trailing epochs that share the latest epoch's ``stage`` (all of them without stages)."""
+    stage = history[-1].get("stage")
+    start = len(history)
+    while start > 0 and history[start - 1].get("stage") == stage:
+        start -= 1
+    return history[start:]

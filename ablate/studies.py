@@ -19,6 +19,7 @@ from typing import Any
 import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import ValidationError
 
 from ablate.errors import AblateError
 from ablate.specs import (
@@ -149,9 +150,10 @@ def create_or_load(spec: StudySpec, storage: RDBStorage, n_trials: int | None = 
     except Exception as e:
         raise AblateError(f"cannot create study {name!r}: {mask_url(str(e)).splitlines()[0]}") from None
     if SPEC_ATTR not in study.user_attrs:
-        study.set_user_attr(SPEC_ATTR, spec_document(spec))
         study.set_user_attr(SPEC_NAME_ATTR, spec.name)
         study.set_user_attr(CREATED_ATTR, time.time())
+    if study.user_attrs.get(SPEC_ATTR) != spec_document(spec):  # new, or more seeds, a new budget
+        study.set_user_attr(SPEC_ATTR, spec_document(spec))
     fill_queue(study, spec, n_trials)
     return study
 
@@ -268,7 +270,7 @@ def suggest(trial: optuna.Trial, spec: StudySpec) -> tuple[RunSpec, dict[str, An
     """The RunSpec of a trial, the values to record on it, and a short label for displays."""
     if isinstance(spec, SuiteSpec):
         exp = trial.suggest_categorical("experiment", list(spec.experiments))
-        seed = trial.suggest_categorical("seed", list(spec.seeds))
+        seed = trial.suggest_int("seed", 0, 2**31 - 1)  # a fixed range: the seed list may grow
         return spec.run(str(exp), int(seed)), {"experiment": exp, "seed": seed}, f"{exp} s{seed}"
     values: dict[str, Any] = {}
     for key, p in spec.params.items():
@@ -314,6 +316,30 @@ def simplex_point(u: list[float]) -> list[float]:
         left -= w
     weights.append(max(0.0, left))
     return weights
+
+
+def corner_runs(spec: SearchSpec) -> list[tuple[str, RunSpec]]:
+    """The base run and the runs at each parameter's extremes (every choice, low and high, each
+    corner of a simplex), to check before a search starts that every trial can run."""
+    out = [("base", spec.base)]
+    for key, p in spec.params.items():
+        if p.type == "categorical":
+            points: list[dict[str, Any]] = [{key: c} for c in p.choices or []]
+        elif p.type == "simplex":
+            names = p.names or []
+            points = [{n: float(n == corner) for n in names} for corner in names]
+        else:
+            assert p.low is not None and p.high is not None
+            cast = int if p.type == "int" else float
+            points = [{key: cast(p.low)}, {key: cast(p.high)}]
+        for values in points:
+            label = f"params.{key}=" + ",".join(f"{k}={v}" for k, v in values.items())
+            try:
+                out.append((label, apply_values(spec.base, values)))
+            except ValidationError as e:
+                err = e.errors()[0]
+                raise AblateError(f"{spec.name}: {label}: {err['msg']}") from None
+    return out
 
 
 def apply_values(run: RunSpec, values: dict[str, Any]) -> RunSpec:

@@ -25,7 +25,7 @@ from torch import Tensor, nn
 
 from ablate.data import PairedEmbeddings
 from ablate.errors import AblateError
-from ablate.losses import CombinedLoss, MultiStageScheduler, build_loss
+from ablate.losses import CombinedLoss, InfoNCELoss, MultiStageScheduler, build_loss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import build_model
 from ablate.specs import RunSpec, better
@@ -107,7 +107,8 @@ def _amp_for(device: torch.device, requested: bool | None) -> _Amp:
     enabled = requested if requested is not None else device.type == "cuda"
     if not enabled:
         return _Amp(False, device_type=device.type)
-    if device.type == "cuda" and not torch.cuda.is_bf16_supported():
+    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
+        # bfloat16 is native from Ampere (compute capability 8) on; before that, float16 + scaler
         return _Amp(True, torch.float16, torch.amp.GradScaler("cuda"), "cuda")
     if device.type == "mps":
         return _Amp(True, torch.float16, torch.amp.GradScaler("mps"), "mps")
@@ -135,6 +136,8 @@ class Trainer:
         self.spec = spec
         self.device = device if device is not None else resolve_device(spec.device)
         check_batch(spec, len(train))
+        if self.device.type == "cuda" and self.device.index is not None:
+            torch.cuda.set_device(self.device)  # so that nothing lands on GPU 0 by default
         torch.manual_seed(spec.seed)
         self.train = train.to(self.device)
         self.val = val.to(self.device)
@@ -168,9 +171,9 @@ class Trainer:
             metrics["lr"] = lr
             if self.scheduler is not None:
                 metrics["stage"] = float(self.scheduler.stage + 1)
-            temperature = getattr(criterion, "temperature", None)
-            if isinstance(temperature, float) and self.spec.learnable_temperature:
-                metrics["temperature"] = temperature
+            infonce = getattr(criterion, "infonce", criterion)  # the combined loss holds one
+            if self.spec.learnable_temperature and isinstance(infonce, InfoNCELoss):
+                metrics["temperature"] = infonce.temperature
             metrics["epoch_seconds"] = time.perf_counter() - start
             diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
             improved = not diverged and self._track_best(epoch, metrics[self.spec.select_metric])
@@ -250,11 +253,14 @@ class Trainer:
                 first = (step + 1 - len(pending)) * eff
                 correct += self._inbatch_correct(pending, perm[first : (step + 1) * eff])
                 pending = []
+        grad_norm, skipped = _mean_total_norm(norms, skip_nonfinite=self.amp.scaler is not None)
         out = {
             "train/loss": torch.stack(losses).float().mean(),
             "train/inbatch_top1": correct / (steps * eff),
-            "grad_norm": _mean_total_norm(norms),
+            "grad_norm": grad_norm,
         }
+        if self.amp.scaler is not None:  # steps the scaler skipped after an overflow
+            out["amp_skipped_steps"] = skipped
         for name, parts in components.items():
             out[f"train/loss_{name}"] = torch.stack(parts).mean()
         numbers: list[float] = torch.stack([v.float() for v in out.values()]).tolist()
@@ -372,11 +378,22 @@ class Trainer:
         return out
 
 
-def _mean_total_norm(norms: list[Tensor | Sequence[Tensor]]) -> Tensor:
-    """The mean over steps of the gradient's total norm, from per-step totals or per-parameter norms."""
-    flat = [n for step in norms for n in ([step] if isinstance(step, Tensor) else step)]
-    per_step = torch.stack(flat).float().view(len(norms), -1)
-    return torch.linalg.vector_norm(per_step, dim=1).mean()
+def _mean_total_norm(norms: list[Tensor | Sequence[Tensor]], skip_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
+    """The mean over steps of the gradient's total norm (from per-step totals or per-parameter
+    norms) and the number of steps left out as non-finite (with ``skip_nonfinite``: the steps a
+    float16 grad scaler skipped after an overflow, which are not a divergence)."""
+    steps = [[step] if isinstance(step, Tensor) else list(step) for step in norms]
+    if len({len(step) for step in steps}) == 1:
+        per_step = torch.linalg.vector_norm(torch.stack([n for step in steps for n in step]).float()
+                                            .view(len(steps), -1), dim=1)
+    else:  # a model whose set of parameters with gradients changes between steps
+        per_step = torch.stack([torch.linalg.vector_norm(torch.stack(step).float()) for step in steps])
+    if not skip_nonfinite:
+        return per_step.mean(), torch.zeros(())
+    finite = torch.isfinite(per_step)
+    kept = per_step[finite]
+    mean = kept.mean() if kept.numel() else torch.full((), float("nan"), device=per_step.device)
+    return mean, (~finite).sum()
 
 
 def grad_cache(

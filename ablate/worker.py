@@ -26,6 +26,7 @@ from optuna.trial import TrialState
 from ablate import stability, studies
 from ablate.data import load_split
 from ablate.errors import AblateError
+from ablate.models import build_model
 from ablate.specs import (
     DEFAULT_HEARTBEAT_SECONDS,
     SUMMARY_METRICS,
@@ -144,10 +145,15 @@ _NONFINITE_ONLY = StabilitySpec(enabled=False)
 
 
 def check_run(spec: RunSpec) -> tuple[Any, Any]:
-    """Load a run's data and check that the batch fits and the device exists; returns (train, val)."""
+    """Load a run's data, check that the batch fits, the device exists and the model can be built.
+
+    Returns (train, val). Everything here fails the same way for every trial, so it is checked
+    before any run or trial starts.
+    """
     train, val = load_split(spec.data)
     check_batch(spec, len(train))
     resolve_device(spec.device)
+    build_model(spec.model, train.pocket_dim, train.ligand_dim)
     return train, val
 
 
@@ -191,6 +197,10 @@ class _BudgetTaken(Exception):
     """A trial created after the queue ran dry (another worker took the last one)."""
 
 
+class TrialError(Exception):
+    """A trial failed on an error; it is recorded (FAIL) and the worker goes on."""
+
+
 @dataclass
 class WorkerReport:
     """What one worker did."""
@@ -232,11 +242,16 @@ def work(
     heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
     on_event: OnEvent | None = None,
     wait_for_running: bool = True,
+    keep_going: Callable[[], bool] | None = None,
 ) -> WorkerReport:
     """Take trials of study ``name`` until none is left to take, then return.
 
     While other workers' trials are still running, a worker waits for them (when heartbeats are
     on): a trial whose worker died is failed after the grace period and put back in the queue.
+    A trial that fails on an error is recorded and the worker goes on; a user's mistake
+    (AblateError: a device that does not exist, a batch larger than the data) stops it.
+    ``keep_going`` is asked before each trial (a worker process stops when its parent is gone).
+    The worker that finds the study done ends its MLflow parent run.
     """
     emit = on_event or (lambda e: None)
     tracker = Tracker(tracking_uri)
@@ -247,15 +262,34 @@ def work(
     report = WorkerReport()
     objective = _Objective(ref, tracker, exp_id, parent, device, emit, report)
     study = ref.study
-    while True:
+    while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
         states = [t.state for t in study.get_trials(deepcopy=False, states=_OPEN)]
         if TrialState.WAITING in states:
-            study.optimize(objective, n_trials=1, catch=(Exception,))
+            study.optimize(objective, n_trials=1, catch=(TrialError, _BudgetTaken))
         elif TrialState.RUNNING in states and wait_for_running and heartbeat_seconds:
             time.sleep(POLL_SECONDS)
         else:
-            return report
+            end_parent_if_done(ref, tracker, parent)
+            break
+    return report
+
+
+def end_parent_if_done(ref: studies.StudyRef, tracker: Tracker, parent: str) -> bool:
+    """End the MLflow parent run once no trial is waiting or running: FINISHED, or FAILED when a
+    suite has failed trials; returns whether the study is done."""
+    trials = ref.study.get_trials(deepcopy=False)
+    if any(t.state in _OPEN for t in trials):
+        return False
+    status = "FINISHED"
+    if isinstance(ref.spec, SuiteSpec):  # every (experiment, seed) must have a result
+        done = {(t.params.get("experiment"), t.params.get("seed")) for t in trials
+                if t.state in (TrialState.COMPLETE, TrialState.PRUNED)}
+        if any((e, s) not in done for e in ref.spec.experiments for s in ref.spec.seeds):
+            status = "FAILED"
+    if tracker.client.get_run(parent).info.status != status:
+        tracker.end_run(parent, status)
+    return True
 
 
 _OPEN = (TrialState.WAITING, TrialState.RUNNING)
@@ -342,10 +376,14 @@ class _Objective:
         except optuna.TrialPruned as e:
             reason = str(e)
             raise
+        except AblateError as e:  # a user's mistake: every trial would fail the same way
+            reason = mask_url(str(e))
+            trial.set_user_attr("error", reason)
+            raise
         except Exception as e:
             reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
             trial.set_user_attr("error", reason)
-            raise
+            raise TrialError(reason) from e
         finally:
             if outcome is not None:
                 self.tracker.set_tags(outcome.run_id, {"ablate.state": state})
@@ -422,10 +460,12 @@ class Execution:
 
 def prepare(
     spec: StudySpec, *, storage: str | None, tracking_uri: str | None, n_trials: int | None = None,
-    heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
+    heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS, devices: Sequence[str] = (),
 ) -> tuple[studies.StudyRef, Tracker, str]:
     """Check the inputs, then create or resume the study and its MLflow parent run."""
-    runs = spec.experiments if isinstance(spec, SuiteSpec) else {"base": spec.base}
+    for device in devices:
+        resolve_device(device)
+    runs = spec.experiments if isinstance(spec, SuiteSpec) else dict(studies.corner_runs(spec))
     for label, run in runs.items():
         try:
             check_run(run)
@@ -491,7 +531,8 @@ def _execute_processes(
         for i in range(n)
     ]
     stop_reader = threading.Event()
-    reader = threading.Thread(target=_relay, args=(events, on_event, stop_reader), daemon=True)
+    errors: list[str] = []
+    reader = threading.Thread(target=_relay, args=(events, on_event, stop_reader, errors), daemon=True)
     reader.start()
     interrupted = False
     with sigterm_as_interrupt():
@@ -502,22 +543,35 @@ def _execute_processes(
                 p.join()
         except KeyboardInterrupt:
             interrupted = True
-            for p in procs:
-                if p.is_alive() and p.pid is not None:
-                    os.kill(p.pid, signal.SIGINT)
-            for p in procs:
-                p.join(timeout=60)
+            _stop_processes(procs)
     stop_reader.set()
     reader.join(timeout=5)
-    failed = [p.exitcode for p in procs if p.exitcode not in (0, None)]
-    if failed and not interrupted:
-        if any(code == 130 for code in failed):
-            return False
+    codes = [p.exitcode for p in procs]
+    if errors:
+        raise AblateError(errors[0])
+    if interrupted or 130 in codes:
+        return False
+    failed = [c for c in codes if c not in (0, None)]
+    if failed:
         raise RuntimeError(f"{len(failed)} worker process(es) exited with codes {failed}")
-    return not interrupted
+    return True
 
 
-def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event) -> None:
+def _stop_processes(procs: list[Any], grace_seconds: float = 60.0) -> None:
+    """SIGTERM every worker process (each ends its trial cleanly), then SIGKILL what is left."""
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            os.kill(p.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace_seconds
+    for p in procs:
+        p.join(timeout=max(0.0, deadline - time.monotonic()))
+    for p in procs:
+        if p.is_alive() and p.pid is not None:
+            os.kill(p.pid, signal.SIGKILL)
+            p.join()
+
+
+def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event, errors: list[str]) -> None:
     while not stop.is_set():
         try:
             event = events.get(timeout=0.2)
@@ -525,7 +579,9 @@ def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event) -> None
             continue
         except (EOFError, OSError):
             return
-        if on_event is not None:
+        if event.get("kind") == "error":
+            errors.append(event["message"])
+        elif on_event is not None:
             on_event(event)
 
 
@@ -538,15 +594,24 @@ def _process_main(
     heartbeat_seconds: int | None,
     events: Any,
 ) -> None:
+    # Signals come from the parent only: its own process group keeps the terminal's Ctrl-C away
+    # (the parent forwards one SIGTERM), and SIGINT works even where the parent ignored it.
+    os.setpgrp()
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    parent = os.getppid()
     import torch
 
     torch.set_num_threads(threads)
     try:
         with sigterm_as_interrupt():
             work(name, storage=storage, tracking_uri=tracking_uri, device=device,
-                 heartbeat_seconds=heartbeat_seconds, on_event=events.put)
+                 heartbeat_seconds=heartbeat_seconds, on_event=events.put,
+                 keep_going=lambda: os.getppid() == parent)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
+    except AblateError as e:
+        events.put({"kind": "error", "message": str(e)})
+        raise SystemExit(2) from None
 
 
 @contextmanager

@@ -185,3 +185,45 @@ def test_a_worker_for_a_missing_study_says_how_to_start_it(workdir, postgres_url
     assert proc.returncode == 2
     assert "no study 'nope'" in proc.stderr and "ablate run-suite" in proc.stderr
 
+
+
+def test_sigterm_stops_every_worker_process_cleanly_even_with_sigint_ignored(workdir):
+    # Started in the background (nohup, CI): SIGINT is ignored, so only SIGTERM can stop the run.
+    cmd = ablate_command("run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "400", "--seeds", "0,1",
+                         *TINY_RUN)
+    proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
+    storage = f"sqlite:///{workdir / 'optuna.db'}"
+    deadline = time.time() + 180
+    running = []
+    while len(running) < 2 and time.time() < deadline and proc.poll() is None:
+        time.sleep(1)
+        if (workdir / "optuna.db").exists():
+            try:
+                study = studies.load("baseline-vs-multistage", studies.open_storage(storage)).study
+            except Exception:
+                continue
+            running = [t for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
+                       if len(t.intermediate_values) or t.user_attrs.get("mlflow_run_id")]
+    assert len(running) == 2, proc.stdout.read() if proc.poll() is not None else "no two trials running"
+    time.sleep(2)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert "run the same command again to resume" in out
+
+    study = studies.load("baseline-vs-multistage", studies.open_storage(storage)).study
+    states = Counter(t.state.name for t in study.get_trials())
+    assert states["RUNNING"] == 0 and states["FAIL"] == 2, states
+    client = _mlflow(workdir)
+    for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,)):
+        assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
+    assert client.get_run(study.user_attrs[studies.PARENT_RUN_ATTR]).info.status == "KILLED"
+
+
+def test_a_device_that_does_not_exist_is_one_line_before_any_trial(workdir, monkeypatch, capsys):
+    code, _, err = run_cli(["run-suite", "baseline-vs-multistage", "--devices", "cuda:5", "--epochs", "2",
+                              *TINY_RUN], monkeypatch, capsys)
+    assert code == 2
+    assert "'cuda:5' is not available" in err
+    assert not (workdir / "optuna.db").exists()

@@ -44,6 +44,16 @@ def test_loss_growth_needs_patience_epochs_above_the_factor():
     assert found.rule == "loss_growth" and found.values["best_loss"] == 1.0
 
 
+def test_loss_growth_compares_within_a_multistage_stage():
+    # MSE warm-up losses are small; the InfoNCE stage starts higher: not a divergence.
+    history = [dict(_epoch(loss=v), stage=1.0) for v in (0.5, 0.2, 0.1)]
+    history += [dict(_epoch(loss=v), stage=2.0) for v in (0.9, 0.8, 0.7, 0.6)]
+    assert check(history, RULES) is None
+    history += [dict(_epoch(loss=v), stage=2.0) for v in (1.3, 1.4, 1.5)]
+    found = check(history, RULES)
+    assert found.rule == "loss_growth" and found.values["best_loss"] == 0.6
+
+
 def test_exploding_gradient_and_collapse():
     assert check([_epoch()] * 2 + [_epoch(grad=1e4)], RULES).rule == "grad_explosion"
     found = check([_epoch()] * 2 + [_epoch(spread=0.01)], RULES)

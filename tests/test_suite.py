@@ -80,11 +80,23 @@ def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeyp
     assert len(_child_runs(workdir, parent)) == 10
     assert len(study.get_trials()) == 10
 
+    # More seeds extend the same study: only the new seed's trials are trained.
+    more = [a if a != "0,1" else "0,1,2" for a in SUITE]
+    code, out, err = run_cli(more, monkeypatch, capsys)
+    assert code == 0, err
+    assert len(_child_runs(workdir, parent)) == 15
+    assert len(study.get_trials()) == 15
+    assert "| baseline (baseline)" in (workdir / "reports" / study.study_name / "report.md").read_text()
+    assert re.search(r"^\| baseline \(baseline\)( ★)? \| 3 \|",
+                     (workdir / "reports" / study.study_name / "report.md").read_text(), re.M)
+    run_cli(SUITE, monkeypatch, capsys)  # back to seeds 0 and 1: the report shows those only
+
     # `ablate report` rebuilds it from the stores alone.
     (workdir / "reports").rename(workdir / "old-reports")
     code, out, err = run_cli(["report", study.study_name], monkeypatch, capsys)
     assert code == 0, err
     assert (workdir / "reports" / study.study_name / "report.md").read_text() == report_md
+    assert len(_child_runs(workdir, parent)) == 15
 
 
 @pytest.mark.slow

@@ -129,6 +129,8 @@ def test_metric_batches_are_sent_whole_even_when_flushed_late(tracker):
         ("sqlite:///optuna.db", "sqlite:///optuna.db"),
         ("postgresql://ablate@db/optuna", "postgresql://ablate@db/optuna"),
         ("cannot reach postgresql://a:b@h/x: timeout", "cannot reach postgresql://a:***@h/x: timeout"),
+        ("postgresql://h/db?user=u&password=s3cret&sslmode=require",
+         "postgresql://h/db?user=u&password=***&sslmode=require"),
     ],
 )
 def test_passwords_in_urls_are_masked(url, masked):
