@@ -470,8 +470,8 @@ def _show_search(name: str, storage: str | None) -> None:
         points = sorted({1, 2, 3, 5, 10, 20, 50, len(summary.expected_max)})
         cells = [f"{n}: {_fmt(summary.expected_max[n - 1])}" for n in points
                  if n <= len(summary.expected_max)]
-        console.print(f"expected best {summary.metric} with n trials (Dodge et al. 2019): "
-                      + ", ".join(cells))
+        console.print(f"expected best {summary.metric} with n trials (Dodge et al. 2019; a pruned trial "
+                      "counts with the value it had reached): " + ", ".join(cells))
 
 
 def _fmt(v: float | None) -> str:
