@@ -15,6 +15,7 @@ import os
 import subprocess
 import time
 from collections.abc import Iterator, Mapping
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -151,15 +152,21 @@ class Tracker:
 
 
 class MetricBatch:
-    """Per-epoch metrics for one run, sent in batches at most every ``flush_seconds``."""
+    """Per-epoch metrics for one run, sent in batches at most every ``flush_seconds``.
 
-    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0):
+    With ``background=True`` a batch is written by one background thread while training goes
+    on (in order; ``close`` waits for all of them and raises the first error).
+    """
+
+    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0, background: bool = False):
         self.tracker = tracker
         self.run_id = run_id
         self.flush_seconds = flush_seconds
         self._pending: list[Any] = []
         self._last = time.monotonic()
         self.nonfinite: dict[str, int] = {}
+        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics") if background else None
+        self._sent: list[Future[None]] = []
 
     def add(self, metrics: Mapping[str, float], step: int) -> list[str]:
         """Queue one step's finite metrics; returns the non-finite keys (never sent)."""
@@ -179,11 +186,31 @@ class MetricBatch:
         return skipped
 
     def flush(self) -> None:
-        """Send everything queued."""
+        """Send everything queued (in the background thread, if there is one)."""
         pending, self._pending = self._pending, []
-        for i in range(0, len(pending), BATCH_LIMIT):
-            self.tracker.client.log_batch(self.run_id, metrics=pending[i : i + BATCH_LIMIT])
         self._last = time.monotonic()
+        if not pending:
+            return
+        if self._writer is None:
+            self._send(pending)
+        else:
+            self._sent = [f for f in self._sent if not f.done() or f.exception() is not None]
+            self._sent.append(self._writer.submit(self._send, pending))
+
+    def _send(self, metrics: list[Any]) -> None:
+        for i in range(0, len(metrics), BATCH_LIMIT):
+            self.tracker.client.log_batch(self.run_id, metrics=metrics[i : i + BATCH_LIMIT])
+
+    def close(self) -> None:
+        """Send what is queued and wait until everything has been written."""
+        self.flush()
+        if self._writer is not None:
+            try:
+                for f in self._sent:
+                    f.result()
+            finally:
+                self._writer.shutdown(wait=True)
+                self._sent = []
 
 
 def _param_text(v: Any) -> str:

@@ -223,7 +223,8 @@ class Trainer:
         steps = len(data) // eff
         perm = torch.randperm(len(data), generator=self.generator).to(self.device)
         xs, ys = data.pocket[perm], data.ligand[perm]
-        ids_all = data.ligand_id[perm] if s.mask_shared_ligands else None
+        contrastive = getattr(criterion, "contrastive", False)
+        ids_all = data.ligand_id[perm] if s.mask_shared_ligands and contrastive else None
         losses: list[Tensor] = []
         norms: list[Tensor | Sequence[Tensor]] = []
         components: dict[str, list[Tensor]] = {}
@@ -239,7 +240,7 @@ class Trainer:
                 loss = criterion(p, y, lid)
                 self._backward(loss)
                 reps = p.detach()
-            elif getattr(criterion, "contrastive", False):
+            elif contrastive:
                 loss, reps = self._gradcache(criterion, x, y, lid)
             else:
                 loss, reps = self._accumulate(criterion, x, y, lid)

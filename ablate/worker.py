@@ -120,7 +120,7 @@ def train_and_log(
         tracker.log_dict(run_id, spec.model_dump(mode="json"), "spec.json")
         if on_start is not None:
             on_start(run_id, trainer)
-        batch = MetricBatch(tracker, run_id)
+        batch = MetricBatch(tracker, run_id, background=True)
         try:
             for result in trainer.epochs():
                 outcome.history.append(result.metrics)
@@ -136,7 +136,7 @@ def train_and_log(
                     if outcome.stopped is not None:
                         break
         finally:
-            batch.flush()
+            batch.close()
             _finish(tracker, outcome, batch, save_best)
     return outcome
 

@@ -4,7 +4,10 @@ Creates the temperature search (pruning off, fixed epochs) twice, in two scratch
 with one `ablate worker` and with two, each process limited to one torch thread. Uses the
 PostgreSQL server at --postgres when it answers (a scratch database per run), else SQLite files.
 
-    python benchmarks/workers.py [--n-trials 8] [--epochs 40] [--postgres postgresql://postgres@127.0.0.1/postgres]
+    python benchmarks/workers.py [--n-trials 10] [--epochs 120] [--postgres postgresql://postgres@127.0.0.1/postgres]
+
+Times run from the workers' start to the last one's exit, so they include each process's start-up
+(importing torch and MLflow, opening the stores: several seconds).
 """
 
 from __future__ import annotations
@@ -73,8 +76,8 @@ def run(workers: int, n_trials: int, epochs: int, admin: str) -> tuple[float, in
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--n-trials", type=int, default=8)
-    ap.add_argument("--epochs", type=int, default=40)
+    ap.add_argument("--n-trials", type=int, default=10)
+    ap.add_argument("--epochs", type=int, default=120)
     ap.add_argument("--postgres", default="postgresql://postgres@127.0.0.1:5432/postgres")
     args = ap.parse_args()
     t1, d1, kind = run(1, args.n_trials, args.epochs, args.postgres)

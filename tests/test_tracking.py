@@ -144,3 +144,19 @@ def test_params_and_tags_are_masked_when_logged(tracker):
     tracker.set_tags(run_id, {"note": "http://a:topsecret@h:5000"})
     run = MlflowClient(tracker.uri).get_run(run_id)
     assert "topsecret" not in json.dumps(run.data.params) + json.dumps(run.data.tags)
+
+
+def test_background_batches_are_all_written_by_close_and_errors_surface(tracker):
+    exp = tracker.test_experiment
+    run_id = tracker.start_run(exp, "background")
+    batch = MetricBatch(tracker, run_id, flush_seconds=0.0, background=True)
+    for step in range(20):
+        batch.add({"a": float(step)}, step)
+    batch.close()
+    history = MlflowClient(tracker.uri).get_metric_history(run_id, "a")
+    assert sorted(m.step for m in history) == list(range(20))
+
+    broken = MetricBatch(tracker, "no-such-run", flush_seconds=0.0, background=True)
+    broken.add({"a": 1.0}, 0)
+    with pytest.raises(Exception, match="no-such-run"):
+        broken.close()
