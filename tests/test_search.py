@@ -55,7 +55,7 @@ def test_tune_runs_a_persistent_search_and_counts_earlier_trials(workdir, monkey
         reported = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
         assert reported == sorted(reported)
         if t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.value == reported[-1] == t.user_attrs["best"]["val/mrr"]
+            assert t.value == t.user_attrs["best"]["val/mrr"] >= reported[-1]
     assert "best: trial #" in out
     assert "expected best val/mrr with n trials" in out
 
