@@ -531,6 +531,9 @@ def ui(
     for name, exp_id in Tracker(uri).experiments():
         console.print(f"  {name}: {runs_url(base, exp_id)}")
     code = 0
+    # Ctrl-C (SIGINT) stops the UI also where it was started with SIGINT ignored (a background job
+    # of a script inherits that), as does SIGTERM.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     with sigterm_as_interrupt():
         try:
             code = server.wait()
