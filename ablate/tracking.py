@@ -44,6 +44,8 @@ class Tracker:
 
         _quiet_mlflow()
         self.uri = resolve_tracking_uri(uri)
+        if self.uri.startswith(("http://", "https://")):
+            _check_server(self.uri)
         try:
             self.client = MlflowClient(tracking_uri=self.uri)
         except Exception as e:
@@ -149,6 +151,26 @@ class Tracker:
             self.end_run(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
+
+
+def _check_server(uri: str, timeout: float = 10.0) -> None:
+    """Fail fast on an unreachable tracking server (MLflow's own client retries for minutes)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(uri.rstrip("/") + "/health", timeout=timeout):
+            return
+    except urllib.error.HTTPError as e:
+        if e.code < 500:  # it answers; /health may sit behind a proxy that maps it elsewhere
+            return
+        why = f"HTTP {e.code}"
+    except (OSError, ValueError) as e:
+        why = str(getattr(e, "reason", e))
+    raise AblateError(
+        f"cannot reach the MLflow tracking server {mask_url(uri)} ({mask_url(why)}); "
+        "check the URL and that `mlflow server` is running there"
+    )
 
 
 class MetricBatch:

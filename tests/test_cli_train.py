@@ -55,6 +55,7 @@ def test_train_logs_a_finished_run_and_prints_its_id(workdir, monkeypatch, capsy
         (["--data", "missing.npz"], "missing.npz: no such data file"),
         (["--device", "cuda:7"], "'cuda:7' is not available"),
         (["--set", "epochs"], "expected KEY=VALUE"),
+        (["--tracking-uri", "http://user:pw@127.0.0.1:9"], "cannot reach the MLflow tracking server http://user:***@"),
     ],
 )
 def test_mistakes_end_in_one_line_and_exit_code_2(workdir, monkeypatch, capsys, args, message):
