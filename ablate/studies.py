@@ -20,6 +20,8 @@ import optuna
 from optuna.storages import RDBStorage, RetryHeartbeatStaleTrialCallback
 from optuna.trial import FrozenTrial, TrialState
 from pydantic import ValidationError
+from sqlalchemy import event
+from sqlalchemy.engine import Engine
 
 from ablate.errors import AblateError
 from ablate.specs import (
@@ -76,7 +78,7 @@ def open_storage(
         {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
     try:
-        return RDBStorage(
+        storage = RDBStorage(
             url,
             engine_kwargs=engine_kwargs,
             heartbeat_interval=heartbeat_seconds,
@@ -94,6 +96,30 @@ def open_storage(
             f"cannot open the Optuna storage {mask_url(url)}: {first}; check the URL and that "
             "the database server is running"
         ) from None
+    if url.startswith("sqlite"):
+        _serialize_sqlite(storage.engine)
+    return storage
+
+
+def _serialize_sqlite(engine: Engine) -> None:
+    """Make every SQLite transaction take the write lock when it begins (BEGIN IMMEDIATE).
+
+    Python's sqlite3 driver begins a transaction only at the first write, so a transaction's reads
+    are not isolated from other processes: two workers could both read a queued trial as WAITING
+    and both mark it RUNNING. (PostgreSQL's SELECT ... FOR UPDATE prevents that; SQLite ignores
+    it.) Serialising transactions makes taking a trial atomic; other processes wait on the
+    connection's busy timeout meanwhile.
+    """
+
+    @event.listens_for(engine, "connect")
+    def _no_driver_begin(dbapi_connection: Any, record: Any) -> None:
+        dbapi_connection.isolation_level = None  # the driver's own implicit BEGIN is off
+
+    @event.listens_for(engine, "begin")
+    def _begin_immediate(connection: Any) -> None:
+        connection.exec_driver_sql("BEGIN IMMEDIATE")
+
+    engine.dispose()  # connections opened while the storage was set up did not have the hooks
 
 
 # --------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections import Counter
 from pathlib import Path
@@ -167,6 +168,30 @@ def test_jobs_on_the_embedded_sqlite_store_run_without_lock_errors(workdir, monk
     children = _child_runs(workdir, "baseline-vs-multistage")
     assert len(children) == 10
     assert len({r.data.tags["pid"] for r in children}) == 2
+
+
+def test_two_sqlite_workers_cannot_both_take_one_queued_trial(tmp_path):
+    # Worker A has read the queued trial as WAITING and is about to mark it RUNNING; worker B
+    # tries to take the same trial meanwhile. B must wait for A and then find it taken.
+    url = f"sqlite:///{tmp_path / 'optuna.db'}"
+    a, b = studies.open_storage(url, heartbeat_seconds=None), studies.open_storage(url, heartbeat_seconds=None)
+    study = optuna.create_study(storage=a, study_name="race")
+    study.enqueue_trial({})
+    (trial_id,) = [t._trial_id for t in study.get_trials()]
+    taken: list[bool] = []
+    with a.engine.connect() as conn:
+        conn.begin()
+        state = conn.exec_driver_sql("SELECT state FROM trials WHERE trial_id = ?", (trial_id,)).scalar()
+        assert state == "WAITING"
+        other = threading.Thread(target=lambda: taken.append(
+            b.set_trial_state_values(trial_id, optuna.trial.TrialState.RUNNING)))
+        other.start()
+        other.join(timeout=1.0)
+        assert other.is_alive()  # B waits for A's transaction
+        conn.exec_driver_sql("UPDATE trials SET state = 'RUNNING' WHERE trial_id = ?", (trial_id,))
+        conn.commit()
+    other.join(timeout=60)
+    assert taken == [False]
 
 
 def test_an_unreachable_storage_is_one_line_with_the_password_masked(workdir):
