@@ -13,6 +13,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -55,12 +56,12 @@ def _d(field: str) -> str:
 
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL [default: $ABLATE_STORAGE or sqlite:///optuna.db]; "
+    typer.Option("--storage", help="Optuna storage URL \\[default: $ABLATE_STORAGE or sqlite:///optuna.db]; "
                  "postgresql://... for many machines."),
 ]
 TrackingOpt = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI [default: $MLFLOW_TRACKING_URI or "
+    typer.Option("--tracking-uri", help="MLflow tracking URI \\[default: $MLFLOW_TRACKING_URI or "
                  "sqlite:///mlflow.db]; http://host:5000 for a tracking server."),
 ]
 SetOpt = Annotated[
@@ -85,7 +86,7 @@ HeartbeatOpt = Annotated[
 
 def _flag(text: str, field: str | None = None) -> Any:
     """An option whose help shows the run field's default."""
-    return typer.Option(help=text + (f" [default: {_d(field)}]" if field else "") + ".")
+    return typer.Option(help=text + (f" \\[default: {_d(field)}]" if field else "") + ".")
 
 
 def _devices(devices: str | None) -> list[str]:
@@ -107,6 +108,9 @@ def _devices(devices: str | None) -> list[str]:
 # --------------------------------------------------------------------------------------
 
 
+_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--num-epochs", "data.source": "--data"}
+
+
 @app.command()
 def train(
     loss_fn: Annotated[str, typer.Option("--loss-fn", help="mse | cosine | infonce | combined | "
@@ -124,7 +128,7 @@ def train(
                                       "or 'synthetic' (the built-in benchmark)", "data.source")] = None,
     seed: Annotated[int | None, _flag("Seed of initialisation and batch order", "seed")] = None,
     device: Annotated[str | None, _flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision [default: on for CUDA]")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision \\[default: on for CUDA]")] = None,
     accumulation_steps: Annotated[int | None, _flag("Micro-batches per optimizer step (GradCache for "
                                                     "contrastive losses)", "accumulation_steps")] = None,
     experiment_name: Annotated[str, typer.Option(help="MLflow experiment.")] = specs.DEFAULT_EXPERIMENT,
@@ -136,14 +140,15 @@ def train(
     from ablate.tracking import Tracker, ui_hint
     from ablate.worker import check_run, sigterm_as_interrupt, train_and_log
 
-    options: dict[str, Any] = {
+    named: dict[str, Any] = {
         "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
         "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
         "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "data.source": data,
         "seed": seed, "device": device, "amp": amp, "accumulation_steps": accumulation_steps,
-        **specs.parse_overrides(set_ or []),
     }
-    run = specs.run_from_options(options, {"loss": "--loss-fn", "epochs": "--num-epochs"})
+    overrides = specs.parse_overrides(set_ or [])
+    flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
+    run = specs.run_from_options({**named, **overrides}, flags)
     check_run(run)
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(experiment_name)
@@ -176,11 +181,11 @@ def train(
             table.add_row(key, f"{outcome.final[key]:.4f}", "" if b is None else f"{b:.4f}")
     console.print(table)
     if outcome.stopped is not None:
-        console.print(f"[yellow]stopped: {outcome.stopped.message}[/yellow]")
+        console.print(f"[yellow]stopped: {escape(outcome.stopped.message)}[/yellow]")
     if save_best is not None and outcome.trainer.best.state is not None:
-        console.print(f"best model (epoch {outcome.trainer.best.epoch}) saved to {save_best}")
-    console.print(f"MLflow run [bold]{outcome.run_id}[/bold] in experiment {experiment_name!r} "
-                  f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}")
+        console.print(f"best model (epoch {outcome.trainer.best.epoch}) saved to {escape(str(save_best))}")
+    console.print(f"MLflow run [bold]{outcome.run_id}[/bold] in experiment {escape(repr(experiment_name))} "
+                  f"at {escape(tracker.shown_uri)}; {ui_hint(tracker.uri)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -226,8 +231,8 @@ class StudyDisplay:
                     self.done += 1
                 if state != "COMPLETE":
                     why = event.get("reason") or ""
-                    self.progress.console.print(f"  #{number} {event['label']}: {state}"
-                                                + (f" ({why})" if why else ""))
+                    self.progress.console.print(escape(f"  #{number} {event['label']}: {state}"
+                                                       + (f" ({why})" if why else "")))
             self._refresh()
 
 
@@ -244,10 +249,11 @@ def _run_study(
     total = spec.trial_count() if isinstance(spec, specs.SuiteSpec) else (n_trials or spec.n_trials)
     c = studies.counts(ref.study)
     done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
-    console.print(f"study [bold]{ref.name}[/bold] in {specs.mask_url(specs.resolve_storage(storage))} "
-                  f"({done}/{total} trials done); MLflow parent run {parent} at {tracker.shown_uri}")
+    shown_storage = escape(specs.mask_url(specs.resolve_storage(storage)))
+    console.print(f"study [bold]{escape(ref.name)}[/bold] in {shown_storage} "
+                  f"({done}/{total} trials done); MLflow parent run {parent} at {escape(tracker.shown_uri)}")
     if jobs == 0 and not devices:
-        console.print(f"created; start workers with: ablate worker {ref.name} --storage URL")
+        console.print(f"created; start workers with: ablate worker {escape(ref.name)} --storage {shown_storage}")
         return ref, False
     display = StudyDisplay(total, done)
     try:
@@ -319,19 +325,19 @@ def _suite_report(name: str, storage: str | None, tracking_uri: str | None, out:
     report = rep.build(ref.study, ref.spec)
     console.print(rep.rich_table(report))
     for line in rep.verdict(report):
-        console.print(f"• {line}")
+        console.print(f"• {escape(line)}")
     for r in report.trials:
         if r.note:
-            console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
+            console.print(escape(f"  note: {r.experiment} seed {r.seed}: {r.note}"))
     files = rep.write(report, tracker, out / ref.name)
     rep.publish(report, tracker, parent, files)
     done = end_parent_if_done(ref, tracker, parent)
-    console.print(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}")
+    console.print(escape(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}"))
     if report.missing:
         what = "failed" if done else "not finished yet"
-        err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
-                          + (f"; see `ablate studies show {ref.name}` and run the same command again to retry"
-                             if done else ""))
+        err_console.print(escape(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
+                                 + (f"; see `ablate studies show {ref.name}` and run the same command again "
+                                    "to retry" if done else "")))
         if finish and done:
             raise typer.Exit(1)
 
@@ -352,7 +358,9 @@ def report(
 def tune(
     name: Annotated[str, typer.Argument(help="A search in studies/ (temperature, batch, weights) or a .toml path.")],
     n_trials: Annotated[int | None, typer.Option(min=1, help="Trial budget, counting earlier "
-                                                 "trials of the same study [default: the file's].")] = None,
+                                                 "trials of the same study \\[default: the file's].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every trial.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data file or 'synthetic' for every trial.")] = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -364,7 +372,10 @@ def tune(
     out: Annotated[Path, typer.Option(help="Folder for the confirmation report.")] = Path("reports"),
 ) -> None:
     """Run (or resume) an Optuna search; unstable runs are pruned early."""
-    spec = specs.load_study(name, specs.parse_overrides(set_ or []))
+    overrides = specs.parse_overrides(set_ or [])
+    if data is not None:
+        overrides["data.source"] = data
+    spec = specs.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, specs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
     ref, ran = _run_study(spec, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
@@ -409,13 +420,13 @@ def worker(
          and not t.user_attrs.get(studies.SKIPPED_ATTR)])
     c = studies.counts(ref.study)
     display = StudyDisplay(total, c.get("COMPLETE", 0) + c.get("PRUNED", 0))
-    console.print(f"worker on study [bold]{ref.name}[/bold] (pid {os.getpid()})")
+    console.print(f"worker on study [bold]{escape(ref.name)}[/bold] (pid {os.getpid()})")
     with display.progress:
         finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
                            devices=_devices(devices), heartbeat_seconds=heartbeat, on_event=display)
     if not finished:
         raise typer.Exit(130)
-    console.print(f"study {ref.name}: no trials left to take; {studies.counts(ref.study)}")
+    console.print(escape(f"study {ref.name}: no trials left to take; {studies.counts(ref.study)}"))
 
 
 # --------------------------------------------------------------------------------------
@@ -482,7 +493,7 @@ def _fmt(v: float | None) -> str:
 def studies_export(
     name: Annotated[str, typer.Argument(help="Study name (or spec name: its newest study).")],
     format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="File [default: stdout].")] = None,
+    output: Annotated[Path | None, typer.Option("--output", "-o", help="File \\[default: stdout].")] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""
@@ -497,7 +508,7 @@ def studies_export(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        console.print(f"wrote {output}")
+        console.print(escape(f"wrote {output}"))
 
 
 # --------------------------------------------------------------------------------------
@@ -519,7 +530,7 @@ def ui(
 
     uri = specs.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        console.print(f"{specs.mask_url(uri)} is a tracking server: open it in a browser")
+        console.print(escape(f"{specs.mask_url(uri)} is a tracking server: open it in a browser"))
         return
     base = f"http://{host}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
@@ -527,9 +538,9 @@ def ui(
     # runner serves only MLflow's GenAI features; it costs seven processes.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    console.print(f"MLflow UI on {specs.mask_url(uri)}: [bold]{base}[/bold] (Ctrl-C stops it)")
+    console.print(f"MLflow UI on {escape(specs.mask_url(uri))}: [bold]{base}[/bold] (Ctrl-C stops it)")
     for name, exp_id in Tracker(uri).experiments():
-        console.print(f"  {name}: {runs_url(base, exp_id)}")
+        console.print(escape(f"  {name}: {runs_url(base, exp_id)}"))
     code = 0
     # Ctrl-C (SIGINT) stops the UI also where it was started with SIGINT ignored (a background job
     # of a script inherits that), as does SIGTERM.
@@ -561,7 +572,7 @@ def main() -> None:
     try:
         app()
     except AblateError as e:
-        err_console.print(f"[red]error:[/red] {specs.mask_url(str(e))}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/red] {escape(specs.mask_url(str(e)))}", highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")

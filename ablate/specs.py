@@ -492,6 +492,16 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
             if key in doc.get("params", {}):
                 del doc["params"][key]
         else:
+            parts = key.split(".")
+            experiments = doc.get("experiments")
+            if head == "experiments" and len(parts) > 1 and isinstance(experiments, dict) \
+                    and parts[1] not in experiments:
+                hint = difflib.get_close_matches(parts[1], list(experiments), n=1)
+                raise AblateError(
+                    f"--set {key}: no experiment {parts[1]!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" (the study has: {', '.join(experiments)})"
+                )
             _set_path(doc, key, value)
     return doc
 
@@ -592,13 +602,22 @@ def _explain(
     e: ValidationError, model: type[BaseModel], source: str, prefix: str,
     own: dict[str, Any] | None,
 ) -> str:
+    where, msg = _describe(e, model, prefix, own)
+    return f"{source}: {where + ': ' if where else ''}{msg}"
+
+
+def _describe(
+    e: ValidationError, model: type[BaseModel], prefix: str, own: dict[str, Any] | None,
+) -> tuple[str, str]:
+    """(the dotted key, what is wrong with it) of a validation error; the key is '' for a model-level check."""
     err = e.errors()[0]
     loc = [str(x) for x in err["loc"]]
     if own is not None and loc and loc[0] not in own:
         prefix = "base"
+    if not loc:  # a model-level check
+        return prefix, _clean(err["msg"])
     where = ".".join(p for p in [prefix, *loc] if p)
-    typ = err["type"]
-    if typ == "extra_forbidden":
+    if err["type"] == "extra_forbidden":
         parent: type[BaseModel] | None = model
         for part in loc[:-1]:
             field = parent.model_fields.get(part) if parent is not None else None
@@ -611,12 +630,10 @@ def _explain(
             msg += f"; did you mean {hint[0]!r}?"
         if valid:
             msg += f" Valid keys: {', '.join(valid)}"
-        return f"{source}: {where}: {msg}"
-    if not loc:  # a model-level check
-        return f"{source}: {prefix + ': ' if prefix else ''}{_clean(err['msg'])}"
+        return where, msg
     got = err.get("input")
     shown = "" if isinstance(got, dict) else f" (got {got!r})"
-    return f"{source}: {where}: {_clean(err['msg'])}{shown}"
+    return where, f"{_clean(err['msg'])}{shown}"
 
 
 def _clean(msg: str) -> str:
@@ -668,9 +685,10 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def run_from_options(options: dict[str, Any], flags: dict[str, str] | None = None) -> RunSpec:
-    """A RunSpec from command-line options (None means: keep the default); errors name the flag.
+    """A RunSpec from command-line options (None means: keep the default); errors name the option.
 
-    ``flags`` maps a field to its flag where the two differ (``epochs`` -> ``--num-epochs``).
+    ``flags`` maps a field (dotted for nested ones) to the flag that set it (``epochs`` ->
+    ``--num-epochs``); an error in any other field is named as ``--set field``.
     """
     doc: dict[str, Any] = {}
     for key, value in options.items():
@@ -679,12 +697,7 @@ def run_from_options(options: dict[str, Any], flags: dict[str, str] | None = Non
     try:
         return RunSpec.model_validate(doc)
     except ValidationError as e:
-        err = e.errors()[0]
-        loc = [str(x) for x in err["loc"]]
-        flag = (flags or {}).get(loc[-1], "--" + loc[-1].replace("_", "-")) if loc else "options"
-        if loc and loc[0] == "data":
-            flag = "--data" if loc[-1] == "source" else "--set data." + ".".join(loc[1:])
-        got = err.get("input")
-        shown = "" if isinstance(got, dict) or not loc else f" (got {got!r})"
-        return_msg = f"{flag}: {_clean(err['msg'])}{shown}" if loc else _clean(err["msg"])
-        raise AblateError(return_msg) from None
+        where, msg = _describe(e, RunSpec, "", None)
+        if not where:
+            raise AblateError(msg) from None
+        raise AblateError(f"{(flags or {}).get(where, f'--set {where}')}: {msg}") from None

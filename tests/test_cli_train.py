@@ -55,6 +55,9 @@ def test_train_logs_a_finished_run_and_prints_its_id(workdir, monkeypatch, capsy
         (["--data", "missing.npz"], "missing.npz: no such data file"),
         (["--device", "cuda:7"], "'cuda:7' is not available"),
         (["--set", "epochs"], "expected KEY=VALUE"),
+        (["--set", "epochs=0"], "--set epochs: Input should be greater than or equal to 1"),
+        (["--set", "model.hiden=[8]"], "--set model.hiden: unknown key 'hiden'; did you mean 'hidden'?"),
+        (["--set", "model.hidden=[x]"], "--set model.hidden: Input should be a valid list (got '[x]')"),
         (["--tracking-uri", "http://user:pw@127.0.0.1:9"], "cannot reach the MLflow tracking server http://user:***@"),
     ],
 )
@@ -69,3 +72,12 @@ def test_mistakes_end_in_one_line_and_exit_code_2(workdir, monkeypatch, capsys, 
     assert "Traceback" not in err + out
     assert all(r.info.status != "RUNNING" for r in _runs(workdir))
     assert _runs(workdir) == []
+
+
+def test_help_shows_each_default_and_the_stores_it_uses(monkeypatch, capsys):
+    code, out, _ = run_cli(["train", "--help"], monkeypatch, capsys)
+    assert code == 0
+    assert "[default: 0.001]" in out  # --lr; taken from the run spec's defaults
+    assert "[default: $MLFLOW_TRACKING_URI or" in out
+    code, out, _ = run_cli(["run-suite", "--help"], monkeypatch, capsys)
+    assert "[default: $ABLATE_STORAGE or sqlite:///optuna.db]" in out

@@ -102,10 +102,11 @@ def test_three_workers_share_a_search_of_12_trials(workdir, postgres_url, monkey
 
 def test_two_workers_train_every_experiment_and_seed_of_the_suite_exactly_once(workdir, postgres_url,
                                                                                  monkeypatch, capsys):
-    code, _, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "0", "--storage", postgres_url,
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "0", "--storage", postgres_url,
                               "--epochs", "3", "--seeds", "0,1", *TINY_RUN], monkeypatch, capsys)
     assert code == 0, err
     ref = studies.load("baseline-vs-multistage", studies.open_storage(postgres_url))
+    assert f"start workers with: ablate worker {ref.name} --storage {postgres_url}" in " ".join(out.split())
     _wait(_workers(2, ref.name, postgres_url, workdir))
 
     children = _child_runs(workdir, "baseline-vs-multistage")

@@ -12,6 +12,7 @@ from support import TINY, run_cli
 
 from ablate import studies
 from ablate.data import synthetic_pairs
+from ablate.errors import AblateError
 from ablate.specs import load_study, study_name
 
 SUITE = ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--seeds", "0,1", "--data", "pairs.npz",
@@ -138,6 +139,11 @@ def test_changed_settings_start_a_new_suite_run():
     c = load_study("baseline-vs-multistage", {"description": "same runs, other words"})
     assert study_name(a) != study_name(b)
     assert study_name(a) == study_name(c)
+
+
+def test_a_misspelt_experiment_in_set_is_an_error_not_a_new_experiment():
+    with pytest.raises(AblateError, match="no experiment 'infonse'; did you mean 'infonce'"):
+        load_study("baseline-vs-multistage", {"experiments.infonse.temperature": 0.1})
 
 
 def test_the_suite_file_encodes_the_quick_start_experiments():
