@@ -8,6 +8,7 @@ import hashlib
 import json
 import os
 import re
+import sysconfig
 import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal, TypeVar
@@ -411,11 +412,15 @@ StudySpec = SuiteSpec | SearchSpec
 # Loading study files
 # --------------------------------------------------------------------------------------
 
-STUDY_DIRS = (Path("studies"), Path(__file__).resolve().parent.parent / "studies")
+STUDY_DIRS = (
+    Path("studies"),  # the working directory's own
+    Path(__file__).resolve().parent.parent / "studies",  # a source checkout (editable install)
+    Path(sysconfig.get_path("data")) / "share" / "ablate" / "studies",  # installed from a wheel
+)
 
 
 def available_studies() -> list[Path]:
-    """The study files found in ./studies and next to the package (a source checkout)."""
+    """The study files found in ./studies, in a source checkout and where a wheel installed them."""
     seen: dict[str, Path] = {}
     for d in STUDY_DIRS:
         if d.is_dir():

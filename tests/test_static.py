@@ -32,3 +32,24 @@ def test_ci_runs_the_readme_test_command():
     assert commands[1].endswith("&& pytest")
     ci = (ROOT / ".ci" / "run").read_text()
     assert "grep -m 1 -E '^pip install .*&& pytest' README.md" in ci
+
+
+def test_a_wheel_install_finds_the_built_in_studies_outside_a_checkout(tmp_path):
+    wheels, env = tmp_path / "wheels", tmp_path / "env"
+    proc = _run("pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(wheels), str(ROOT))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env)], check=True, timeout=120)
+    python = env / "bin" / "python"
+    proc = _run("pip", "--python", str(python), "install", "-q", "--no-deps", *map(str, wheels.glob("*.whl")))
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    # The wheel's ablate, with this environment's dependencies, run where there is no studies/ folder.
+    deps = next(p for p in sys.path if p.endswith("site-packages"))
+    probe = ("import ablate.specs as s; print(ablate.specs.__file__); "
+             "print(' '.join(sorted(p.stem for p in s.available_studies()))); print(s.find_study('temperature'))")
+    out = subprocess.run([str(python), "-c", "import ablate.specs; " + probe], cwd=tmp_path, capture_output=True,
+                         text=True, timeout=120, env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"})
+    assert out.returncode == 0, out.stderr
+    module, names, found = out.stdout.splitlines()
+    assert module.startswith(str(env))
+    assert names == "baseline-vs-multistage batch temperature weights"
+    assert found.startswith(str(env)) and found.endswith("temperature.toml")
