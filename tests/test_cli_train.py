@@ -4,17 +4,7 @@ from __future__ import annotations
 
 import pytest
 from mlflow import MlflowClient
-from support import TINY, run_cli
-
-from ablate.data import synthetic_pairs
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
-    return tmp_path
+from support import run_cli
 
 
 def _runs(workdir):

@@ -14,26 +14,14 @@ from pathlib import Path
 import optuna
 import pytest
 from mlflow import MlflowClient
-from support import TINY, ablate_command, postgres_url, run_cli
+from support import ablate_command, run_cli
 
 from ablate import studies
-from ablate.data import synthetic_pairs
-
-__all__ = ["postgres_url"]
 
 pytestmark = pytest.mark.slow
 
 TINY_RUN = ["--set", "data.source=pairs.npz", "--set", "model.hidden=[16]", "--set", "model.dropout=0.0"]
 SECRET = "Sup3rSecretPw"
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
-    return tmp_path
 
 
 def _with_password(url: str) -> str:

@@ -10,25 +10,15 @@ import random
 import optuna
 import pytest
 from mlflow import MlflowClient
-from support import TINY, run_cli
+from support import run_cli
 
 from ablate import studies
-from ablate.data import synthetic_pairs
 from ablate.specs import load_study, study_name
 from ablate.studies import simplex_point
 
 TINY_SEARCH = ["--epochs", "4", "--set", "data.source=pairs.npz", "--set", "batch_size=16",
                "--set", "model.hidden=[16]", "--set", "model.dropout=0.0", "--set", "sampler.n_startup_trials=2",
                "--set", "pruner.n_startup_trials=2", "--set", "pruner.n_warmup_steps=1"]
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
-    return tmp_path
 
 
 def _load(workdir, name):

@@ -8,24 +8,14 @@ import re
 import optuna
 import pytest
 from mlflow import MlflowClient
-from support import TINY, run_cli
+from support import run_cli
 
 from ablate import studies
-from ablate.data import synthetic_pairs
 from ablate.errors import AblateError
 from ablate.specs import load_study, study_name
 
 SUITE = ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--seeds", "0,1", "--data", "pairs.npz",
          "--set", "model.hidden=[16]", "--set", "model.dropout=0.0"]
-
-
-@pytest.fixture
-def workdir(tmp_path, monkeypatch):
-    monkeypatch.chdir(tmp_path)
-    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
-        monkeypatch.delenv(var, raising=False)
-    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
-    return tmp_path
 
 
 def _study(workdir):

@@ -7,14 +7,12 @@ import math
 
 import pytest
 from mlflow import MlflowClient
-from support import mlflow_uri, tiny_run
+from support import tiny_run
 
 from ablate.specs import mask_url
 from ablate.stability import Instability
 from ablate.tracking import MetricBatch, Tracker
 from ablate.worker import train_and_log
-
-__all__ = ["mlflow_uri"]
 
 
 @pytest.fixture

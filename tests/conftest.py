@@ -1,0 +1,55 @@
+"""Fixtures shared by the test files: a working directory, an MLflow store, a PostgreSQL database."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from support import TINY
+
+from ablate.data import synthetic_pairs
+
+
+@pytest.fixture
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """An empty working directory with the tiny data in pairs.npz; the stores default to files in it."""
+    monkeypatch.chdir(tmp_path)
+    for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
+        monkeypatch.delenv(var, raising=False)
+    synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
+    return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mlflow_uri(tmp_path_factory: pytest.TempPathFactory) -> str:
+    """One MLflow store for the whole session (creating one costs seconds); tests use own experiments."""
+    return f"sqlite:///{tmp_path_factory.mktemp('mlflow') / 'mlflow.db'}"
+
+
+PG_ADMIN_URL = "postgresql://postgres@127.0.0.1:5432/postgres"
+
+
+@pytest.fixture
+def postgres_url() -> Any:
+    """A scratch PostgreSQL database for one test (ABLATE_TEST_POSTGRES names the server's admin URL)."""
+    import os
+    import uuid
+
+    import sqlalchemy
+
+    admin = os.environ.get("ABLATE_TEST_POSTGRES", PG_ADMIN_URL)
+    try:
+        engine = sqlalchemy.create_engine(admin, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 5})
+        conn = engine.connect()
+    except (ImportError, sqlalchemy.exc.OperationalError) as e:
+        pytest.skip(f"PostgreSQL not reachable at {admin}: {str(e).strip().splitlines()[0]}")
+    name = f"ablate_test_{uuid.uuid4().hex[:10]}"
+    conn.execute(sqlalchemy.text(f'CREATE DATABASE "{name}"'))
+    base = admin.rsplit("/", 1)[0]
+    try:
+        yield f"{base}/{name}"
+    finally:
+        conn.execute(sqlalchemy.text(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'))
+        conn.close()
+        engine.dispose()
