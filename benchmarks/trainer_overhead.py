@@ -53,7 +53,7 @@ def run_ablate(spec: RunSpec, tracker: Tracker, exp: str) -> float:
     return per_epoch(stamps)
 
 
-def _validate(model, criterion, val, eff):
+def _validate(model, criterion, val):
     model.eval()
     with torch.no_grad():
         pred = model(val.pocket)
@@ -63,13 +63,19 @@ def _validate(model, criterion, val, eff):
     return vloss, metrics
 
 
-def run_bare(spec: RunSpec) -> float:
+def _setup(spec: RunSpec):
+    """The same data, seeded model, loss and optimizer for both hand-written references."""
     train, val = load_split(spec.data)
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
     criterion = build_loss(spec.loss, **spec.loss_params())
     opt = _adamw([{"params": list(model.parameters()), "weight_decay": spec.weight_decay}], spec.lr,
                  torch.device("cpu"))
+    return train, val, model, criterion, opt
+
+
+def run_bare(spec: RunSpec) -> float:
+    train, val, model, criterion, opt = _setup(spec)
     b = spec.batch_size
     stamps = []
     for _ in range(spec.epochs):
@@ -80,7 +86,7 @@ def run_bare(spec: RunSpec) -> float:
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-        _validate(model, criterion, val, b)
+        _validate(model, criterion, val)
         stamps.append(time.perf_counter())
     return per_epoch(stamps)
 
@@ -89,12 +95,7 @@ def run_dataloader(spec: RunSpec, uri: str) -> float:
     import mlflow
     from torch.utils.data import DataLoader, TensorDataset
 
-    train, val = load_split(spec.data)
-    torch.manual_seed(spec.seed)
-    model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
-    criterion = build_loss(spec.loss, **spec.loss_params())
-    opt = _adamw([{"params": list(model.parameters()), "weight_decay": spec.weight_decay}], spec.lr,
-                 torch.device("cpu"))
+    train, val, model, criterion, opt = _setup(spec)
     loader = DataLoader(TensorDataset(train.pocket, train.ligand, train.ligand_id), batch_size=spec.batch_size,
                         shuffle=True, drop_last=True)
     mlflow.set_tracking_uri(uri)
@@ -110,7 +111,7 @@ def run_dataloader(spec: RunSpec, uri: str) -> float:
                 opt.step()
                 total += loss.item()
                 steps += 1
-            vloss, m = _validate(model, criterion, val, spec.batch_size)
+            vloss, m = _validate(model, criterion, val)
             logged = {"train/loss": total / steps, "val/loss": vloss, "val/cosine": m["mean_cosine"],
                       "val/top1": m["top1_accuracy"], "val/top5": m["top5_accuracy"],
                       "val/top10": m["top10_accuracy"], "val/mrr": m["mrr"], "val/median_rank": m["median_rank"],
