@@ -14,7 +14,7 @@ import queue as queue_mod
 import signal
 import threading
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -76,12 +76,15 @@ class RunOutcome:
 
     def best(self, keys: Sequence[str] = SUMMARY_METRICS) -> dict[str, float]:
         """The best value of each metric over the epochs (in the metric's direction)."""
-        out = {}
-        for key in keys:
-            values = [h[key] for h in self.history if key in h and math.isfinite(h[key])]
-            if values:
-                out[key] = max(values) if better(key) == "maximize" else min(values)
-        return out
+        return {key: v for key in keys if not math.isnan(v := best_value(self.history, key))}
+
+
+def best_value(history: Sequence[Mapping[str, float]], key: str) -> float:
+    """The best finite value of a metric over epochs, in the metric's direction; NaN if none."""
+    values = [h[key] for h in history if key in h and math.isfinite(h[key])]
+    if not values:
+        return float("nan")
+    return max(values) if better(key) == "maximize" else min(values)
 
 
 def train_and_log(
@@ -308,19 +311,6 @@ def _end_stale_run(tracker: Tracker, trial: optuna.trial.FrozenTrial) -> None:
         pass
 
 
-class _Running:
-    """The best value so far of a metric (NaN until a finite value arrives)."""
-
-    def __init__(self, direction: str):
-        self.sign = 1.0 if direction == "maximize" else -1.0
-        self.best = float("nan")
-
-    def update(self, value: float) -> float:
-        if math.isfinite(value) and (math.isnan(self.best) or self.sign * (value - self.best) > 0):
-            self.best = value
-        return self.best
-
-
 class _Objective:
     def __init__(
         self,
@@ -392,8 +382,6 @@ class _Objective:
                        "reason": reason, "value": (outcome.final.get(metric) if outcome else None)})
 
     def _hook(self, trial: optuna.Trial, spec: StudySpec, metric: str) -> EpochHook:
-        running = _Running(better(metric))
-
         def hook(result: EpochResult, history: list[dict[str, float]]) -> Instability | None:
             value = result.metrics.get(metric, float("nan"))
             self.emit({"kind": "epoch", "trial": trial.number, "epoch": result.epoch,
@@ -402,7 +390,7 @@ class _Objective:
                 return None
             # Optuna compares intermediate values at the same step. When a trial is judged by its
             # best epoch, the value at epoch e is the best so far: the objective if it stopped here.
-            reported = running.update(value) if spec.objective_at == "best" else value
+            reported = best_value(history, metric) if spec.objective_at == "best" else value
             found = stability.check(history, spec.stability)
             if found is not None:
                 return found
