@@ -13,7 +13,6 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.markup import escape
 from rich.progress import (
     BarColumn,
     MofNCompleteColumn,
@@ -24,6 +23,7 @@ from rich.progress import (
     TimeRemainingColumn,
 )
 from rich.table import Table
+from rich.text import Text
 
 from ablate import specs
 from ablate.errors import AblateError
@@ -40,8 +40,9 @@ app = typer.Typer(
 studies_app = typer.Typer(help="List, inspect and export studies.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")
 
-console = Console()
-err_console = Console(stderr=True)
+# Markup is off: paths, URLs and messages print as they are, brackets included ([::1], ablate[postgres]).
+console = Console(markup=False)
+err_console = Console(stderr=True, markup=False)
 
 _RUN = specs.RunSpec()
 
@@ -154,7 +155,7 @@ def train(
     exp_id = tracker.experiment_id(experiment_name)
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), TimeRemainingColumn(),
+        TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console,
     )
     task = progress.add_task(f"{run.loss}", total=run.epochs, info="")
@@ -181,11 +182,11 @@ def train(
             table.add_row(key, f"{outcome.final[key]:.4f}", "" if b is None else f"{b:.4f}")
     console.print(table)
     if outcome.stopped is not None:
-        console.print(f"[yellow]stopped: {escape(outcome.stopped.message)}[/yellow]")
+        console.print(f"stopped: {outcome.stopped.message}", style="yellow")
     if save_best is not None and outcome.trainer.best.state is not None:
-        console.print(f"best model (epoch {outcome.trainer.best.epoch}) saved to {escape(str(save_best))}")
-    console.print(f"MLflow run [bold]{outcome.run_id}[/bold] in experiment {escape(repr(experiment_name))} "
-                  f"at {escape(tracker.shown_uri)}; {ui_hint(tracker.uri)}")
+        console.print(f"best model (epoch {outcome.trainer.best.epoch}) saved to {save_best}")
+    console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
+                                f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))
 
 
 # --------------------------------------------------------------------------------------
@@ -199,7 +200,7 @@ class StudyDisplay:
     def __init__(self, total: int, done: int):
         self.progress = Progress(
             TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console,
+            TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
         )
         self.total = total
         self.done = done
@@ -231,8 +232,8 @@ class StudyDisplay:
                     self.done += 1
                 if state != "COMPLETE":
                     why = event.get("reason") or ""
-                    self.progress.console.print(escape(f"  #{number} {event['label']}: {state}"
-                                                       + (f" ({why})" if why else "")))
+                    self.progress.console.print(f"  #{number} {event['label']}: {state}"
+                                                + (f" ({why})" if why else ""))
             self._refresh()
 
 
@@ -249,11 +250,11 @@ def _run_study(
     total = spec.trial_count() if isinstance(spec, specs.SuiteSpec) else (n_trials or spec.n_trials)
     c = studies.counts(ref.study)
     done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
-    shown_storage = escape(specs.mask_url(specs.resolve_storage(storage)))
-    console.print(f"study [bold]{escape(ref.name)}[/bold] in {shown_storage} "
-                  f"({done}/{total} trials done); MLflow parent run {parent} at {escape(tracker.shown_uri)}")
+    shown_storage = specs.mask_url(specs.resolve_storage(storage))
+    console.print(Text.assemble("study ", (ref.name, "bold"), f" in {shown_storage} ({done}/{total} trials done); "
+                                f"MLflow parent run {parent} at {tracker.shown_uri}"))
     if jobs == 0 and not devices:
-        console.print(f"created; start workers with: ablate worker {escape(ref.name)} --storage {shown_storage}")
+        console.print(f"created; start workers with: ablate worker {ref.name} --storage {shown_storage}")
         return ref, False
     display = StudyDisplay(total, done)
     try:
@@ -325,19 +326,19 @@ def _suite_report(name: str, storage: str | None, tracking_uri: str | None, out:
     report = rep.build(ref.study, ref.spec)
     console.print(rep.rich_table(report))
     for line in rep.verdict(report):
-        console.print(f"• {escape(line)}")
+        console.print(f"• {line}")
     for r in report.trials:
         if r.note:
-            console.print(escape(f"  note: {r.experiment} seed {r.seed}: {r.note}"))
+            console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
     files = rep.write(report, tracker, out / ref.name)
     rep.publish(report, tracker, parent, files)
     done = end_parent_if_done(ref, tracker, parent)
-    console.print(escape(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}"))
+    console.print(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}")
     if report.missing:
         what = "failed" if done else "not finished yet"
-        err_console.print(escape(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
-                                 + (f"; see `ablate studies show {ref.name}` and run the same command again "
-                                    "to retry" if done else "")))
+        err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
+                          + (f"; see `ablate studies show {ref.name}` and run the same command again to retry"
+                             if done else ""))
         if finish and done:
             raise typer.Exit(1)
 
@@ -420,13 +421,13 @@ def worker(
          and not t.user_attrs.get(studies.SKIPPED_ATTR)])
     c = studies.counts(ref.study)
     display = StudyDisplay(total, c.get("COMPLETE", 0) + c.get("PRUNED", 0))
-    console.print(f"worker on study [bold]{escape(ref.name)}[/bold] (pid {os.getpid()})")
+    console.print(Text.assemble("worker on study ", (ref.name, "bold"), f" (pid {os.getpid()})"))
     with display.progress:
         finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
                            devices=_devices(devices), heartbeat_seconds=heartbeat, on_event=display)
     if not finished:
         raise typer.Exit(130)
-    console.print(escape(f"study {ref.name}: no trials left to take; {studies.counts(ref.study)}"))
+    console.print(f"study {ref.name}: no trials left to take; {studies.counts(ref.study)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -508,7 +509,7 @@ def studies_export(
         sys.stdout.write(text)
     else:
         output.write_text(text)
-        console.print(escape(f"wrote {output}"))
+        console.print(f"wrote {output}")
 
 
 # --------------------------------------------------------------------------------------
@@ -530,7 +531,7 @@ def ui(
 
     uri = specs.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        console.print(escape(f"{specs.mask_url(uri)} is a tracking server: open it in a browser"))
+        console.print(f"{specs.mask_url(uri)} is a tracking server: open it in a browser")
         return
     base = f"http://{host}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
@@ -538,9 +539,9 @@ def ui(
     # runner serves only MLflow's GenAI features; it costs seven processes.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    console.print(f"MLflow UI on {escape(specs.mask_url(uri))}: [bold]{base}[/bold] (Ctrl-C stops it)")
+    console.print(Text.assemble(f"MLflow UI on {specs.mask_url(uri)}: ", (base, "bold"), " (Ctrl-C stops it)"))
     for name, exp_id in Tracker(uri).experiments():
-        console.print(escape(f"  {name}: {runs_url(base, exp_id)}"))
+        console.print(f"  {name}: {runs_url(base, exp_id)}")
     code = 0
     # Ctrl-C (SIGINT) stops the UI also where it was started with SIGINT ignored (a background job
     # of a script inherits that), as does SIGTERM.
@@ -572,7 +573,8 @@ def main() -> None:
     try:
         app()
     except AblateError as e:
-        err_console.print(f"[red]error:[/red] {escape(specs.mask_url(str(e)))}", highlight=False, soft_wrap=True)
+        message = Text.assemble(("error:", "red"), f" {specs.mask_url(str(e))}")
+        err_console.print(message, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:
         err_console.print("interrupted")
