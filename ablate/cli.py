@@ -1,32 +1,25 @@
-"""The `ablate` command: parse, call one function of the layer below, render with rich."""
+"""The `ablate` command: parse, open a study session (or a trainer), render what it returns with rich."""
 
 from __future__ import annotations
 
-import math
 import os
 import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    TaskID,
-    TextColumn,
-    TimeElapsedColumn,
-    TimeRemainingColumn,
-)
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 from rich.table import Table
 from rich.text import Text
 
-from ablate import specs
+from ablate import designs, specs, stores, studyfiles
 from ablate.errors import AblateError
+
+if TYPE_CHECKING:
+    from ablate.session import StudySession
 
 app = typer.Typer(
     name="ablate",
@@ -138,8 +131,10 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Train one model and log it to MLflow (the quick-start's experiments, one at a time)."""
+    from ablate.launch import sigterm_as_interrupt
+    from ablate.runs import train_and_log
     from ablate.tracking import Tracker, ui_hint
-    from ablate.worker import check_run, sigterm_as_interrupt, train_and_log
+    from ablate.trainer import EpochResult, Trainer
 
     named: dict[str, Any] = {
         "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
@@ -147,10 +142,10 @@ def train(
         "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "data.source": data,
         "seed": seed, "device": device, "amp": amp, "accumulation_steps": accumulation_steps,
     }
-    overrides = specs.parse_overrides(set_ or [])
+    overrides = studyfiles.parse_overrides(set_ or [])
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
     run = specs.run_from_options({**named, **overrides}, flags)
-    check_run(run)
+    trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(experiment_name)
     progress = Progress(
@@ -160,22 +155,20 @@ def train(
     )
     task = progress.add_task(f"{run.loss}", total=run.epochs, info="")
 
-    def on_epoch(result: Any, history: Any) -> None:
+    def on_epoch(result: EpochResult, history: list[dict[str, float]]) -> None:
         m = result.metrics
         info = (f"loss {m['train/loss']:.4f}  val cos {m['val/cosine']:.3f}  "
                 f"top1 {m['val/top1']:.3f}" + (f"  [{result.stage}]" if result.stage else ""))
         progress.update(task, completed=result.epoch + 1, info=info)
 
     with progress, sigterm_as_interrupt():
-        outcome = train_and_log(
-            run, tracker, exp_id, f"{run.loss}-s{run.seed}",
-            on_epoch=lambda r, h: on_epoch(r, h), save_best=save_best,
-        )
+        outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
+                                save_best=save_best)
     table = Table(title=f"{run.loss}: {len(outcome.history)} epochs")
     table.add_column("metric")
     table.add_column("final", justify="right")
     table.add_column("best", justify="right")
-    best = outcome.best()
+    best = outcome.best
     for key in ("train/loss", "val/loss", *specs.SUMMARY_METRICS, "val/median_rank"):
         if key in outcome.final:
             b = best.get(key)
@@ -183,92 +176,48 @@ def train(
     console.print(table)
     if outcome.stopped is not None:
         console.print(f"stopped: {outcome.stopped.message}", style="yellow")
-    if save_best is not None and outcome.trainer.best.state is not None:
-        console.print(f"best model (epoch {outcome.trainer.best.epoch}) saved to {save_best}")
+    if save_best is not None and trainer.best.state is not None:
+        console.print(f"best model (epoch {trainer.best.epoch}) saved to {save_best}")
     console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
                                 f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))
 
 
 # --------------------------------------------------------------------------------------
-# Studies: run-suite, tune, worker
+# Studies: run-suite, tune, worker, report
 # --------------------------------------------------------------------------------------
 
 
-class StudyDisplay:
-    """Live progress of a study: trials done / running / left, and each running trial's epoch."""
+def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int, devices: list[str],
+           budget: int | None = None) -> StudySession | None:
+    """Open the study and train its queued trials; None when only created (--jobs 0)."""
+    from ablate.session import StudySession
 
-    def __init__(self, total: int, done: int):
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
-        )
-        self.total = total
-        self.done = done
-        self.overall = self.progress.add_task("[bold]trials", total=total, completed=done, info="")
-        self.running: dict[int, TaskID] = {}
-        self.lock = threading.Lock()
-        self._refresh()
-
-    def _refresh(self) -> None:
-        left = max(0, self.total - self.done - len(self.running))
-        self.progress.update(self.overall, completed=self.done,
-                             info=f"running {len(self.running)}, left {left}")
-
-    def __call__(self, event: dict[str, Any]) -> None:
-        with self.lock:
-            kind, number = event["kind"], event["trial"]
-            if kind == "start":
-                self.running[number] = self.progress.add_task(
-                    f"  #{number} {event['label']}", total=event["epochs"], info="")
-            elif kind == "epoch" and number in self.running:
-                v = event["value"]
-                shown = f"{v:.3f}" if isinstance(v, float) and math.isfinite(v) else str(v)
-                self.progress.update(self.running[number], completed=event["epoch"] + 1,
-                                     info=f"{event['metric']} {shown}")
-            elif kind == "end" and number in self.running:
-                self.progress.remove_task(self.running.pop(number))
-                state = event["state"]
-                if state in ("COMPLETE", "PRUNED"):
-                    self.done += 1
-                if state != "COMPLETE":
-                    why = event.get("reason") or ""
-                    self.progress.console.print(f"  #{number} {event['label']}: {state}"
-                                                + (f" ({why})" if why else ""))
-            self._refresh()
-
-
-def _run_study(
-    spec: specs.StudySpec, *, storage: str | None, tracking_uri: str | None, jobs: int,
-    devices: str | None, heartbeat: int, n_trials: int | None = None,
-) -> tuple[Any, bool]:
-    from ablate import studies
-    from ablate.worker import execute, prepare
-
-    devs = _devices(devices)
-    ref, tracker, parent = prepare(spec, storage=storage, tracking_uri=tracking_uri,
-                                   n_trials=n_trials, heartbeat_seconds=heartbeat, devices=devs)
-    total = spec.trial_count() if isinstance(spec, specs.SuiteSpec) else (n_trials or spec.n_trials)
-    c = studies.counts(ref.study)
-    done = c.get("COMPLETE", 0) + c.get("PRUNED", 0)
-    shown_storage = specs.mask_url(specs.resolve_storage(storage))
-    console.print(Text.assemble("study ", (ref.name, "bold"), f" in {shown_storage} ({done}/{total} trials done); "
-                                f"MLflow parent run {parent} at {tracker.shown_uri}"))
+    session = StudySession.start(spec, store, budget=budget, devices=devices)
+    done, total = session.progress()
+    console.print(Text.assemble("study ", (session.name, "bold"), f" in {store.shown_storage} "
+                                f"({done}/{total} trials done); MLflow parent run {session.parent_run_id} "
+                                f"at {session.tracker.shown_uri}"))
     if jobs == 0 and not devices:
-        console.print(f"created; start workers with: ablate worker {ref.name} --storage {shown_storage}")
-        return ref, False
-    display = StudyDisplay(total, done)
-    try:
-        with display.progress:
-            finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                               devices=devs, heartbeat_seconds=heartbeat, on_event=display)
-    except BaseException:
-        tracker.end_run(parent, "FAILED")
-        raise
+        console.print(f"created; start workers with: ablate worker {session.name} --storage {store.shown_storage}")
+        return None
+    _train(session, jobs=jobs, devices=devices)
+    return session
+
+
+def _train(session: StudySession, *, jobs: int, devices: list[str]) -> None:
+    from ablate.render import StudyDisplay
+
+    done, total = session.progress()
+    display = StudyDisplay(console, total, done)
+    with display.progress:
+        finished = session.run(jobs=jobs, devices=devices, on_event=display)
     if not finished:
-        tracker.end_run(parent, "KILLED")
-        err_console.print(f"interrupted; run the same command again to resume study {ref.name}")
+        err_console.print(f"interrupted; run the same command again to resume study {session.name}")
         raise typer.Exit(130)
-    return ref, True
+
+
+def _stores(storage: str | None, tracking_uri: str | None, heartbeat: int | None = None) -> stores.Stores:
+    return stores.Stores(storage, tracking_uri, stores.DEFAULT_HEARTBEAT_SECONDS if heartbeat is None else heartbeat)
 
 
 @app.command("run-suite")
@@ -283,25 +232,24 @@ def run_suite(
     tracking_uri: TrackingOpt = None,
     jobs: JobsOpt = 1,
     devices: DevicesOpt = None,
-    heartbeat: HeartbeatOpt = specs.DEFAULT_HEARTBEAT_SECONDS,
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
 ) -> None:
     """Run an ablation suite (experiments x seeds) and compare every experiment with the baseline.
 
     Re-running the same command resumes: finished trials are not trained again.
     """
-    overrides = specs.parse_overrides(set_ or [])
+    overrides = studyfiles.parse_overrides(set_ or [])
     if seeds is not None:
         overrides["seeds"] = _seed_list(seeds)
     if data is not None:
         overrides["data.source"] = data
-    spec = specs.load_study(name, overrides, epochs=epochs)
-    if not isinstance(spec, specs.SuiteSpec):
+    spec = studyfiles.load_study(name, overrides, epochs=epochs)
+    if not isinstance(spec, designs.SuiteSpec):
         raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
-    ref, ran = _run_study(spec, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                          devices=devices, heartbeat=heartbeat)
-    if ran:
-        _suite_report(ref.name, storage, tracking_uri, out, finish=True)
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=jobs, devices=_devices(devices))
+    if session is not None:
+        _report(session, out, finish=True)
 
 
 def _seed_list(text: str) -> list[int]:
@@ -311,33 +259,23 @@ def _seed_list(text: str) -> list[int]:
         raise AblateError(f"--seeds {text!r}: expected comma-separated integers, e.g. 0,1,2") from None
 
 
-def _suite_report(name: str, storage: str | None, tracking_uri: str | None, out: Path,
-                  finish: bool = False) -> None:
-    from ablate import report as rep
-    from ablate import studies
-    from ablate.tracking import Tracker, ui_hint
-    from ablate.worker import end_parent_if_done, ensure_parent
+def _report(session: StudySession, out: Path, finish: bool = False) -> None:
+    from ablate import render
+    from ablate.tracking import ui_hint
 
-    ref = studies.load(name, studies.open_storage(storage))
-    if not isinstance(ref.spec, specs.SuiteSpec):
-        raise AblateError(f"{ref.name} is a search; see it with `ablate studies show {ref.name}`")
-    tracker = Tracker(tracking_uri)
-    _, parent = ensure_parent(ref, tracker)
-    report = rep.build(ref.study, ref.spec)
-    console.print(rep.rich_table(report))
-    for line in rep.verdict(report):
+    report, files = session.report(out)
+    console.print(render.rich_table(report))
+    for line in render.verdict(report):
         console.print(f"• {line}")
     for r in report.trials:
         if r.note:
             console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
-    files = rep.write(report, tracker, out / ref.name)
-    rep.publish(report, tracker, parent, files)
-    done = end_parent_if_done(ref, tracker, parent)
-    console.print(f"report: {files[0]} (also on MLflow run {parent}); {ui_hint(tracker.uri)}")
+    done = session.finish()
+    console.print(f"report: {files[0]} (also on MLflow run {session.parent_run_id}); {ui_hint(session.tracker.uri)}")
     if report.missing:
         what = "failed" if done else "not finished yet"
         err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
-                          + (f"; see `ablate studies show {ref.name}` and run the same command again to retry"
+                          + (f"; see `ablate studies show {session.name}` and run the same command again to retry"
                              if done else ""))
         if finish and done:
             raise typer.Exit(1)
@@ -352,7 +290,9 @@ def report(
     out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
 ) -> None:
     """Re-create a suite's comparison from the stores, without training."""
-    _suite_report(suite_run, storage, tracking_uri, out)
+    from ablate.session import StudySession
+
+    _report(StudySession.open(suite_run, _stores(storage, tracking_uri)), out)
 
 
 @app.command()
@@ -367,39 +307,31 @@ def tune(
     tracking_uri: TrackingOpt = None,
     jobs: JobsOpt = 1,
     devices: DevicesOpt = None,
-    heartbeat: HeartbeatOpt = specs.DEFAULT_HEARTBEAT_SECONDS,
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
                                          "fresh seeds and compare them (mean, CI).")] = 0,
     out: Annotated[Path, typer.Option(help="Folder for the confirmation report.")] = Path("reports"),
 ) -> None:
     """Run (or resume) an Optuna search; unstable runs are pruned early."""
-    overrides = specs.parse_overrides(set_ or [])
+    overrides = studyfiles.parse_overrides(set_ or [])
     if data is not None:
         overrides["data.source"] = data
-    spec = specs.load_study(name, overrides, epochs=epochs)
-    if not isinstance(spec, specs.SearchSpec):
+    spec = studyfiles.load_study(name, overrides, epochs=epochs)
+    if not isinstance(spec, designs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
-    ref, ran = _run_study(spec, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                          devices=devices, heartbeat=heartbeat, n_trials=n_trials)
-    if not ran:
+    devs = _devices(devices)
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=jobs, devices=devs, budget=n_trials)
+    if session is None:
         return
-    from ablate.tracking import Tracker
-    from ablate.worker import end_parent_if_done, ensure_parent
-
-    tracker = Tracker(tracking_uri)
-    _, parent = ensure_parent(ref, tracker)
-    _show_search(ref.name, storage)
-    end_parent_if_done(ref, tracker, parent)
+    _show(session)
+    session.finish()
     if confirm:
-        from ablate.studies import confirmation_suite
-
-        suite = confirmation_suite(ref.study, spec, confirm)
-        console.print(f"\nconfirming the top {len(suite.experiments)} configuration(s) with seeds "
-                      f"{', '.join(map(str, suite.seeds))}")
-        cref, cran = _run_study(suite, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                                devices=devices, heartbeat=heartbeat)
-        if cran:
-            _suite_report(cref.name, storage, tracking_uri, out, finish=True)
+        suite = session.confirm(confirm)
+        assert isinstance(suite.spec, designs.SuiteSpec)
+        console.print(f"\nconfirming the top {len(suite.spec.experiments)} configuration(s) with seeds "
+                      f"{', '.join(map(str, suite.spec.seeds))}")
+        _train(suite, jobs=jobs, devices=devs)
+        _report(suite, out, finish=True)
 
 
 @app.command()
@@ -409,25 +341,16 @@ def worker(
     tracking_uri: TrackingOpt = None,
     devices: DevicesOpt = None,
     jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes on this machine.")] = 1,
-    heartbeat: HeartbeatOpt = specs.DEFAULT_HEARTBEAT_SECONDS,
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
 ) -> None:
     """Join an existing study: take its waiting trials until none is left, then exit."""
     from ablate import studies
-    from ablate.worker import execute
+    from ablate.session import StudySession
 
-    ref = studies.load(name, studies.open_storage(storage, heartbeat_seconds=heartbeat))
-    total = ref.spec.trial_count() if isinstance(ref.spec, specs.SuiteSpec) else len(
-        [t for t in ref.study.get_trials(deepcopy=False) if studies.is_queued(t)
-         and not t.user_attrs.get(studies.SKIPPED_ATTR)])
-    c = studies.counts(ref.study)
-    display = StudyDisplay(total, c.get("COMPLETE", 0) + c.get("PRUNED", 0))
-    console.print(Text.assemble("worker on study ", (ref.name, "bold"), f" (pid {os.getpid()})"))
-    with display.progress:
-        finished = execute(ref, storage=storage, tracking_uri=tracking_uri, jobs=jobs,
-                           devices=_devices(devices), heartbeat_seconds=heartbeat, on_event=display)
-    if not finished:
-        raise typer.Exit(130)
-    console.print(f"study {ref.name}: no trials left to take; {studies.counts(ref.study)}")
+    session = StudySession.open(name, _stores(storage, tracking_uri, heartbeat))
+    console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))
+    _train(session, jobs=jobs, devices=_devices(devices))
+    console.print(f"study {session.name}: no trials left to take; {studies.counts(session.study)}")
 
 
 # --------------------------------------------------------------------------------------
@@ -441,7 +364,7 @@ def studies_list(storage: StorageOpt = None) -> None:
     from ablate import studies
 
     rows = studies.list_studies(studies.open_storage(storage))
-    table = Table(title=f"studies in {specs.mask_url(specs.resolve_storage(storage))}")
+    table = Table(title=f"studies in {stores.mask_url(stores.resolve_storage(storage))}")
     for col in ("name", "spec", "kind", "trials", "created"):
         table.add_column(col)
     for r in rows:
@@ -456,38 +379,16 @@ def studies_show(
     storage: StorageOpt = None,
 ) -> None:
     """Trials, states, best parameters, importances, and the expected best value per budget."""
-    _show_search(name, storage)
+    from ablate.session import StudySession
+
+    _show(StudySession.open(name, _stores(storage, None)))
 
 
-def _show_search(name: str, storage: str | None) -> None:
-    from ablate import report as rep
-    from ablate import studies
+def _show(session: StudySession) -> None:
+    from ablate import render
 
-    ref = studies.load(name, studies.open_storage(storage))
-    summary = rep.search_summary(ref.study, ref.spec)
-    table = Table(title=f"{ref.name}: trials")
-    for col in ("#", "state", "configuration", "value", "epochs", "note"):
-        table.add_column(col, justify="right" if col in ("#", "value", "epochs") else "left")
-    for t in summary.trials:
-        table.add_row(str(t.number), t.state, t.label, _fmt(t.value), str(t.epochs), t.note)
-    console.print(table)
-    console.print("trials by state: " + ", ".join(f"{k} {v}" for k, v in summary.states.items()))
-    if summary.best is not None:
-        console.print(f"best: trial #{summary.best.number} {summary.best.label} -> "
-                      f"{summary.metric} {_fmt(summary.best.value)}")
-    if summary.importances:
-        console.print("parameter importances (fANOVA): " + ", ".join(
-            f"{k} {v:.2f}" for k, v in summary.importances.items()))
-    if summary.expected_max:
-        points = sorted({1, 2, 3, 5, 10, 20, 50, len(summary.expected_max)})
-        cells = [f"{n}: {_fmt(summary.expected_max[n - 1])}" for n in points
-                 if n <= len(summary.expected_max)]
-        console.print(f"expected best {summary.metric} with n trials (Dodge et al. 2019; a pruned trial "
-                      "counts with the value it had reached): " + ", ".join(cells))
-
-
-def _fmt(v: float | None) -> str:
-    return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
+    for line in render.summary_lines(session.name, session.summary()):
+        console.print(line)
 
 
 @studies_app.command("export")
@@ -498,13 +399,13 @@ def studies_export(
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""
-    from ablate import report as rep
-    from ablate import studies
+    from ablate import render
+    from ablate.session import StudySession
 
     if format not in ("csv", "json"):
         raise AblateError(f"--format {format!r}: use csv or json")
-    ref = studies.load(name, studies.open_storage(storage))
-    text = rep.export(ref.study, format)
+    session = StudySession.open(name, _stores(storage, None))
+    text = render.export(session.study, format)
     if output is None:
         sys.stdout.write(text)
     else:
@@ -526,12 +427,12 @@ def ui(
     """Start the MLflow UI on the same store and print its URL (Ctrl-C stops it)."""
     import signal
 
+    from ablate.launch import sigterm_as_interrupt
     from ablate.tracking import Tracker, runs_url
-    from ablate.worker import sigterm_as_interrupt
 
-    uri = specs.resolve_tracking_uri(tracking_uri)
+    uri = stores.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
-        console.print(f"{specs.mask_url(uri)} is a tracking server: open it in a browser")
+        console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
         return
     base = f"http://{host}:{port}"
     cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
@@ -539,7 +440,7 @@ def ui(
     # runner serves only MLflow's GenAI features; it costs seven processes.
     env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
     server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    console.print(Text.assemble(f"MLflow UI on {specs.mask_url(uri)}: ", (base, "bold"), " (Ctrl-C stops it)"))
+    console.print(Text.assemble(f"MLflow UI on {stores.mask_url(uri)}: ", (base, "bold"), " (Ctrl-C stops it)"))
     for name, exp_id in Tracker(uri).experiments():
         console.print(f"  {name}: {runs_url(base, exp_id)}")
     code = 0
@@ -573,7 +474,7 @@ def main() -> None:
     try:
         app()
     except AblateError as e:
-        message = Text.assemble(("error:", "red"), f" {specs.mask_url(str(e))}")
+        message = Text.assemble(("error:", "red"), f" {stores.mask_url(str(e))}")
         err_console.print(message, highlight=False, soft_wrap=True)
         raise SystemExit(2) from None
     except KeyboardInterrupt:

@@ -295,3 +295,15 @@ def load_split(spec: DataSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
             data = load_pairs(spec.source)
         _CACHE[key] = split(data, spec.val_fraction, spec.seed, spec.split)
     return _CACHE[key]
+
+
+_FINGERPRINTS: dict[str, str] = {}
+
+
+def split_fingerprint(spec: DataSpec) -> str:
+    """A content hash of the (train, val) split a data spec names, computed once per process."""
+    key = spec.model_dump_json()
+    if key not in _FINGERPRINTS:
+        train, val = load_split(spec)
+        _FINGERPRINTS[key] = f"{train.fingerprint()}+{val.fingerprint()}"
+    return _FINGERPRINTS[key]

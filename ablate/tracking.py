@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.errors import AblateError
-from ablate.specs import mask_url, resolve_tracking_uri
+from ablate.stores import mask_url, resolve_tracking_uri
 
 # MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
 # on machines without internet access; a run's tracking needs no telemetry.

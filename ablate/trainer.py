@@ -1,4 +1,4 @@
-"""The one training loop. ``fit`` yields one EpochResult per epoch; it knows neither MLflow nor Optuna.
+"""The one training loop: ``Trainer.epochs()`` yields one EpochResult per epoch; it knows neither MLflow nor Optuna.
 
 Data stay on the device as tensors and batches are taken by index from a per-epoch permutation.
 With ``accumulation_steps > 1`` a batch is processed in micro-batches: per-sample losses (MSE,
@@ -15,7 +15,7 @@ import contextlib
 import math
 import time
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,12 +23,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ablate.data import PairedEmbeddings
+from ablate.data import PairedEmbeddings, load_split
+from ablate.devices import adamw, amp_for, resolve_device
 from ablate.errors import AblateError
 from ablate.losses import CombinedLoss, InfoNCELoss, MultiStageScheduler, build_loss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import build_model
-from ablate.specs import RunSpec, better
+from ablate.specs import METRIC_KEYS, RunSpec, better
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
@@ -36,41 +37,65 @@ INBATCH_FLUSH = 64
 
 @dataclass(frozen=True)
 class EpochResult:
-    """What one epoch reports: metrics under the vocabulary's keys (may be non-finite)."""
+    """What one epoch reports: metrics under the vocabulary's keys (may be non-finite).
+
+    ``best_epoch`` is the epoch with the best selection metric so far (-1 before the first finite one).
+    """
 
     epoch: int
     metrics: dict[str, float]
     stage: str | None = None
-    improved: bool = False
     best_epoch: int = -1
-    best_value: float = float("nan")
     diverged: bool = False
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA, then MPS, then CPU; anything else must exist on this machine."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        dev = torch.device(name)
-    except RuntimeError:
-        raise AblateError(f"unknown device {name!r}; use auto, cpu, cuda, cuda:N or mps") from None
-    if dev.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0 or (dev.index is not None and dev.index >= count):
-            raise AblateError(
-                f"device {name!r} is not available (this machine has {count} CUDA device(s)); "
-                "use --device auto or cpu"
-            )
-    elif dev.type == "mps" and not torch.backends.mps.is_available():
-        raise AblateError(f"device {name!r} is not available; use --device auto or cpu")
-    elif dev.type not in ("cpu", "cuda", "mps"):
-        raise AblateError(f"unsupported device {name!r}; use auto, cpu, cuda, cuda:N or mps")
-    return dev
+class Best:
+    """The best value so far of every metric of the vocabulary, each in its direction, and its epoch.
+
+    One instance per run serves the run's summary, the value a search reports to its pruner and the
+    model kept at the best epoch of the selection metric (``state``).
+    """
+
+    def __init__(self, select: str):
+        self.select = select
+        self.values: dict[str, float] = {}
+        self.epochs: dict[str, int] = {}
+        self.state: dict[str, Tensor] | None = None
+
+    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
+        """Take in one epoch's metrics; returns whether the selection metric improved."""
+        improved = False
+        for key in METRIC_KEYS:
+            v = metrics.get(key)
+            if v is None or not math.isfinite(v):
+                continue
+            old = self.values.get(key)
+            if old is None or (v > old if better(key) == "maximize" else v < old):
+                self.values[key], self.epochs[key] = v, epoch
+                improved |= key == self.select
+        return improved
+
+    @property
+    def epoch(self) -> int:
+        """The epoch of the best selection metric (-1 before the first finite value)."""
+        return self.epochs.get(self.select, -1)
+
+    @property
+    def value(self) -> float:
+        """The best selection metric (NaN before the first finite value)."""
+        return self.values.get(self.select, float("nan"))
+
+
+def check(spec: RunSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+    """Everything about a run that fails the same way for every trial: data, batch, device, model.
+
+    Returns the run's (train, val) split. A study checks its runs with this before any trial starts.
+    """
+    train, val = load_split(spec.data)
+    check_batch(spec, len(train))
+    resolve_device(spec.device)
+    build_model(spec.model, train.pocket_dim, train.ligand_dim)
+    return train, val
 
 
 def check_batch(spec: RunSpec, n_train: int) -> None:
@@ -84,44 +109,6 @@ def check_batch(spec: RunSpec, n_train: int) -> None:
         )
 
 
-@dataclass
-class _Amp:
-    enabled: bool
-    dtype: torch.dtype | None = None
-    scaler: torch.amp.GradScaler | None = None
-    device_type: str = "cpu"
-
-    def autocast(self) -> contextlib.AbstractContextManager[Any]:
-        if not self.enabled:
-            return contextlib.nullcontext()
-        return torch.autocast(self.device_type, dtype=self.dtype)
-
-    @property
-    def label(self) -> str:
-        if not self.enabled or self.dtype is None:
-            return "off"
-        return {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(self.dtype, str(self.dtype))
-
-
-def _amp_for(device: torch.device, requested: bool | None) -> _Amp:
-    enabled = requested if requested is not None else device.type == "cuda"
-    if not enabled:
-        return _Amp(False, device_type=device.type)
-    if device.type == "cuda" and torch.cuda.get_device_capability(device)[0] < 8:
-        # bfloat16 is native from Ampere (compute capability 8) on; before that, float16 + scaler
-        return _Amp(True, torch.float16, torch.amp.GradScaler("cuda"), "cuda")
-    if device.type == "mps":
-        return _Amp(True, torch.float16, torch.amp.GradScaler("mps"), "mps")
-    return _Amp(True, torch.bfloat16, None, device.type)
-
-
-@dataclass
-class _Best:
-    epoch: int = -1
-    value: float = float("nan")
-    state: dict[str, Tensor] | None = field(default=None, repr=False)
-
-
 class Trainer:
     """One training run of a RunSpec on (train, val) pairs; iterate ``epochs()`` to train."""
 
@@ -131,7 +118,6 @@ class Trainer:
         train: PairedEmbeddings,
         val: PairedEmbeddings,
         device: torch.device | None = None,
-        keep_best: bool = True,
     ):
         self.spec = spec
         self.device = device if device is not None else resolve_device(spec.device)
@@ -144,19 +130,23 @@ class Trainer:
         self.model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device)
         self.loss = build_loss(spec.loss, **spec.loss_params()).to(self.device)
         self.scheduler = self.loss if isinstance(self.loss, MultiStageScheduler) else None
-        self.amp = _amp_for(self.device, spec.amp)
+        self.amp = amp_for(self.device, spec.amp)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         extra = [p for p in self.loss.parameters() if p.requires_grad]
         groups = [{"params": self.params, "weight_decay": spec.weight_decay}]
         if extra:
             groups.append({"params": extra, "weight_decay": 0.0})
         self.all_params = self.params + extra
-        self.optimizer = _adamw(groups, spec.lr, self.device)
+        self.optimizer = adamw(groups, spec.lr, self.device)
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.train_unit = F.normalize(self.train.ligand, dim=1)
-        self.keep_best = keep_best
-        self.best = _Best()
-        self.direction = better(spec.select_metric)
+        self.best = Best(spec.select_metric)
+
+    @classmethod
+    def from_spec(cls, spec: RunSpec) -> Trainer:
+        """A trainer on the split the spec's data names (loaded once per process)."""
+        train, val = load_split(spec.data)
+        return cls(spec, train, val)
 
     # ---------------------------------------------------------------- the loop
 
@@ -176,10 +166,9 @@ class Trainer:
                 metrics["temperature"] = infonce.temperature
             metrics["epoch_seconds"] = time.perf_counter() - start
             diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
-            improved = not diverged and self._track_best(epoch, metrics[self.spec.select_metric])
-            yield EpochResult(
-                epoch, metrics, stage, improved, self.best.epoch, self.best.value, diverged
-            )
+            if not diverged and self.best.update(epoch, metrics):
+                self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
+            yield EpochResult(epoch, metrics, stage, self.best.epoch, diverged)
             if diverged:
                 return
 
@@ -201,17 +190,6 @@ class Trainer:
         for group in self.optimizer.param_groups:
             group["lr"] = lr
         return lr
-
-    def _track_best(self, epoch: int, value: float) -> bool:
-        if not math.isfinite(value):
-            return False
-        b = self.best.value
-        if math.isnan(b) or (value > b if self.direction == "maximize" else value < b):
-            self.best.epoch, self.best.value = epoch, value
-            if self.keep_best:
-                self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            return True
-        return False
 
     # ---------------------------------------------------------------- training
 
@@ -243,7 +221,7 @@ class Trainer:
             elif contrastive:
                 loss, reps = self._gradcache(criterion, x, y, lid)
             else:
-                loss, reps = self._accumulate(criterion, x, y, lid)
+                loss, reps = self._accumulate(criterion, x, y)
             norms.append(self._optimizer_step())
             losses.append(loss.detach())
             if isinstance(criterion, CombinedLoss):
@@ -291,9 +269,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return norm
 
-    def _accumulate(
-        self, criterion: nn.Module, x: Tensor, y: Tensor, lid: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
+    def _accumulate(self, criterion: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
         """Per-sample losses: each micro-batch's gradient, weighted by its share of the batch."""
         n = x.shape[0]
         total = torch.zeros((), device=self.device)
@@ -455,20 +431,3 @@ def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) ->
             torch.cuda.set_rng_state(state[1], device)
         else:
             torch.mps.set_rng_state(state[1])
-
-
-def _adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr)
-
-
-def fit(
-    spec: RunSpec,
-    train: PairedEmbeddings,
-    val: PairedEmbeddings,
-    device: torch.device | None = None,
-) -> Iterator[EpochResult]:
-    """Train one run; yields one EpochResult per epoch (use Trainer to keep the model)."""
-    return Trainer(spec, train, val, device).epochs()

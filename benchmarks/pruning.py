@@ -21,7 +21,7 @@ from pathlib import Path
 import optuna
 
 from ablate import studies
-from ablate.specs import load_study
+from ablate.studyfiles import load_study
 
 
 def run_search(workdir: Path, n_trials: int, jobs: int, extra: list[str]) -> tuple[optuna.Study, float]:

@@ -29,13 +29,13 @@ from pathlib import Path
 import torch
 
 from ablate.data import load_split
+from ablate.devices import adamw
 from ablate.losses import build_loss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import build_model
+from ablate.runs import train_and_log
 from ablate.specs import RunSpec
 from ablate.tracking import Tracker
-from ablate.trainer import _adamw
-from ablate.worker import train_and_log
 
 
 def per_epoch(stamps: list[float]) -> float:
@@ -69,7 +69,7 @@ def _setup(spec: RunSpec):
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
     criterion = build_loss(spec.loss, **spec.loss_params())
-    opt = _adamw([{"params": list(model.parameters()), "weight_decay": spec.weight_decay}], spec.lr,
+    opt = adamw([{"params": list(model.parameters()), "weight_decay": spec.weight_decay}], spec.lr,
                  torch.device("cpu"))
     return train, val, model, criterion, opt
 

@@ -16,7 +16,7 @@ import pytest
 from mlflow import MlflowClient
 from support import ablate_command, run_cli
 
-from ablate import studies
+from ablate import records, studies
 
 pytestmark = pytest.mark.slow
 
@@ -74,7 +74,7 @@ def test_three_workers_share_a_search_of_12_trials(workdir, postgres_url, monkey
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 12
     assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL
-                and not t.user_attrs.get(studies.SKIPPED_ATTR)]
+                and not t.user_attrs.get(records.SKIPPED)]
     run_ids = [t.user_attrs["mlflow_run_id"] for t in finished]
     assert len(set(run_ids)) == 12
     children = _child_runs(workdir, "temperature")
@@ -233,7 +233,7 @@ def test_sigterm_stops_every_worker_process_cleanly_even_with_sigint_ignored(wor
     client = _mlflow(workdir)
     for t in study.get_trials(states=(optuna.trial.TrialState.FAIL,)):
         assert client.get_run(t.user_attrs["mlflow_run_id"]).info.status == "KILLED"
-    assert client.get_run(study.user_attrs[studies.PARENT_RUN_ATTR]).info.status == "KILLED"
+    assert client.get_run(study.user_attrs[records.PARENT_RUN]).info.status == "KILLED"
 
 
 def test_a_device_that_does_not_exist_is_one_line_before_any_trial(workdir, monkeypatch, capsys):

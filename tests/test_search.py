@@ -12,9 +12,9 @@ import pytest
 from mlflow import MlflowClient
 from support import run_cli
 
-from ablate import studies
-from ablate.specs import load_study, study_name
-from ablate.studies import simplex_point
+from ablate import records, studies
+from ablate.space import simplex_point
+from ablate.studyfiles import load_study, study_name
 
 TINY_SEARCH = ["--epochs", "4", "--set", "data.source=pairs.npz", "--set", "batch_size=16",
                "--set", "model.hidden=[16]", "--set", "model.dropout=0.0", "--set", "sampler.n_startup_trials=2",
@@ -51,7 +51,7 @@ def test_tune_runs_a_persistent_search_and_counts_earlier_trials(workdir, monkey
     assert ref.spec.base.epochs == 4
 
     client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
-    parent = ref.study.user_attrs[studies.PARENT_RUN_ATTR]
+    parent = ref.study.user_attrs[records.PARENT_RUN]
     children = [r for r in client.search_runs([client.get_experiment_by_name("temperature").experiment_id])
                 if r.data.tags.get("mlflow.parentRunId") == parent]
     assert sorted(int(r.data.tags["ablate.trial"]) for r in children) == sorted(t.number for t in first)
@@ -126,7 +126,7 @@ def test_batch_search_scales_the_learning_rate_by_the_square_root_rule():
     for batch in (16, 32, 64, 128, 256):
         study.enqueue_trial({"batch_size": batch})
         trial = study.ask()
-        run, values, _ = studies.suggest(trial, spec)
+        run, values, _ = spec.suggest(trial)
         assert run.batch_size == batch
         assert run.lr == pytest.approx(5e-4 * math.sqrt(batch / 32))
         assert values["lr"] == run.lr

@@ -44,9 +44,9 @@ def test_a_wheel_install_finds_the_built_in_studies_outside_a_checkout(tmp_path)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     # The wheel's ablate, with this environment's dependencies, run where there is no studies/ folder.
     deps = next(p for p in sys.path if p.endswith("site-packages"))
-    probe = ("import ablate.specs as s; print(ablate.specs.__file__); "
+    probe = ("import ablate.studyfiles as s; print(ablate.studyfiles.__file__); "
              "print(' '.join(sorted(p.stem for p in s.available_studies()))); print(s.find_study('temperature'))")
-    out = subprocess.run([str(python), "-c", "import ablate.specs; " + probe], cwd=tmp_path, capture_output=True,
+    out = subprocess.run([str(python), "-c", "import ablate.studyfiles; " + probe], cwd=tmp_path, capture_output=True,
                          text=True, timeout=120, env={"PYTHONPATH": deps, "PATH": "/usr/bin:/bin"})
     assert out.returncode == 0, out.stderr
     module, names, found = out.stdout.splitlines()

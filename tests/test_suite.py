@@ -10,9 +10,9 @@ import pytest
 from mlflow import MlflowClient
 from support import run_cli
 
-from ablate import studies
+from ablate import records
 from ablate.errors import AblateError
-from ablate.specs import load_study, study_name
+from ablate.studyfiles import load_study, study_name
 
 SUITE = ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--seeds", "0,1", "--data", "pairs.npz",
          "--set", "model.hidden=[16]", "--set", "model.dropout=0.0"]
@@ -40,9 +40,9 @@ def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeyp
     trials = study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     pairs = sorted((t.params["experiment"], t.params["seed"]) for t in trials)
     assert pairs == sorted((e, s) for e in spec.experiments for s in (0, 1))
-    assert study.user_attrs[studies.SPEC_ATTR]["kind"] == "suite"
+    assert study.user_attrs[records.SPEC]["kind"] == "suite"
 
-    parent = study.user_attrs[studies.PARENT_RUN_ATTR]
+    parent = study.user_attrs[records.PARENT_RUN]
     children = _child_runs(workdir, parent)
     assert len(children) == 10
     assert sorted((r.data.tags["ablate.experiment"], int(r.data.tags["ablate.seed"])) for r in children) == pairs
@@ -111,7 +111,7 @@ def test_an_interrupted_suite_resumes_where_it_stopped(workdir, monkeypatch, cap
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
     assert states.count(optuna.trial.TrialState.FAIL) == 1
-    parent = study.user_attrs[studies.PARENT_RUN_ATTR]
+    parent = study.user_attrs[records.PARENT_RUN]
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(parent).info.status == "KILLED"
 
     monkeypatch.setattr(worker._Objective, "__call__", real)

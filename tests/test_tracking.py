@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from support import tiny_run
 
-from ablate.specs import mask_url
+from ablate.runs import train_and_log
 from ablate.stability import Instability
+from ablate.stores import mask_url
 from ablate.tracking import MetricBatch, Tracker
-from ablate.worker import train_and_log
 
 
 @pytest.fixture

@@ -9,12 +9,13 @@ import torch
 from support import tiny_run
 
 from ablate.data import load_split
+from ablate.devices import resolve_device
 from ablate.errors import AblateError
 from ablate.losses import CombinedLoss, InfoNCELoss, SupervisedContrastiveLoss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import ProjectionHead
 from ablate.specs import METRIC_KEYS
-from ablate.trainer import Trainer, grad_cache, resolve_device
+from ablate.trainer import Trainer, grad_cache
 
 
 def _history(spec):

@@ -1,0 +1,397 @@
+"""Study designs: an ablation suite or a hyper-parameter search, behind one small interface.
+
+Every study is an Optuna study whose trials are RunSpecs. A design says what its trials are
+(``owed``: the trials still to queue; ``suggest``: a queued trial -> its RunSpec), how they are
+judged (``objective``, ``direction``, ``judged_at``), sampled and pruned (``sampler``, ``pruner``,
+``pruning``), and which runs to check before any trial starts (``preflight_runs``). A third kind
+of study is one more class here and one more entry in ``KINDS``.
+"""
+
+from __future__ import annotations
+
+import abc
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
+
+from pydantic import AliasChoices, Field, ValidationError, model_validator
+
+from ablate.errors import AblateError
+from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
+from ablate.specs import (
+    RUN_FIELDS,
+    MetricKey,
+    RunSpec,
+    StabilitySpec,
+    _Strict,
+    apply_values,
+    better,
+    validate,
+)
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+Direction = Literal["maximize", "minimize"]
+
+
+class Assignment(NamedTuple):
+    """What a trial trains: its RunSpec, the values that define it, and a short label for displays."""
+
+    run: RunSpec
+    values: dict[str, Any]
+    label: str
+
+
+class StudyDesign(_Strict):
+    """The interface every kind of study implements."""
+
+    kind: str
+    name: str
+    description: str = ""
+    objective: MetricKey
+
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description"})
+    """Top-level keys that change what is reported, not what is trained (left out of the identity)."""
+
+    @property
+    def goal(self) -> Direction:
+        """Whether a larger or a smaller objective is better."""
+        return better(self.objective)
+
+    @property
+    def judged_at(self) -> Literal["best", "final"]:
+        """A trial's value: the objective at its best epoch or at its last one."""
+        return "final"
+
+    @property
+    def report_interval(self) -> int | None:
+        """Trials report their objective to Optuna every this many epochs (None: never)."""
+        return None
+
+    @property
+    def stability_rules(self) -> StabilitySpec | None:
+        """The rules that stop an unstable run (None: only a non-finite run stops)."""
+        return None
+
+    @abc.abstractmethod
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        """The Optuna sampler that fills a queued trial's parameters."""
+
+    @abc.abstractmethod
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        """The Optuna pruner the trials report to."""
+
+    @abc.abstractmethod
+    def owed(self, counted: Sequence[FrozenTrial], budget: int | None = None) -> list[dict[str, Any]]:
+        """The fixed parameters of each trial still to queue, given the trials already counted."""
+
+    @abc.abstractmethod
+    def trial_count(self, budget: int | None = None) -> int:
+        """How many trials the study owes in all."""
+
+    @abc.abstractmethod
+    def suggest(self, trial: optuna.Trial) -> Assignment:
+        """The run a trial trains (its parameters are sampled or fixed in the queue)."""
+
+    @abc.abstractmethod
+    def preflight_runs(self) -> list[tuple[str, RunSpec]]:
+        """Runs that fail the same way any trial would: checked before the first trial starts."""
+
+    def missing(self, finished: Sequence[FrozenTrial]) -> list[str]:
+        """Labels of trials the study owes that have no result among ``finished``."""
+        return []
+
+    def identity(self) -> dict[str, Any]:
+        """What decides a study's trials (its Optuna name hashes this): the spec less REPORT_ONLY keys."""
+        doc = self.model_dump(mode="json")
+        for key in self.REPORT_ONLY:
+            doc.pop(key, None)
+        return doc
+
+
+# --------------------------------------------------------------------------------------
+# Suites
+# --------------------------------------------------------------------------------------
+
+
+class ClaimSpec(_Strict):
+    """A predicted gain over the baseline, in percent, that the suite's report checks."""
+
+    metric: MetricKey
+    low: float
+    high: float
+    source: str = ""
+
+    @model_validator(mode="after")
+    def _ordered(self) -> ClaimSpec:
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class SuiteSpec(StudyDesign):
+    """An ablation: named experiments (each a RunSpec) trained over the same seeds."""
+
+    kind: Literal["suite"] = "suite"
+    objective: MetricKey = Field("val/top1", validation_alias=AliasChoices("objective", "metric"))
+    baseline: str = ""
+    seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default=[0, 1, 2], min_length=1)
+    experiments: dict[str, RunSpec]
+    claims: dict[str, ClaimSpec] = Field(default_factory=dict)
+
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description", "seeds", "baseline", "claims", "objective"})
+
+    @model_validator(mode="after")
+    def _check(self) -> SuiteSpec:
+        for name in self.claims:
+            if name not in self.experiments:
+                raise ValueError(
+                    f"claims.{name}: no such experiment; choose one of {', '.join(self.experiments)}"
+                )
+        if not self.experiments:
+            raise ValueError("a suite needs at least one experiment under [experiments.NAME]")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"seeds must be distinct, got {self.seeds}")
+        if self.baseline and self.baseline not in self.experiments:
+            raise ValueError(
+                f"baseline {self.baseline!r} is not an experiment; choose one of "
+                f"{', '.join(self.experiments)}"
+            )
+        return self
+
+    @property
+    def baseline_name(self) -> str:
+        """The experiment every other one is compared against (the first one by default)."""
+        return self.baseline or next(iter(self.experiments))
+
+    def run(self, experiment: str, seed: int) -> RunSpec:
+        """The resolved RunSpec of one (experiment, seed) trial."""
+        return self.experiments[experiment].model_copy(update={"seed": seed})
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        """Suites never sample: their trials are queued with every parameter fixed."""
+        import optuna
+
+        return optuna.samplers.RandomSampler(seed=0)
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        """Suites never prune: every (experiment, seed) trains to the end."""
+        import optuna
+
+        return optuna.pruners.NopPruner()
+
+    def owed(self, counted: Sequence[FrozenTrial], budget: int | None = None) -> list[dict[str, Any]]:
+        """Every (experiment, seed) pair without a counted trial."""
+        have = {_experiment_seed(t) for t in counted}
+        return [{"experiment": e, "seed": s} for e in self.experiments for s in self.seeds
+                if (e, s) not in have]
+
+    def trial_count(self, budget: int | None = None) -> int:
+        """Experiments times seeds."""
+        return len(self.experiments) * len(self.seeds)
+
+    def suggest(self, trial: optuna.Trial) -> Assignment:
+        """The (experiment, seed) fixed in the queue."""
+        exp = str(trial.suggest_categorical("experiment", list(self.experiments)))
+        seed = int(trial.suggest_int("seed", 0, 2**31 - 1))  # a fixed range: the seed list may grow
+        return Assignment(self.run(exp, seed), {"experiment": exp, "seed": seed}, f"{exp} s{seed}")
+
+    def preflight_runs(self) -> list[tuple[str, RunSpec]]:
+        """Every experiment (a seed changes nothing that can fail)."""
+        return list(self.experiments.items())
+
+    def missing(self, finished: Sequence[FrozenTrial]) -> list[str]:
+        """The (experiment, seed) pairs without a finished trial, as 'experiment sSEED'."""
+        done = {_experiment_seed(t) for t in finished}
+        return [f"{e} s{s}" for e in self.experiments for s in self.seeds if (e, s) not in done]
+
+
+def _experiment_seed(t: FrozenTrial) -> tuple[Any, Any]:
+    fixed = t.system_attrs.get("fixed_params")
+    fixed = fixed if isinstance(fixed, dict) else {}
+    return (t.params.get("experiment", fixed.get("experiment")), t.params.get("seed", fixed.get("seed")))
+
+
+# --------------------------------------------------------------------------------------
+# Searches
+# --------------------------------------------------------------------------------------
+
+
+class SearchSpec(StudyDesign):
+    """A hyper-parameter search: a base run, the searched parameters and how to judge trials."""
+
+    kind: Literal["search"] = "search"
+    base: RunSpec
+    params: dict[str, ParamSpec]
+    objective: MetricKey = "val/mrr"
+    objective_at: Literal["best", "final"] = "best"
+    direction: Direction | None = None
+    n_trials: Annotated[int, Field(ge=1)] = 30
+    sampler: SamplerSpec = SamplerSpec()
+    pruner: PrunerSpec = PrunerSpec()
+    stability: StabilitySpec = StabilitySpec()
+    lr_scaling: LrScalingSpec = LrScalingSpec()
+    confirm_seeds: list[int] = Field(default=[1000, 1001, 1002], min_length=2)
+
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description", "n_trials"})
+
+    @model_validator(mode="after")
+    def _check(self) -> SearchSpec:
+        if not self.params:
+            raise ValueError("a search needs at least one parameter under [params.NAME]")
+        for key, p in self.params.items():
+            targets = p.names if p.type == "simplex" else [key]
+            for t in targets or []:
+                if t.split(".")[0] not in RUN_FIELDS:
+                    raise ValueError(
+                        f"params.{key}: {t!r} is not a run field; valid fields: "
+                        f"{', '.join(sorted(RUN_FIELDS))}"
+                    )
+        return self
+
+    @property
+    def goal(self) -> Direction:
+        """The optimisation direction (given, or implied by the objective metric)."""
+        return self.direction or better(self.objective)
+
+    @property
+    def judged_at(self) -> Literal["best", "final"]:
+        """The objective at each trial's best epoch (early stopping) or at its last one."""
+        return self.objective_at
+
+    @property
+    def report_interval(self) -> int | None:
+        """Every ``pruner.interval_steps`` epochs (also with pruning off: ``studies show`` reads them)."""
+        return self.pruner.interval_steps
+
+    @property
+    def stability_rules(self) -> StabilitySpec | None:
+        """The search's stability rules."""
+        return self.stability
+
+    def make_sampler(self) -> optuna.samplers.BaseSampler:
+        """Seeded TPE (constant liar, so parallel workers spread out) or random sampling."""
+        import optuna
+
+        s = self.sampler
+        if s.type == "random":
+            return optuna.samplers.RandomSampler(seed=s.seed)
+        return optuna.samplers.TPESampler(
+            seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, constant_liar=True,
+        )
+
+    def make_pruner(self) -> optuna.pruners.BasePruner:
+        """Median pruning with warm-up (as configured), or none."""
+        import optuna
+
+        p = self.pruner
+        if p.type == "none":
+            return optuna.pruners.NopPruner()
+        return optuna.pruners.MedianPruner(
+            n_startup_trials=p.n_startup_trials,
+            n_warmup_steps=p.n_warmup_steps,
+            interval_steps=1,  # trials report only every p.interval_steps epochs (see the worker)
+            n_min_trials=1,
+        )
+
+    def owed(self, counted: Sequence[FrozenTrial], budget: int | None = None) -> list[dict[str, Any]]:
+        """Empty trials (for the sampler to fill) up to the budget."""
+        return [{} for _ in range(max(0, self.trial_count(budget) - len(counted)))]
+
+    def trial_count(self, budget: int | None = None) -> int:
+        """The trial budget: the flag's, else the file's."""
+        return budget if budget is not None else self.n_trials
+
+    def suggest(self, trial: optuna.Trial) -> Assignment:
+        """Sample every parameter; the learning rate follows the batch size if a rule says so."""
+        values: dict[str, Any] = {}
+        for key, p in self.params.items():
+            values.update(p.suggest(trial, key))
+        run = apply_values(self.base, values)
+        if self.lr_scaling.rule != "none" and "lr" not in values:
+            scaled = self.lr_scaling.scale(run.lr, run.batch_size)
+            run = run.model_copy(update={"lr": scaled})
+            values["lr"] = scaled
+        label = " ".join(f"{k}={_short(v)}" for k, v in values.items())
+        return Assignment(run, values, label)
+
+    def preflight_runs(self) -> list[tuple[str, RunSpec]]:
+        """The base run and the runs at each parameter's extremes."""
+        out = [("base", self.base)]
+        for key, p in self.params.items():
+            for values in p.extremes(key):
+                label = f"params.{key}=" + ",".join(f"{k}={v}" for k, v in values.items())
+                try:
+                    out.append((label, apply_values(self.base, values)))
+                except ValidationError as e:
+                    raise AblateError(f"{self.name}: {label}: {e.errors()[0]['msg']}") from None
+        return out
+
+    def confirmation(self, ranked: Sequence[tuple[int, dict[str, Any]]], study_name: str) -> SuiteSpec:
+        """A suite that re-trains ranked configurations ((trial number, values), best first) with fresh seeds."""
+        experiments = {f"trial{number}": apply_values(self.base, dict(values)) for number, values in ranked}
+        return SuiteSpec(
+            name=f"{self.name}-confirm",
+            description=f"The top {len(experiments)} configurations of {study_name}, "
+            f"re-trained with seeds {self.confirm_seeds} that the search never saw.",
+            objective=self.objective,
+            seeds=list(self.confirm_seeds),
+            experiments=experiments,
+        )
+
+
+def _short(v: Any) -> str:
+    return f"{v:.4g}" if isinstance(v, float) else str(v)
+
+
+# --------------------------------------------------------------------------------------
+# From a document to a design
+# --------------------------------------------------------------------------------------
+
+StudySpec = SuiteSpec | SearchSpec
+
+
+def _suite_from_document(doc: dict[str, Any], source: str) -> SuiteSpec:
+    base = doc.get("base", {})
+    if not isinstance(base, dict):
+        raise AblateError(f"{source}: base must be a table, got {type(base).__name__}")
+    validate(RunSpec, base, source, "base")
+    experiments = doc.get("experiments")
+    if not isinstance(experiments, dict) or not experiments:
+        raise AblateError(f"{source}: a suite needs at least one [experiments.NAME] table")
+    resolved = {}
+    for exp_name, exp in experiments.items():
+        if not isinstance(exp, dict):
+            raise AblateError(f"{source}: experiments.{exp_name} must be a table")
+        resolved[exp_name] = validate(RunSpec, _deep_merge(base, exp), source, f"experiments.{exp_name}", own=exp)
+    rest = {k: v for k, v in doc.items() if k not in ("base", "experiments")}
+    return validate(SuiteSpec, {**rest, "experiments": resolved}, source)
+
+
+def _search_from_document(doc: dict[str, Any], source: str) -> SearchSpec:
+    base = doc.get("base", {})
+    if not isinstance(base, dict):
+        raise AblateError(f"{source}: base must be a table, got {type(base).__name__}")
+    return validate(SearchSpec, {**doc, "base": validate(RunSpec, base, source, "base")}, source)
+
+
+KINDS: dict[str, Callable[[dict[str, Any], str], StudySpec]] = {
+    "suite": _suite_from_document, "search": _search_from_document,
+}
+"""Each kind of study and how its document (a study file, or the copy kept in the study) is validated."""
+
+
+def from_document(doc: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
+    """Validate a study document (as read from TOML, or as kept in an Optuna study)."""
+    kind = doc.get("kind")
+    if kind not in KINDS:
+        raise AblateError(f"{source}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
+    return KINDS[kind](doc, source)
+
+
+def _deep_merge(a: dict[str, Any], b: dict[str, Any]) -> dict[str, Any]:
+    out = dict(a)
+    for k, v in b.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out

@@ -1,0 +1,98 @@
+"""Publishing a suite's comparison: per-epoch curves read back from MLflow, plots, report.md, and the
+aggregated numbers on the suite's MLflow parent run.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from ablate import stats
+from ablate.compare import SuiteReport
+from ablate.render import markdown
+from ablate.tracking import Tracker
+
+CURVE_KEYS = ("val/cosine", "val/top1")
+
+
+def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str] = CURVE_KEYS
+           ) -> dict[str, dict[str, list[list[float]]]]:
+    """Per experiment and metric, one per-epoch series per seed, read back from MLflow."""
+    out: dict[str, dict[str, list[list[float]]]] = {e: {} for e in report.spec.experiments}
+    for r in report.trials:
+        if not r.run_id:
+            continue
+        for key in keys:
+            hist = tracker.client.get_metric_history(r.run_id, key)
+            series = [m.value for m in sorted(hist, key=lambda m: m.step)]
+            if series:
+                out.setdefault(r.experiment, {}).setdefault(key, []).append(series)
+    return out
+
+
+def plot(series: dict[str, dict[str, list[list[float]]]], key: str, path: Path, title: str) -> Path:
+    """One line per experiment: the mean over seeds per epoch, with a 95 % CI band."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
+    for exp, by_key in series.items():  # in the suite's order of experiments
+        runs = by_key.get(key, [])
+        if not runs:
+            continue
+        length = max(len(s) for s in runs)  # a seed that stopped early leaves the later epochs
+        means, lows, highs = [], [], []
+        for i in range(length):
+            s = stats.summarize([run[i] for run in runs if len(run) > i])
+            means.append(s.mean)
+            lows.append(s.ci_low if math.isfinite(s.ci_low) else s.mean)
+            highs.append(s.ci_high if math.isfinite(s.ci_high) else s.mean)
+        epochs = list(range(1, length + 1))
+        (line,) = ax.plot(epochs, means, label=f"{exp} (n={len(runs)})", linewidth=1.4)
+        ax.fill_between(epochs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(key)
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[Path]:
+    """Write report.md and the curve plots into out_dir; returns the files written."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    series = curves(report, tracker)
+    plots = [
+        plot(series, key, out_dir / f"{key.replace('/', '_')}.png",
+             f"{report.study_name}: {key} per epoch (mean, 95 % CI)")
+        for key in CURVE_KEYS
+    ]
+    md = out_dir / "report.md"
+    md.write_text(markdown(report, [str(p) for p in plots]))
+    return [md, *plots]
+
+
+def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Sequence[Path]) -> None:
+    """Put the report's files and aggregated numbers on the suite's parent run."""
+    for f in files:
+        tracker.log_artifact(parent_run_id, f, "report")
+    metrics: dict[str, float] = {}
+    for (exp, metric, at), row in report.rows.items():
+        s = row.summary
+        prefix = f"{exp}/{metric}/{at}"
+        values: dict[str, Any] = {
+            "mean": s.mean, "ci_low": s.ci_low, "ci_high": s.ci_high,
+            "change_pct": row.change_pct, "p_holm": row.p_holm,
+        }
+        for k, v in values.items():
+            metrics[f"{prefix}_{k}"] = v
+    tracker.log_metrics(parent_run_id, metrics)
+    tracker.set_tags(parent_run_id, {"ablate.winner": report.winner,
+                                     "ablate.complete": str(report.complete).lower()})

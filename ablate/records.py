@@ -1,0 +1,168 @@
+"""What crosses process boundaries: a study's and a trial's records in the Optuna storage, and worker events.
+
+Workers on any machine write a trial's record into Optuna's user attributes; reports, ``studies
+show`` and resumed workers read it back through ``TrialRecord``. Worker processes tell the command
+that started them what happens through the ``Event`` types (they travel through a queue).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    import optuna
+    from optuna.trial import FrozenTrial
+
+    from ablate.stability import Instability
+
+# Study attributes
+SPEC = "ablate.spec"
+"""The resolved spec document, so a worker can join knowing only the study name and the storage."""
+SPEC_NAME = "ablate.spec_name"
+CREATED = "ablate.created"
+PARENT_RUN = "ablate.mlflow_parent_run_id"
+
+# Trial attributes
+QUEUED = "ablate.queued"
+"""Set on every trial the study owes (a trial created past the budget lacks it)."""
+SKIPPED = "ablate.skipped"
+"""Why a trial was dropped without training (created after the queue ran dry)."""
+LABEL, VALUES, RUN_ID = "label", "values", "mlflow_run_id"
+FINAL, BEST, BEST_EPOCH, EPOCHS = "final", "best", "best_epoch", "epochs_trained"
+PRUNED_BY, DIVERGED, ERROR = "pruned_by", "diverged", "error"
+
+
+def fixed_params(trial: FrozenTrial) -> dict[str, Any]:
+    """The parameters fixed when the trial was queued (empty for a search's trials)."""
+    fixed = trial.system_attrs.get("fixed_params")
+    return fixed if isinstance(fixed, dict) else {}
+
+
+@dataclass(frozen=True)
+class TrialRecord:
+    """One trial as a worker left it: state, what it trained, its results and why it stopped."""
+
+    number: int
+    state: str
+    value: float | None
+    label: str
+    values: dict[str, Any]
+    run_id: str | None
+    final: dict[str, float]
+    best: dict[str, float]
+    best_epoch: int
+    epochs: int
+    stop: dict[str, Any]
+    diverged: bool
+    error: str
+    queued: bool
+    skipped: str
+    reported: dict[int, float] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, t: FrozenTrial) -> TrialRecord:
+        """The record of a trial read from the storage."""
+        a = t.user_attrs
+        return cls(
+            number=t.number, state=t.state.name, value=t.value,
+            label=str(a.get(LABEL) or _label(t.params or fixed_params(t))),
+            values=dict(a.get(VALUES) or t.params), run_id=a.get(RUN_ID),
+            final=dict(a.get(FINAL) or {}), best=dict(a.get(BEST) or {}),
+            best_epoch=int(a.get(BEST_EPOCH, -1)), epochs=int(a.get(EPOCHS, len(t.intermediate_values))),
+            stop=dict(a.get(PRUNED_BY) or {}), diverged=bool(a.get(DIVERGED)), error=str(a.get(ERROR) or ""),
+            queued=bool(a.get(QUEUED)), skipped=str(a.get(SKIPPED) or ""),
+            reported=dict(t.intermediate_values),
+        )
+
+    @property
+    def note(self) -> str:
+        """Why the trial stopped early or failed ('' when it ran to the end)."""
+        if self.diverged:
+            return "diverged"
+        return str(self.stop.get("message", "")) or self.error
+
+
+def _label(params: Mapping[str, Any]) -> str:
+    if "experiment" in params and "seed" in params:
+        return f"{params['experiment']} s{params['seed']}"
+    return " ".join(f"{k}={v}" for k, v in params.items())
+
+
+def write_start(trial: optuna.Trial, label: str, values: Mapping[str, Any]) -> None:
+    """Record what a trial trains, once its parameters are known."""
+    trial.set_user_attr(LABEL, label)
+    trial.set_user_attr(VALUES, dict(values))
+
+
+def write_run(trial: optuna.Trial, run_id: str) -> None:
+    """Record the trial's MLflow run."""
+    trial.set_user_attr(RUN_ID, run_id)
+
+
+def write_result(
+    trial: optuna.Trial, *, final: Mapping[str, float], best: Mapping[str, float], best_epoch: int,
+    epochs: int, diverged: bool, stop: Instability | None,
+) -> None:
+    """Record a trained trial's results (finite values only) and why it stopped early, if it did."""
+    trial.set_user_attr(FINAL, {k: v for k, v in final.items() if math.isfinite(v)})
+    trial.set_user_attr(BEST, dict(best))
+    trial.set_user_attr(EPOCHS, epochs)
+    trial.set_user_attr(BEST_EPOCH, best_epoch)
+    if diverged:
+        trial.set_user_attr(DIVERGED, True)
+    if stop is not None:
+        trial.set_user_attr(PRUNED_BY, {"rule": stop.rule, "message": stop.message, **stop.values})
+
+
+def write_error(trial: optuna.Trial, message: str) -> None:
+    """Record why a trial failed."""
+    trial.set_user_attr(ERROR, message)
+
+
+# --------------------------------------------------------------------------------------
+# Worker events
+# --------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class TrialStarted:
+    """A worker took a trial and starts training it."""
+
+    trial: int
+    label: str
+    epochs: int
+    pid: int
+
+
+@dataclass(frozen=True)
+class EpochEnded:
+    """A trial finished an epoch; ``value`` is its objective metric at that epoch."""
+
+    trial: int
+    epoch: int
+    metric: str
+    value: float
+
+
+@dataclass(frozen=True)
+class TrialEnded:
+    """A trial ended: COMPLETE, PRUNED or FAIL, with the reason and its objective's last value."""
+
+    trial: int
+    label: str
+    state: str
+    reason: str
+    value: float | None
+
+
+@dataclass(frozen=True)
+class WorkerFailed:
+    """A worker process stopped on a user's mistake (the message is shown as the command's error)."""
+
+    message: str
+
+
+Event = TrialStarted | EpochEnded | TrialEnded | WorkerFailed

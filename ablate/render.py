@@ -1,0 +1,257 @@
+"""How results read: the suite comparison and a search's trials as rich tables and Markdown, the
+verdict sentences, the live progress of a running study, and exports of a study's trials.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import threading
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import optuna
+from rich.console import Console
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
+from rich.table import Table
+
+from ablate.compare import AT, Row, SearchSummary, SuiteReport, report_metrics
+from ablate.records import EpochEnded, Event, TrialEnded, TrialStarted
+
+
+def _num(x: float, digits: int = 3) -> str:
+    return f"{x:.{digits}f}" if math.isfinite(x) else "n/a"
+
+
+def _p(x: float) -> str:
+    """A p-value with its relation sign: '=0.042' or '<0.001'."""
+    if not math.isfinite(x):
+        return "=n/a"
+    return "<0.001" if x < 0.001 else f"={x:.3f}"
+
+
+def cell(row: Row) -> str:
+    """'mean ± half-width (change %, p=Holm-adjusted p)' for Markdown tables."""
+    s = row.summary
+    value = _num(s.mean) + (f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else "")
+    if not math.isfinite(row.change_pct):
+        return value
+    return f"{value} ({row.change_pct:+.1f} %, p{_p(row.p_holm)}{'*' if row.significant else ''})"
+
+
+def rich_table(report: SuiteReport) -> Table:
+    """The comparison as a rich Table: per metric, each experiment at the final and the best epoch."""
+    table = Table(
+        title=f"{report.study_name}: mean ± 95 % CI over seeds; change vs {report.baseline!r} "
+        "with Welch's p, Holm-adjusted (* < 0.05)",
+        title_justify="left",
+    )
+    for col in ("metric", "experiment", "n"):
+        table.add_column(col, no_wrap=True)
+    for at in AT:
+        table.add_column(f"{at} mean ± CI", justify="right", no_wrap=True)
+        table.add_column("change", justify="right", no_wrap=True)
+        table.add_column("p", justify="right", no_wrap=True)
+    winner = report.winner
+    metrics = report_metrics(report.spec)
+    for i, m in enumerate(metrics):
+        exps = list(report.spec.experiments)
+        for j, e in enumerate(exps):
+            name = e + (" ★" if e == winner and m == report.spec.objective else "")
+            cells = []
+            for at in AT:
+                r = report.row(e, m, at)
+                s = r.summary
+                ci = f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else ""
+                change = "baseline" if e == report.baseline else (
+                    f"{r.change_pct:+.1f} %" if math.isfinite(r.change_pct) else "n/a")
+                p = "" if e == report.baseline else f"{_p(r.p_holm).lstrip('=')}{'*' if r.significant else ''}"
+                cells += [f"{_num(s.mean)}{ci}", change, p]
+            table.add_row(m if j == 0 else "", name, str(report.row(e, m).summary.n), *cells,
+                          end_section=j == len(exps) - 1 and i < len(metrics) - 1)
+    return table
+
+
+def verdict(report: SuiteReport) -> list[str]:
+    """Sentences: the winner, and each predicted gain against the measured one."""
+    m = report.spec.objective
+    w = report.winner
+    lines = []
+    if w == report.baseline:
+        lines.append(f"No experiment beats the baseline {report.baseline!r} on {m} (final epoch).")
+    else:
+        r = report.row(w, m)
+        sig = ("significantly (Holm-adjusted p" + _p(r.p_holm) + ")" if r.significant
+               else "but not significantly (Holm-adjusted p" + _p(r.p_holm) + ")")
+        lines.append(
+            f"Best on {m}: {w!r}, {_num(r.summary.mean)} vs {_num(report.row(report.baseline, m).summary.mean)} "
+            f"for {report.baseline!r} ({r.change_pct:+.1f} %), {sig}."
+        )
+    for exp, claim in report.spec.claims.items():
+        r = report.row(exp, claim.metric)
+        ch = r.change_pct
+        if not math.isfinite(ch):
+            lines.append(f"Claim for {exp!r} ({claim.low:+g} to {claim.high:+g} % on {claim.metric}): "
+                         "not measurable yet.")
+            continue
+        where = "within" if claim.low <= ch <= claim.high else ("above" if ch > claim.high else "below")
+        sig = "significant" if r.significant else "not significant"
+        lines.append(
+            f"Claim for {exp!r}: {claim.low:+g} to {claim.high:+g} % on {claim.metric}"
+            + (f" ({claim.source})" if claim.source else "")
+            + f"; measured {ch:+.1f} % ({sig}, p{_p(r.p_holm)}): {where} the predicted range."
+        )
+    return lines
+
+
+def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
+    """report.md: method, tables at the final and best epoch, claims, per-trial notes, plots."""
+    spec = report.spec
+    out = [f"# {report.study_name}", ""]
+    if spec.description:
+        out += [spec.description, ""]
+    runs = spec.experiments[report.baseline]
+    out += [
+        f"Seeds: {', '.join(map(str, spec.seeds))}. Data: `{runs.data.source}` "
+        f"({runs.data.split}-disjoint split, {runs.data.val_fraction:.0%} validation). "
+        f"Headline metric: `{spec.objective}`.",
+        "",
+        "Each cell: mean ± half-width of the 95 % Student-t confidence interval over seeds; "
+        f"in brackets the change of the mean against `{report.baseline}` and the p-value of "
+        "Welch's t-test against it, Holm-adjusted over the experiments compared for that metric "
+        "(* = below 0.05). 'best' takes each seed's best epoch for that metric, which favours "
+        "every experiment by selection on the validation set; 'final' does not.",
+        "",
+    ]
+    if report.missing:
+        out += [f"**Incomplete**: {len(report.missing)} trial(s) not finished: "
+                f"{', '.join(report.missing)}.", ""]
+    out += ["## Verdict", ""] + [f"- {line}" for line in verdict(report)] + [""]
+    metrics = report_metrics(spec)
+    for at in AT:
+        out += [f"## {'Final' if at == 'final' else 'Best'} epoch", ""]
+        out.append("| experiment | n | " + " | ".join(f"`{m}`" for m in metrics) + " |")
+        out.append("|---|---:|" + "---:|" * len(metrics))
+        for e in spec.experiments:
+            label = e + (" (baseline)" if e == report.baseline else "") + (" ★" if e == report.winner else "")
+            n = report.row(e, spec.objective, at).summary.n
+            out.append(f"| {label} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
+        out.append("")
+    notes = [r for r in report.trials if r.note]
+    if notes:
+        out += ["## Notes", ""] + [f"- {r.experiment} seed {r.seed}: {r.note}" for r in notes] + [""]
+    if plots:
+        out += ["## Curves", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
+    return "\n".join(out)
+
+
+
+
+# --------------------------------------------------------------------------------------
+# A running study
+# --------------------------------------------------------------------------------------
+
+
+class StudyDisplay:
+    """Live progress of a study: trials done / running / left, and each running trial's epoch."""
+
+    def __init__(self, console: Console, total: int, done: int):
+        self.progress = Progress(
+            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
+        )
+        self.total = total
+        self.done = done
+        self.overall = self.progress.add_task("[bold]trials", total=total, completed=done, info="")
+        self.running: dict[int, TaskID] = {}
+        self.lock = threading.Lock()
+        self._refresh()
+
+    def _refresh(self) -> None:
+        left = max(0, self.total - self.done - len(self.running))
+        self.progress.update(self.overall, completed=self.done,
+                             info=f"running {len(self.running)}, left {left}")
+
+    def __call__(self, event: Event) -> None:
+        with self.lock:
+            if isinstance(event, TrialStarted):
+                self.running[event.trial] = self.progress.add_task(
+                    f"  #{event.trial} {event.label}", total=event.epochs, info="")
+            elif isinstance(event, EpochEnded) and event.trial in self.running:
+                v = event.value
+                shown = f"{v:.3f}" if math.isfinite(v) else str(v)
+                self.progress.update(self.running[event.trial], completed=event.epoch + 1,
+                                     info=f"{event.metric} {shown}")
+            elif isinstance(event, TrialEnded) and event.trial in self.running:
+                self.progress.remove_task(self.running.pop(event.trial))
+                if event.state in ("COMPLETE", "PRUNED"):
+                    self.done += 1
+                if event.state != "COMPLETE":
+                    self.progress.console.print(f"  #{event.trial} {event.label}: {event.state}"
+                                                + (f" ({event.reason})" if event.reason else ""))
+            self._refresh()
+
+
+# --------------------------------------------------------------------------------------
+# A study's trials
+# --------------------------------------------------------------------------------------
+
+
+def fmt(v: float | None) -> str:
+    """A value with four decimals, or '' when missing or not finite."""
+    return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
+
+
+def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
+    """`studies show`: the trials table, counts by state, the best trial, importances, expected best."""
+    table = Table(title=f"{name}: trials")
+    for col in ("#", "state", "configuration", "value", "epochs", "note"):
+        table.add_column(col, justify="right" if col in ("#", "value", "epochs") else "left")
+    for t in summary.trials:
+        table.add_row(str(t.number), t.state, t.label, fmt(t.value), str(t.epochs), t.note)
+    out: list[Table | str] = [table]
+    out.append("trials by state: " + ", ".join(f"{k} {v}" for k, v in summary.states.items()))
+    if summary.best is not None:
+        out.append(f"best: trial #{summary.best.number} {summary.best.label} -> "
+                   f"{summary.metric} {fmt(summary.best.value)}")
+    if summary.importances:
+        out.append("parameter importances (fANOVA): " + ", ".join(
+            f"{k} {v:.2f}" for k, v in summary.importances.items()))
+    if summary.expected_max:
+        points = sorted({1, 2, 3, 5, 10, 20, 50, len(summary.expected_max)})
+        cells = [f"{n}: {fmt(summary.expected_max[n - 1])}" for n in points
+                 if n <= len(summary.expected_max)]
+        out.append(f"expected best {summary.metric} with n trials (Dodge et al. 2019; a pruned trial "
+                   "counts with the value it had reached): " + ", ".join(cells))
+    return out
+
+
+def export(study: optuna.Study, kind: str) -> str:
+    """Every trial with its state, parameters, value and user attributes, as CSV or JSON."""
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        rec: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "value": t.value,
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        }
+        rec.update({f"params_{k}": v for k, v in t.params.items()})
+        for k, v in t.user_attrs.items():
+            if isinstance(v, dict):
+                rec.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                rec[k] = v
+        records.append(rec)
+    if kind == "json":
+        return json.dumps(records, indent=2, default=str) + "\n"
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return buf.getvalue()

@@ -1,0 +1,203 @@
+"""A study session: one per command. It opens the Optuna storage and the MLflow store once, holds the
+study, its validated spec and its MLflow parent run, and offers run, report, summary, confirm and finish.
+
+``cli`` parses a command, opens a session and renders what the session returns; workers in other
+processes open their own stores from the study's name (``worker.Context.open``).
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+from pathlib import Path
+
+import optuna
+from optuna.storages import RDBStorage
+from optuna.trial import TrialState
+
+from ablate import records, studies, trainer
+from ablate.compare import SearchSummary, SuiteReport, build_report, search_summary
+from ablate.designs import SearchSpec, StudySpec, SuiteSpec
+from ablate.devices import resolve_device
+from ablate.errors import AblateError
+from ablate.launch import execute
+from ablate.publish import publish, write_report
+from ablate.stores import Stores
+from ablate.studyfiles import spec_document
+from ablate.tracking import Tracker, environment_tags
+from ablate.worker import Context, OnEvent, end_parent_if_done, end_stale_run
+
+
+class StudySession:
+    """One command's view of one study: its stores (each opened once), study, spec and parent run."""
+
+    def __init__(self, stores: Stores, storage: RDBStorage | None = None, tracker: Tracker | None = None):
+        self.stores = stores
+        self._storage = storage
+        self._tracker = tracker
+        self._ref: studies.StudyRef | None = None
+        self._parent: str | None = None
+
+    # ------------------------------------------------------------------ the stores, opened once
+
+    @property
+    def storage(self) -> RDBStorage:
+        """The Optuna storage (opened on first use)."""
+        if self._storage is None:
+            self._storage = studies.open_storage(
+                self.stores.storage, heartbeat_seconds=self.stores.heartbeat_seconds,
+                on_stale=lambda trial: end_stale_run(self.tracker, trial))
+        return self._storage
+
+    @property
+    def tracker(self) -> Tracker:
+        """The MLflow store (opened on first use; ``studies show`` never needs it)."""
+        if self._tracker is None:
+            self._tracker = Tracker(self.stores.tracking_uri)
+        return self._tracker
+
+    # ------------------------------------------------------------------ opening a study
+
+    @classmethod
+    def start(cls, spec: StudySpec, stores: Stores, *, budget: int | None = None,
+              devices: Sequence[str] = ()) -> StudySession:
+        """Check every input, then create or resume the study and its MLflow parent run (RUNNING)."""
+        preflight(spec, devices)
+        session = cls(stores)
+        session.attach(spec, budget)
+        return session
+
+    def attach(self, spec: StudySpec, budget: int | None = None) -> None:
+        """Create or resume ``spec``'s study in this session's stores and mark its parent run RUNNING."""
+        study = studies.create_or_load(spec, self.storage, budget)
+        self._ref = studies.StudyRef(study, spec)
+        self._parent = None
+        self.tracker.set_status(self.parent_run_id, "RUNNING")
+
+    @classmethod
+    def open(cls, name: str, stores: Stores) -> StudySession:
+        """An existing study, by its full name or (its newest study) by its spec's name."""
+        session = cls(stores)
+        session._ref = studies.load(name, session.storage)
+        return session
+
+    @property
+    def ref(self) -> studies.StudyRef:
+        """The study and its spec."""
+        if self._ref is None:
+            raise RuntimeError("no study attached to this session")
+        return self._ref
+
+    @property
+    def study(self) -> optuna.Study:
+        """The Optuna study."""
+        return self.ref.study
+
+    @property
+    def spec(self) -> StudySpec:
+        """The study's validated spec."""
+        return self.ref.spec
+
+    @property
+    def name(self) -> str:
+        """The Optuna study name."""
+        return self.ref.name
+
+    @functools.cached_property
+    def experiment_id(self) -> str:
+        """The study's MLflow experiment (named after its spec), created on first use."""
+        return self.tracker.experiment_id(self.spec.name)
+
+    @property
+    def parent_run_id(self) -> str:
+        """The study's MLflow parent run, created on first use (also when the study's MLflow store moved)."""
+        if self._parent is None:
+            self._parent = self._ensure_parent()
+        return self._parent
+
+    def _ensure_parent(self) -> str:
+        study, spec, tracker = self.study, self.spec, self.tracker
+        parent = study.user_attrs.get(records.PARENT_RUN)
+        if parent:
+            try:
+                tracker.client.get_run(parent)
+                return str(parent)
+            except Exception:  # kept by a study whose MLflow store was another one
+                pass
+        parent = tracker.start_run(self.experiment_id, study.study_name,
+                                   {"ablate.study": study.study_name, "ablate.kind": spec.kind,
+                                    **environment_tags()})
+        tracker.log_dict(parent, spec_document(spec), "study_spec.json")
+        study.set_user_attr(records.PARENT_RUN, parent)
+        return str(parent)
+
+    def context(self) -> Context:
+        """What a worker in this process needs."""
+        return Context(self.study, self.spec, self.tracker, self.experiment_id, self.parent_run_id,
+                       self.stores.heartbeat_seconds)
+
+    # ------------------------------------------------------------------ what a session does
+
+    def progress(self) -> tuple[int, int]:
+        """(trials finished, trials the study owes in all: its queue, finished or not)."""
+        c = studies.counts(self.study)
+        owed = sum(1 for t in studies.counted(self.study) if t.user_attrs.get(records.QUEUED))
+        return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
+
+    def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None) -> bool:
+        """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED)."""
+        try:
+            finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event)
+        except BaseException:
+            self.tracker.end_run(self.parent_run_id, "FAILED")
+            raise
+        if not finished:
+            self.tracker.end_run(self.parent_run_id, "KILLED")
+        return finished
+
+    def finish(self) -> bool:
+        """End the parent run when no trial is waiting or running; returns whether the study is done."""
+        return end_parent_if_done(self.context())
+
+    def report(self, out: Path) -> tuple[SuiteReport, list[Path]]:
+        """A suite's comparison, written to ``out/STUDY`` and published on the parent run."""
+        spec = self.spec
+        if not isinstance(spec, SuiteSpec):
+            raise AblateError(f"{self.name} is a search; see it with `ablate studies show {self.name}`")
+        report = build_report(self.study, spec)
+        files = write_report(report, self.tracker, out / self.name)
+        publish(report, self.tracker, self.parent_run_id, files)
+        return report, files
+
+    def summary(self) -> SearchSummary:
+        """Trials, best trial, importances and expected best value per budget (any study)."""
+        return search_summary(self.study, self.spec)
+
+    def confirm(self, k: int) -> StudySession:
+        """A new session (same stores) for a suite that re-trains this search's top ``k`` with fresh seeds."""
+        spec = self.spec
+        if not isinstance(spec, SearchSpec):
+            raise AblateError(f"{self.name} is a suite; only a search's configurations can be confirmed")
+        finished = [t for t in self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                    if t.value is not None]
+        if not finished:
+            raise AblateError(f"study {self.name!r} has no complete trial to confirm")
+        finished.sort(key=lambda t: float(t.value or 0.0), reverse=spec.goal == "maximize")
+        ranked = [(t.number, dict(t.user_attrs.get(records.VALUES, {}))) for t in finished[:k]]
+        suite = spec.confirmation(ranked, self.name)
+        preflight(suite, ())
+        session = StudySession(self.stores, self.storage, self.tracker)
+        session.attach(suite)
+        return session
+
+
+def preflight(spec: StudySpec, devices: Sequence[str]) -> None:
+    """Every device and every run of the study checked before anything is created."""
+    for device in devices:
+        resolve_device(device)
+    for label, run in spec.preflight_runs():
+        try:
+            trainer.check(run)
+        except AblateError as e:
+            raise AblateError(f"{spec.name}: {label}: {e}") from None
+

@@ -1,0 +1,69 @@
+"""Where results live: the Optuna storage and the MLflow store, by URL, with passwords masked.
+
+Nothing here opens a connection (see ``studies.open_storage`` and ``tracking.Tracker``); this module
+only says which URL a command uses and how a URL is shown.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+"""MLflow's store: a SQLite file in the working directory (MLFLOW_TRACKING_URI overrides it)."""
+
+DEFAULT_STORAGE = "sqlite:///optuna.db"
+"""Optuna's store: a separate SQLite file (MLflow and Optuna both own an alembic_version table)."""
+
+STORAGE_ENV = "ABLATE_STORAGE"
+TRACKING_ENV = "MLFLOW_TRACKING_URI"
+DEFAULT_HEARTBEAT_SECONDS = 20
+DEFAULT_MAX_RETRY = 2
+
+
+def resolve_tracking_uri(uri: str | None = None) -> str:
+    """The MLflow tracking URI: the flag, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
+    return _absolute_sqlite(uri or os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI)
+
+
+def resolve_storage(url: str | None = None) -> str:
+    """The Optuna storage URL: the flag, else ABLATE_STORAGE, else ./optuna.db."""
+    return _absolute_sqlite(url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
+
+
+def _absolute_sqlite(url: str) -> str:
+    """sqlite:///relative.db -> sqlite:////abs/path/relative.db (a store is one file, wherever we are)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.startswith(prefix + "/") and url != prefix + ":memory:":
+        return prefix + str(Path(url[len(prefix):]).resolve())
+    return url
+
+
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)[^@\s]+(?=@)")
+_PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)[^&\s]+", re.IGNORECASE)
+
+
+def mask_url(text: str) -> str:
+    """Replace the password of every URL in a text with *** (user:password@ and ?password=)."""
+    return _PASSWORD_PARAM.sub(r"\g<head>***", _PASSWORD.sub(r"\g<head>***", text))
+
+
+@dataclass(frozen=True)
+class Stores:
+    """The stores one command uses: the Optuna storage URL, the MLflow URI and the heartbeat."""
+
+    storage: str | None = None
+    tracking_uri: str | None = None
+    heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS
+
+    @property
+    def storage_url(self) -> str:
+        """The resolved Optuna storage URL."""
+        return resolve_storage(self.storage)
+
+    @property
+    def shown_storage(self) -> str:
+        """The Optuna storage URL with any password masked."""
+        return mask_url(self.storage_url)

@@ -1,0 +1,186 @@
+"""Study files: finding them, reading their TOML, applying ``--set`` and ``--epochs``, and naming a study.
+
+A study is given by path or by name (``studies/NAME.toml`` in the working directory, in a source
+checkout, or where a wheel installed them). ``load_study`` returns the validated design; its Optuna
+name is the spec's name plus a hash of what decides its trials, so a changed run setting starts a
+new study and more seeds or a larger budget extend the same one.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import hashlib
+import json
+import os
+import sysconfig
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from ablate.designs import SearchSpec, StudySpec, SuiteSpec, from_document
+from ablate.errors import AblateError
+from ablate.specs import RUN_FIELDS, RunSpec, set_path
+
+STUDY_DIRS = (
+    Path("studies"),  # the working directory's own
+    Path(__file__).resolve().parent.parent / "studies",  # a source checkout (editable install)
+    Path(sysconfig.get_path("data")) / "share" / "ablate" / "studies",  # installed from a wheel
+)
+
+
+def available_studies() -> list[Path]:
+    """The study files found in ./studies, in a source checkout and where a wheel installed them."""
+    seen: dict[str, Path] = {}
+    for d in STUDY_DIRS:
+        if d.is_dir():
+            for p in sorted(d.glob("*.toml")):
+                seen.setdefault(p.stem, p)
+    return list(seen.values())
+
+
+def find_study(name: str) -> Path:
+    """The file of a study given by path or by name (studies/NAME.toml)."""
+    p = Path(name)
+    if p.suffix == ".toml" or os.sep in name:
+        if not p.is_file():
+            raise AblateError(f"{name}: no such study file")
+        return p
+    for d in STUDY_DIRS:
+        if (d / f"{name}.toml").is_file():
+            return d / f"{name}.toml"
+    names = [f.stem for f in available_studies()]
+    hint = difflib.get_close_matches(name, names, n=1)
+    raise AblateError(
+        f"no study named {name!r}"
+        + (f"; did you mean {hint[0]!r}?" if hint else "")
+        + f" Available: {', '.join(names) or 'none'} (or give a path to a .toml file)"
+    )
+
+
+def parse_value(text: str) -> Any:
+    """A CLI value as TOML (numbers, booleans, lists, quoted strings), else the plain string."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_overrides(items: list[str]) -> dict[str, Any]:
+    """['a.b=1', 'loss=infonce'] -> {'a.b': 1, 'loss': 'infonce'}; a malformed item is an error."""
+    out: dict[str, Any] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise AblateError(f"--set {item!r}: expected KEY=VALUE, e.g. --set lr=5e-4")
+        out[key.strip()] = parse_value(value.strip())
+    return out
+
+
+def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str, Any]:
+    """A copy of a study document with --set overrides applied.
+
+    A key that names a run field (``lr``, ``model.hidden``) applies to every run of the study:
+    it is set in [base] and removed from the experiments that set it themselves. Any other key
+    is a dotted path into the document (``experiments.infonce.temperature``, ``n_trials``).
+    """
+    doc = copy.deepcopy(doc)
+    for key, value in overrides.items():
+        head = key.split(".")[0]
+        top_level = set(SuiteSpec.model_fields) | set(SearchSpec.model_fields)
+        if head in RUN_FIELDS and head not in top_level:
+            set_path(doc.setdefault("base", {}), key, value)
+            for exp in doc.get("experiments", {}).values():
+                if isinstance(exp, dict):
+                    _drop_path(exp, key)
+            if key in doc.get("params", {}):
+                del doc["params"][key]
+        else:
+            parts = key.split(".")
+            experiments = doc.get("experiments")
+            if head == "experiments" and len(parts) > 1 and isinstance(experiments, dict) \
+                    and parts[1] not in experiments:
+                hint = difflib.get_close_matches(parts[1], list(experiments), n=1)
+                raise AblateError(
+                    f"--set {key}: no experiment {parts[1]!r}"
+                    + (f"; did you mean {hint[0]!r}?" if hint else "")
+                    + f" (the study has: {', '.join(experiments)})"
+                )
+            set_path(doc, key, value)
+    return doc
+
+
+def _drop_path(doc: dict[str, Any], dotted: str) -> None:
+    parts = dotted.split(".")
+    node: Any = doc
+    for part in parts[:-1]:
+        node = node.get(part) if isinstance(node, dict) else None
+        if node is None:
+            return
+    if isinstance(node, dict):
+        node.pop(parts[-1], None)
+
+
+def scale_epochs(doc: dict[str, Any], epochs: int) -> dict[str, Any]:
+    """A copy of a study document where every run trains `epochs` epochs.
+
+    Multi-stage boundaries keep their proportions: 50/100 of 300 epochs become 10/20 of 60.
+    """
+    doc = copy.deepcopy(doc)
+    base = doc.setdefault("base", {})
+    runs = [base] + [e for e in doc.get("experiments", {}).values() if isinstance(e, dict)]
+    base_epochs = base.get("epochs", RunSpec.model_fields["epochs"].default)
+    for run in runs:
+        old = run.get("epochs", base_epochs)
+        merged = {**base, **run}
+        if merged.get("loss") == "multistage" and isinstance(old, int) and old > 0:
+            for key in ("stage1_epochs", "stage2_epochs", "stage3_start"):
+                value = merged.get(key, RunSpec.model_fields[key].default)
+                if value:  # a stage of 0 epochs stays 0
+                    run[key] = max(1, round(value * epochs / old))
+        run.pop("epochs", None)
+    base["epochs"] = epochs
+    return doc
+
+
+def load_study(
+    name: str, overrides: dict[str, Any] | None = None, *, epochs: int | None = None
+) -> StudySpec:
+    """Read studies/NAME.toml (or a path), apply overrides, and validate it."""
+    path = find_study(name)
+    try:
+        doc = tomllib.loads(path.read_text())
+    except tomllib.TOMLDecodeError as e:
+        raise AblateError(f"{path}: not valid TOML ({e})") from None
+    if epochs is not None:
+        doc = scale_epochs(doc, epochs)
+    doc = apply_overrides(doc, overrides or {})
+    doc.setdefault("name", path.stem)
+    return from_document(doc, source=str(path))
+
+
+
+# --------------------------------------------------------------------------------------
+# Identity of a study
+# --------------------------------------------------------------------------------------
+
+
+def spec_document(spec: StudySpec) -> dict[str, Any]:
+    """The resolved spec as a JSON-able dict (kept in the Optuna study, logged to MLflow)."""
+    return spec.model_dump(mode="json")
+
+
+def spec_hash(spec: StudySpec) -> str:
+    """A short hash of what decides a study's trials.
+
+    Left out: a search's trial budget, and a suite's seeds and report settings. So more seeds or
+    a larger budget extend the same study, and a changed run setting starts a new one.
+    """
+    doc = spec.identity()
+    blob = json.dumps(doc, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(blob.encode()).hexdigest()[:8]
+
+
+def study_name(spec: StudySpec) -> str:
+    """The Optuna study name: the spec's name and the hash of its resolved settings."""
+    return f"{spec.name}-{spec_hash(spec)}"

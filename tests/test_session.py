@@ -1,0 +1,55 @@
+"""One study session per command: each store is opened once, however much the command does."""
+
+from __future__ import annotations
+
+from collections import Counter
+
+import pytest
+from support import run_cli
+
+from ablate import studies, tracking
+
+TINY = ["--epochs", "2", "--set", "data.source=pairs.npz", "--set", "model.hidden=[16]", "--set", "batch_size=16"]
+
+
+@pytest.fixture
+def opened(monkeypatch):
+    """Counts of Optuna storages and MLflow trackers constructed in this process."""
+    counts: Counter[str] = Counter()
+    open_storage, tracker_init = studies.open_storage, tracking.Tracker.__init__
+
+    def counting_open_storage(*args, **kwargs):
+        counts["storage"] += 1
+        return open_storage(*args, **kwargs)
+
+    def counting_tracker_init(self, *args, **kwargs):
+        counts["tracker"] += 1
+        tracker_init(self, *args, **kwargs)
+
+    monkeypatch.setattr(studies, "open_storage", counting_open_storage)
+    monkeypatch.setattr(tracking.Tracker, "__init__", counting_tracker_init)
+    return counts
+
+
+@pytest.mark.slow
+def test_run_suite_report_and_tune_confirm_open_each_store_once(workdir, monkeypatch, capsys, opened):
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--seeds", "0", *TINY], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert opened == {"storage": 1, "tracker": 1}
+
+    opened.clear()
+    code, out, err = run_cli(["report", "baseline-vs-multistage"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert opened == {"storage": 1, "tracker": 1}
+
+    opened.clear()
+    code, out, err = run_cli(["tune", "weights", "--n-trials", "2", "--confirm", "1", "--set", "confirm_seeds=[7,8]",
+                              "--set", "pruner.type=none", *TINY], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert "confirming the top 1" in out
+    assert opened == {"storage": 1, "tracker": 1}
+
+    opened.clear()
+    code, out, err = run_cli(["studies", "show", "weights"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert opened == {"storage": 1}  # showing a study never needs MLflow
