@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -34,8 +35,8 @@ studies_app = typer.Typer(help="List, inspect and export studies.", no_args_is_h
 app.add_typer(studies_app, name="studies")
 
 # Markup is off: paths, URLs and messages print as they are, brackets included ([::1], ablate[postgres]).
-console = Console(markup=False)
-err_console = Console(stderr=True, markup=False)
+console = Console(markup=False, soft_wrap=True)
+err_console = Console(stderr=True, markup=False, soft_wrap=True)
 
 _RUN = specs.RunSpec()
 
@@ -64,8 +65,9 @@ SetOpt = Annotated[
                  "--set experiments.infonce.temperature=0.1 (repeatable)."),
 ]
 JobsOpt = Annotated[
-    int, typer.Option("--jobs", "-j", min=0, help="Trials run in parallel on this machine, one "
-                      "process each (0: only create the study, for remote workers).")
+    str, typer.Option("--jobs", "-j", help="Trials trained in parallel on this machine, one process each; "
+                      "auto: one per CUDA device, else one per CPU core (each on one thread); "
+                      "0: only create the study, for remote workers.")
 ]
 DevicesOpt = Annotated[
     str | None,
@@ -131,11 +133,6 @@ def train(
     set_: SetOpt = None,
 ) -> None:
     """Train one model and log it to MLflow (the quick-start's experiments, one at a time)."""
-    from ablate.launch import sigterm_as_interrupt
-    from ablate.runs import train_and_log
-    from ablate.tracking import Tracker, ui_hint
-    from ablate.trainer import EpochResult, Trainer
-
     named: dict[str, Any] = {
         "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
         "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
@@ -144,7 +141,12 @@ def train(
     }
     overrides = studyfiles.parse_overrides(set_ or [])
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
-    run = specs.run_from_options({**named, **overrides}, flags)
+    run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
+    from ablate.launch import sigterm_as_interrupt
+    from ablate.runs import train_and_log
+    from ablate.tracking import Tracker, ui_hint
+    from ablate.trainer import EpochResult, Trainer
+
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
     tracker = Tracker(tracking_uri)
     exp_id = tracker.experiment_id(experiment_name)
@@ -161,9 +163,17 @@ def train(
                 f"top1 {m['val/top1']:.3f}" + (f"  [{result.stage}]" if result.stage else ""))
         progress.update(task, completed=result.epoch + 1, info=info)
 
-    with progress, sigterm_as_interrupt():
-        outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
-                                save_best=save_best)
+    started: list[str] = []
+    try:
+        with progress, sigterm_as_interrupt():
+            outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
+                                    save_best=save_best, on_start=started.append)
+    except KeyboardInterrupt:
+        done = int(progress.tasks[task].completed)
+        err_console.print(f"interrupted after {done} of {run.epochs} epochs: "
+                          + (f"MLflow run {started[0]} ended KILLED with the metrics of those epochs"
+                             if started else "no MLflow run was created"))
+        raise typer.Exit(130) from None
     table = Table(title=f"{run.loss}: {len(outcome.history)} epochs")
     table.add_column("metric")
     table.add_column("final", justify="right")
@@ -187,16 +197,24 @@ def train(
 # --------------------------------------------------------------------------------------
 
 
-def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int, devices: list[str],
+def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
            budget: int | None = None) -> StudySession | None:
     """Open the study and train its queued trials; None when only created (--jobs 0)."""
     from ablate.session import StudySession
 
     session = StudySession.start(spec, store, budget=budget, devices=devices)
+    if isinstance(spec, designs.SearchSpec):
+        wanted, size = budget if budget is not None else spec.n_trials, spec.space_size()
+        if size is not None and wanted > size:
+            console.print(f"the search space has {size} configuration(s): the budget of {wanted} trials is "
+                          f"capped at {size}, so no configuration is trained twice")
     done, total = session.progress()
+    parent = session.parent_run_id if jobs == 0 and not devices else session.known_parent_run_id
+    tracking = stores.mask_url(stores.resolve_tracking_uri(store.tracking_uri))
     console.print(Text.assemble("study ", (session.name, "bold"), f" in {store.shown_storage} "
-                                f"({done}/{total} trials done); MLflow parent run {session.parent_run_id} "
-                                f"at {session.tracker.shown_uri}"))
+                                f"({done}/{total} trials done); MLflow "
+                                + (f"parent run {parent}" if parent else "experiment " + repr(spec.name))
+                                + f" at {tracking}"))
     if jobs == 0 and not devices:
         console.print(f"created; start workers with: ablate worker {session.name} --storage {store.shown_storage}")
         return None
@@ -204,20 +222,43 @@ def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int, devices:
     return session
 
 
-def _train(session: StudySession, *, jobs: int, devices: list[str]) -> None:
+def _train(session: StudySession, *, jobs: int | None, devices: list[str]) -> None:
+    """Train what the study has queued, with a live display; exit 130 when interrupted."""
+    from ablate.launch import plan
     from ablate.render import StudyDisplay
 
+    pending = session.pending()
+    if not pending:
+        return
+    p = plan(jobs, devices, pending)
+    where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"
+    console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
+                  f"{where}")
     done, total = session.progress()
     display = StudyDisplay(console, total, done)
     with display.progress:
-        finished = session.run(jobs=jobs, devices=devices, on_event=display)
+        finished = session.run(jobs=p.workers, devices=p.devices, on_event=display, spawn_after=p.spawn_after)
     if not finished:
-        err_console.print(f"interrupted; run the same command again to resume study {session.name}")
+        err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
+                          f"run the same command again to resume study {session.name}")
         raise typer.Exit(130)
 
 
 def _stores(storage: str | None, tracking_uri: str | None, heartbeat: int | None = None) -> stores.Stores:
     return stores.Stores(storage, tracking_uri, stores.DEFAULT_HEARTBEAT_SECONDS if heartbeat is None else heartbeat)
+
+
+def _jobs(text: str, minimum: int = 0) -> int | None:
+    """--jobs: 'auto' (None) or a count."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < minimum:
+        raise AblateError(f"--jobs {text!r}: expected 'auto' or a whole number >= {minimum}")
+    return value
 
 
 @app.command("run-suite")
@@ -230,7 +271,7 @@ def run_suite(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
-    jobs: JobsOpt = 1,
+    jobs: JobsOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
@@ -247,7 +288,7 @@ def run_suite(
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SuiteSpec):
         raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
-    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=jobs, devices=_devices(devices))
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=_jobs(jobs), devices=_devices(devices))
     if session is not None:
         _report(session, out, finish=True)
 
@@ -263,15 +304,18 @@ def _report(session: StudySession, out: Path, finish: bool = False) -> None:
     from ablate import render
     from ablate.tracking import ui_hint
 
-    report, files = session.report(out)
-    console.print(render.rich_table(report))
+    report, files, rebuilt = session.report(out)
+    for table in render.suite_tables(report):
+        console.print(table)
     for line in render.verdict(report):
         console.print(f"• {line}")
     for r in report.trials:
         if r.note:
             console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
-    done = session.finish()
-    console.print(f"report: {files[0]} (also on MLflow run {session.parent_run_id}); {ui_hint(session.tracker.uri)}")
+    done = session.finish() if rebuilt or session.trained else not session.pending()
+    parent = session.known_parent_run_id
+    hint = ui_hint(stores.resolve_tracking_uri(session.stores.tracking_uri))
+    console.print(f"report: {files[0]}" + (f" (also on MLflow run {parent})" if parent else "") + f"; {hint}")
     if report.missing:
         what = "failed" if done else "not finished yet"
         err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
@@ -305,7 +349,7 @@ def tune(
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
-    jobs: JobsOpt = 1,
+    jobs: JobsOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
@@ -319,8 +363,8 @@ def tune(
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
-    devs = _devices(devices)
-    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=jobs, devices=devs, budget=n_trials)
+    devs, n_jobs = _devices(devices), _jobs(jobs)
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, budget=n_trials)
     if session is None:
         return
     _show(session)
@@ -330,7 +374,7 @@ def tune(
         assert isinstance(suite.spec, designs.SuiteSpec)
         console.print(f"\nconfirming the top {len(suite.spec.experiments)} configuration(s) with seeds "
                       f"{', '.join(map(str, suite.spec.seeds))}")
-        _train(suite, jobs=jobs, devices=devs)
+        _train(suite, jobs=n_jobs, devices=devs)
         _report(suite, out, finish=True)
 
 
@@ -340,7 +384,8 @@ def worker(
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     devices: DevicesOpt = None,
-    jobs: Annotated[int, typer.Option("--jobs", "-j", min=1, help="Worker processes on this machine.")] = 1,
+    jobs: Annotated[str, typer.Option("--jobs", "-j", help="Worker processes on this machine; auto: one per "
+                                      "CUDA device, else one per CPU core.")] = "auto",
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
 ) -> None:
     """Join an existing study: take its waiting trials until none is left, then exit."""
@@ -349,7 +394,7 @@ def worker(
 
     session = StudySession.open(name, _stores(storage, tracking_uri, heartbeat))
     console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))
-    _train(session, jobs=jobs, devices=_devices(devices))
+    _train(session, jobs=_jobs(jobs, minimum=1), devices=_devices(devices))
     console.print(f"study {session.name}: no trials left to take; {studies.counts(session.study)}")
 
 
@@ -365,11 +410,11 @@ def studies_list(storage: StorageOpt = None) -> None:
 
     rows = studies.list_studies(studies.open_storage(storage))
     table = Table(title=f"studies in {stores.mask_url(stores.resolve_storage(storage))}")
-    for col in ("name", "spec", "kind", "trials", "created"):
-        table.add_column(col)
+    for col in ("name", "spec", "kind", "finished", "failed", "created"):
+        table.add_column(col, justify="right" if col in ("finished", "failed") else "left")
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r["created"] else ""
-        table.add_row(r["name"], r["spec"], r["kind"], str(r["trials"]), created)
+        table.add_row(r["name"], r["spec"], r["kind"], f"{r['finished']}/{r['owed']}", str(r["failed"]), created)
     console.print(table)
 
 
@@ -425,8 +470,6 @@ def ui(
     port: Annotated[int, typer.Option(help="Port.")] = 5000,
 ) -> None:
     """Start the MLflow UI on the same store and print its URL (Ctrl-C stops it)."""
-    import signal
-
     from ablate.launch import sigterm_as_interrupt
     from ablate.tracking import Tracker, runs_url
 
@@ -444,9 +487,6 @@ def ui(
     for name, exp_id in Tracker(uri).experiments():
         console.print(f"  {name}: {runs_url(base, exp_id)}")
     code = 0
-    # Ctrl-C (SIGINT) stops the UI also where it was started with SIGINT ignored (a background job
-    # of a script inherits that), as does SIGTERM.
-    signal.signal(signal.SIGINT, signal.default_int_handler)
     with sigterm_as_interrupt():
         try:
             code = server.wait()
@@ -471,6 +511,9 @@ def ui(
 
 def main() -> None:
     """Run the CLI: a user's mistake is one line on stderr and exit code 2."""
+    # Ctrl-C stops a command also where it was started with SIGINT ignored (a background job of a
+    # script inherits that); SIGTERM is handled alike by the commands that train.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         app()
     except AblateError as e:

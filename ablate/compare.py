@@ -6,8 +6,12 @@ rebuilt at any time without training or reading MLflow.
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
+import json
 import math
 from dataclasses import dataclass, field
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -16,10 +20,12 @@ from ablate import stats, studies
 from ablate.designs import StudySpec, SuiteSpec
 from ablate.records import TrialRecord
 from ablate.specs import SUMMARY_METRICS, better
-from ablate.stats import Summary
+from ablate.stats import Comparison, Summary
 
 ALPHA = 0.05
 AT = ("final", "best")
+REPORT_FORMAT = 2
+"""Bumped when the comparison's content changes, so cached reports are rebuilt."""
 
 
 @dataclass(frozen=True)
@@ -38,15 +44,28 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class Row:
-    """One experiment's numbers for one metric, at the final or the best epoch."""
+    """One experiment's numbers for one metric, at the final or the best epoch.
+
+    ``comparison`` (None for the baseline) holds the difference from the baseline with its interval,
+    the test's p-value and the probability of improvement; ``p_holm`` is that p-value Holm-adjusted
+    over the experiments compared for the metric; ``seeds_needed`` is how many seeds would detect the
+    observed difference with 80 % power; ``why`` says why the comparison is paired or not.
+    """
 
     experiment: str
     metric: str
     at: str
     summary: Summary
     change_pct: float
-    p: float
+    comparison: Comparison | None
     p_holm: float
+    seeds_needed: int | None = None
+    why: str = ""
+
+    @property
+    def p(self) -> float:
+        """The unadjusted p-value of the test against the baseline (NaN for the baseline)."""
+        return self.comparison.p if self.comparison is not None else float("nan")
 
     @property
     def significant(self) -> bool:
@@ -90,9 +109,32 @@ class SuiteReport:
         """Whether every (experiment, seed) trial has finished."""
         return not self.missing
 
+    def headline(self) -> list[Comparison]:
+        """The comparisons that decide the suite: every experiment against the baseline on the objective, final."""
+        return [c for e in self.spec.experiments
+                if (c := self.row(e, self.spec.objective).comparison) is not None]
 
-def build_report(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
-    """Collect a suite's finished trials and compute every row of the comparison."""
+    def stamp(self) -> str:
+        """A hash of what the comparison is computed from (spec, finished trials, report format)."""
+        doc = [REPORT_FORMAT, self.spec.model_dump(mode="json"),
+               [(r.number, r.experiment, r.seed, r.state, r.final, r.best, r.note) for r in self.trials]]
+        return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+    def rows_document(self) -> list[dict[str, Any]]:
+        """The rows as JSON-able dicts (report.json)."""
+        return [dataclasses.asdict(r) for r in self.rows.values()]
+
+    def load_rows(self, rows: list[dict[str, Any]]) -> None:
+        """Rows read back from ``rows_document``."""
+        for d in rows:
+            comp = d.pop("comparison")
+            row = Row(**{**d, "summary": Summary(**d["summary"]),
+                         "comparison": Comparison(**comp) if comp is not None else None})
+            self.rows[(row.experiment, row.metric, row.at)] = row
+
+
+def collect(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
+    """A suite's finished trials (one per experiment and seed of the spec), without the comparison."""
     results = []
     seen = set()
     for t in study.get_trials(deepcopy=False, states=studies.FINISHED):
@@ -107,6 +149,12 @@ def build_report(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
                                    rec.note))
     report = SuiteReport(study.study_name, spec, sorted(results, key=lambda r: (r.experiment, r.seed)))
     report.missing = [f"{e} s{s}" for e in spec.experiments for s in spec.seeds if (e, s) not in seen]
+    return report
+
+
+def build_report(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
+    """Collect a suite's finished trials and compute every row of the comparison."""
+    report = collect(study, spec)
     for at in AT:
         for metric in report_metrics(spec):
             _fill(report, metric, at)
@@ -118,30 +166,63 @@ def report_metrics(spec: SuiteSpec) -> list[str]:
     return list(dict.fromkeys([spec.objective, *SUMMARY_METRICS]))
 
 
-def _values(report: SuiteReport, experiment: str, metric: str, at: str) -> list[float]:
-    out = []
+def pairing(spec: SuiteSpec, experiment: str) -> tuple[bool, str]:
+    """Whether an experiment's seeds pair with the baseline's, and why.
+
+    A seed fixes a run's initialisation and batch order; runs with the same data and model shape
+    then share the split and the initial weights, which is most of the seed-to-seed variance.
+    """
+    run, base = spec.experiments[experiment], spec.experiments[spec.baseline_name]
+    if run.data != base.data:
+        return False, "unpaired (Welch): its data differ from the baseline's"
+    if run.model != base.model:
+        return False, "unpaired (Welch): its model differs from the baseline's"
+    return True, "paired by seed: same data split and model as the baseline"
+
+
+def _by_seed(report: SuiteReport, experiment: str, metric: str, at: str) -> dict[int, float]:
+    out = {}
     for r in report.trials:
         if r.experiment == experiment and r.note != "diverged":
             v = (r.final if at == "final" else r.best).get(metric)
             if v is not None:
-                out.append(v)
+                out[r.seed] = v
     return out
 
 
 def _fill(report: SuiteReport, metric: str, at: str) -> None:
-    base_values = _values(report, report.baseline, metric, at)
-    base = stats.summarize(base_values)
-    others = [e for e in report.spec.experiments if e != report.baseline]
-    pvals = [stats.welch_p(_values(report, e, metric, at), base_values) for e in others]
-    adjusted = dict(zip(others, stats.holm(pvals), strict=True))
-    raw = dict(zip(others, pvals, strict=True))
-    nan = float("nan")
-    for e in report.spec.experiments:
-        s = stats.summarize(_values(report, e, metric, at))
+    spec = report.spec
+    base = _by_seed(report, report.baseline, metric, at)
+    base_summary = stats.summarize(list(base.values()))
+    maximize = better(metric) == "maximize"
+    comparisons: dict[str, Comparison] = {}
+    reasons: dict[str, str] = {}
+    needed: dict[str, int | None] = {}
+    for e in spec.experiments:
+        if e == report.baseline:
+            continue
+        values = _by_seed(report, e, metric, at)
+        paired, why = pairing(spec, e)
+        seeds = sorted(set(values) & set(base))
+        if paired and len(seeds) < 2:
+            paired, why = False, "unpaired (Welch): fewer than two seeds in common with the baseline"
+        if paired:
+            a, b = [values[s] for s in seeds], [base[s] for s in seeds]
+        else:
+            a, b = list(values.values()), list(base.values())
+        c = stats.compare(a, b, paired=paired, test=spec.test if paired else "t", maximize=maximize)
+        comparisons[e], reasons[e] = c, why
+        sd = stats.sd_for_power(a, b, paired=paired)
+        needed[e] = stats.seeds_for_power(c.diff, sd, paired=paired) if math.isfinite(c.diff) else None
+    others = list(comparisons)
+    adjusted = dict(zip(others, stats.holm([comparisons[e].p for e in others]), strict=True))
+    for e in spec.experiments:
+        s = stats.summarize(list(_by_seed(report, e, metric, at).values()))
+        is_base = e == report.baseline
         report.rows[(e, metric, at)] = Row(
             e, metric, at, s,
-            stats.relative_change(s.mean, base.mean) if e != report.baseline else nan,
-            raw.get(e, nan), adjusted.get(e, nan),
+            float("nan") if is_base else stats.relative_change(s.mean, base_summary.mean),
+            comparisons.get(e), adjusted.get(e, float("nan")), needed.get(e), reasons.get(e, "baseline"),
         )
 
 
@@ -172,23 +253,36 @@ class SearchSummary:
     best: TrialRow | None
     importances: dict[str, float]
     expected_max: list[float]
+    waiting: int = 0
 
 
 def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
-    """Summarise a study (search or suite) from its trials."""
+    """Summarise a study (search or suite) from its trials; waiting trials are only counted.
+
+    A trial's value is Optuna's: the objective of a COMPLETE trial, the last value a PRUNED trial
+    reported, none for a FAIL; every FAIL and PRUNED trial says why it stopped.
+    """
     metric = spec.objective
     maximize = spec.goal == "maximize"
+    trials = study.get_trials(deepcopy=False)
+    retried_as = {n: t.number for t in trials
+                  if (n := optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t)) is not None}
     rows = []
-    for t in study.get_trials(deepcopy=False):
+    waiting = 0
+    for t in trials:
         rec = TrialRecord.of(t)
         if rec.skipped:
             continue
-        value = rec.value
-        if value is None and rec.reported:
-            inter = [v for v in rec.reported.values() if math.isfinite(v)]
-            value = (max(inter) if maximize else min(inter)) if inter else None
-        rows.append(TrialRow(rec.number, rec.state, rec.label, value, rec.epochs,
-                             str(rec.stop.get("message", "")) or rec.error))
+        if rec.state == "WAITING":
+            waiting += 1
+            continue
+        note = rec.note
+        if rec.state == "FAIL" and not note:
+            note = "the worker stopped sending heartbeats (it died or lost the database)"
+        if rec.number in retried_as:
+            note += f"; retried as #{retried_as[rec.number]}"
+        rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != "FAIL" else None,
+                             rec.epochs, note))
     complete = [r for r in rows if r.state == "COMPLETE" and r.value is not None]
     best = None
     if complete:
@@ -196,7 +290,7 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
     finished = [r.value for r in rows if r.state in ("COMPLETE", "PRUNED") and r.value is not None]
     return SearchSummary(
         metric, rows, studies.counts(study), best, _importances(study),
-        stats.expected_max([v for v in finished if v is not None], maximize),
+        stats.expected_max([v for v in finished if v is not None], maximize), waiting,
     )
 
 

@@ -139,8 +139,11 @@ class SuiteSpec(StudyDesign):
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default=[0, 1, 2], min_length=1)
     experiments: dict[str, RunSpec]
     claims: dict[str, ClaimSpec] = Field(default_factory=dict)
+    test: Literal["t", "wilcoxon"] = "t"
+    """The paired test against the baseline: the paired t-test, or the Wilcoxon signed-rank test."""
 
-    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description", "seeds", "baseline", "claims", "objective"})
+    REPORT_ONLY: ClassVar[frozenset[str]] = frozenset(
+        {"description", "seeds", "baseline", "claims", "objective", "test"})
 
     @model_validator(mode="after")
     def _check(self) -> SuiteSpec:
@@ -271,15 +274,36 @@ class SearchSpec(StudyDesign):
         return self.stability
 
     def make_sampler(self) -> optuna.samplers.BaseSampler:
-        """Seeded TPE (constant liar, so parallel workers spread out) or random sampling."""
+        """TPE (constant liar, so parallel workers spread out) or random sampling, seeded per trial.
+
+        Each trial's sampler is seeded by (sampler.seed, trial number): see ``ablate.sampling``.
+        """
         import optuna
 
+        from ablate.sampling import TrialSeededSampler
+
         s = self.sampler
-        if s.type == "random":
-            return optuna.samplers.RandomSampler(seed=s.seed)
-        return optuna.samplers.TPESampler(
-            seed=s.seed, n_startup_trials=s.n_startup_trials, multivariate=s.multivariate, constant_liar=True,
-        )
+
+        def make(seed: int) -> optuna.samplers.BaseSampler:
+            if s.type == "random":
+                return optuna.samplers.RandomSampler(seed=seed)
+            return optuna.samplers.TPESampler(seed=seed, n_startup_trials=s.n_startup_trials,
+                                              multivariate=s.multivariate, constant_liar=True)
+
+        return TrialSeededSampler(make, s.seed, self.space())
+
+    def space(self) -> dict[str, optuna.distributions.BaseDistribution]:
+        """Every sampled name and its Optuna distribution."""
+        out = {}
+        for key, p in self.params.items():
+            out.update(p.distributions(key))
+        return out
+
+    def space_size(self) -> int | None:
+        """How many configurations the space has (None: infinitely many)."""
+        from ablate.sampling import finite_size
+
+        return finite_size(self.space())
 
     def make_pruner(self) -> optuna.pruners.BasePruner:
         """Median pruning with warm-up (as configured), or none."""
@@ -300,8 +324,10 @@ class SearchSpec(StudyDesign):
         return [{} for _ in range(max(0, self.trial_count(budget) - len(counted)))]
 
     def trial_count(self, budget: int | None = None) -> int:
-        """The trial budget: the flag's, else the file's."""
-        return budget if budget is not None else self.n_trials
+        """The trial budget (the flag's, else the file's), capped at the size of a finite space."""
+        wanted = budget if budget is not None else self.n_trials
+        size = self.space_size()
+        return wanted if size is None else min(wanted, size)
 
     def suggest(self, trial: optuna.Trial) -> Assignment:
         """Sample every parameter; the learning rate follows the batch size if a rule says so."""

@@ -1,4 +1,4 @@
-"""Starting a study's workers on this machine: in this process, or one process per job or device.
+"""Starting a study's workers on this machine: one in this process, the others one process per job or device.
 
 Worker processes get signals from their parent only, stop when their parent is gone, and send
 their events back through a queue; SIGTERM is treated like Ctrl-C everywhere, so a stopped trial
@@ -13,14 +13,22 @@ import queue as queue_mod
 import signal
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
+from optuna.trial import TrialState
+
+from ablate.devices import available_cpus, cpu_share, set_cpu_share
 from ablate.errors import AblateError
 from ablate.records import WorkerFailed
 from ablate.stores import Stores
 from ablate.worker import Context, OnEvent, work
+
+SPAWN_AFTER_SECONDS = 3.0
+"""With --jobs auto, more worker processes start only once this process has trained for this long with
+trials still waiting: starting one costs seconds (it imports torch and MLflow), more than a small study."""
 
 
 def execute(
@@ -30,58 +38,109 @@ def execute(
     jobs: int = 1,
     devices: Sequence[str] = (),
     on_event: OnEvent | None = None,
+    spawn_after: float = 0.0,
 ) -> bool:
     """Run the study's trials with ``jobs`` workers (one per device when devices are given).
 
-    One worker runs in this process, on ``ctx``; more run as separate processes, each with an equal
-    share of the CPU threads. Returns False when interrupted (Ctrl-C or SIGTERM).
+    One worker runs in this process, on ``ctx``; the others run as separate processes, started at
+    once or, with ``spawn_after``, only when trials are still waiting after that many seconds. Every
+    training process gets an equal share of the CPUs this one may use. Returns False when
+    interrupted (Ctrl-C or SIGTERM): every running trial then ends FAIL and its run KILLED.
     """
     devs = list(devices)
-    n = len(devs) if devs else jobs
-    if n <= 1:
-        with sigterm_as_interrupt():
-            try:
-                work(ctx, device=devs[0] if devs else None, on_event=on_event)
-            except KeyboardInterrupt:
-                return False
-        return True
-    return _execute_processes(ctx.name, stores, n, devs, on_event)
-
-
-def _execute_processes(name: str, stores: Stores, n: int, devs: list[str], on_event: OnEvent | None) -> bool:
-    ctx = mp.get_context("spawn")
-    events: Any = ctx.Queue()
-    threads = max(1, (os.cpu_count() or 1) // n)
-    procs = [
-        ctx.Process(target=_process_main, args=(name, stores, devs[i] if devs else None, threads, events),
-                    daemon=False)
-        for i in range(n)
-    ]
-    stop_reader = threading.Event()
-    errors: list[str] = []
-    reader = threading.Thread(target=_relay, args=(events, on_event, stop_reader, errors), daemon=True)
-    reader.start()
+    n = max(1, len(devs) if devs else jobs)
+    share = cpu_share(n)
+    set_cpu_share(share)
+    group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event)
     interrupted = False
     with sigterm_as_interrupt():
         try:
-            for p in procs:
-                p.start()
-            for p in procs:
-                p.join()
+            if spawn_after > 0:
+                group.start_later(spawn_after, lambda: bool(ctx.study.get_trials(
+                    deepcopy=False, states=(TrialState.WAITING,))))
+            else:
+                group.start()
+            work(ctx, device=devs[0] if devs else None, on_event=on_event)
+            group.join()
         except KeyboardInterrupt:
             interrupted = True
-            _stop_processes(procs)
-    stop_reader.set()
-    reader.join(timeout=5)
-    codes = [p.exitcode for p in procs]
-    if errors:
-        raise AblateError(errors[0])
+            group.stop()
+        except BaseException:
+            group.stop()
+            raise
+    codes = [p.exitcode for p in group.procs]
+    if group.errors:
+        raise AblateError(group.errors[0])
     if interrupted or 130 in codes:
         return False
     failed = [c for c in codes if c not in (0, None)]
     if failed:
         raise RuntimeError(f"{len(failed)} worker process(es) exited with codes {failed}")
     return True
+
+
+class _Workers:
+    """The worker processes beside this one: started, relayed, joined and stopped together."""
+
+    def __init__(self, name: str, stores: Stores, devices: list[str | None], threads: int,
+                 on_event: OnEvent | None):
+        self.name, self.stores, self.devices, self.threads, self.on_event = name, stores, devices, threads, on_event
+        self.procs: list[Any] = []
+        self.errors: list[str] = []
+        self._lock = threading.Lock()
+        self._stopped = False
+        self._reader: threading.Thread | None = None
+        self._stop_reader = threading.Event()
+        self._timer: threading.Timer | None = None
+
+    def start(self) -> None:
+        """Start every worker process (unless the group was stopped meanwhile)."""
+        with self._lock:
+            if self._stopped or self.procs or not self.devices:
+                return
+            mp_ctx = mp.get_context("spawn")
+            events: Any = mp_ctx.Queue()
+            self._reader = threading.Thread(target=_relay, args=(events, self.on_event, self._stop_reader,
+                                                                 self.errors), daemon=True)
+            self._reader.start()
+            for device in self.devices:
+                p = mp_ctx.Process(target=_process_main, args=(self.name, self.stores, device, self.threads, events),
+                                   daemon=False)
+                p.start()
+                self.procs.append(p)
+
+    def start_later(self, seconds: float, still_needed: Callable[[], bool]) -> None:
+        """Start the processes after ``seconds`` if ``still_needed()`` then."""
+        def later() -> None:
+            if still_needed():
+                self.start()
+
+        self._timer = threading.Timer(seconds, later)
+        self._timer.daemon = True
+        self._timer.start()
+
+    def join(self) -> None:
+        """Wait for every process, then for the relay of their events."""
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer.join()
+        for p in list(self.procs):
+            p.join()
+        self._close()
+
+    def stop(self) -> None:
+        """SIGTERM every process (each ends its trial cleanly), then SIGKILL what is left after a grace period."""
+        with self._lock:
+            self._stopped = True
+        if self._timer is not None:
+            self._timer.cancel()
+        _stop_processes(self.procs)
+        self._close()
+
+    def _close(self) -> None:
+        self._stop_reader.set()
+        if self._reader is not None:
+            self._reader.join(timeout=5)
 
 
 def _stop_processes(procs: list[Any], grace_seconds: float = 60.0) -> None:
@@ -118,9 +177,7 @@ def _process_main(name: str, stores: Stores, device: str | None, threads: int, e
     os.setpgrp()
     signal.signal(signal.SIGINT, signal.default_int_handler)
     parent = os.getppid()
-    import torch
-
-    torch.set_num_threads(threads)
+    set_cpu_share(threads)
     try:
         with sigterm_as_interrupt():
             work(Context.open(name, stores), device=device, on_event=events.put,
@@ -147,3 +204,35 @@ def sigterm_as_interrupt() -> Iterator[None]:
         yield
     finally:
         signal.signal(signal.SIGTERM, previous)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a command trains its queue: worker processes, their devices, threads each, when to start them."""
+
+    workers: int
+    devices: list[str]
+    threads: int
+    spawn_after: float = 0.0
+
+
+def plan(jobs: int | None, devices: Sequence[str], pending: int) -> Plan:
+    """The plan for ``jobs`` (None: auto) workers and ``pending`` trials.
+
+    Auto is one worker per CUDA device where there are any, else one per CPU this process may use
+    (each on one thread): projection heads are too small for a second intra-op thread to pay, and
+    workers on separate trials scale almost linearly. Never more workers than trials; on the CPU the
+    extra processes start only if the study lasts longer than SPAWN_AFTER_SECONDS.
+    """
+    devs = list(devices)
+    if devs:
+        return Plan(len(devs), devs, cpu_share(len(devs)))
+    if jobs is not None:
+        return Plan(max(1, jobs), [], cpu_share(max(1, jobs)))
+    import torch
+
+    if torch.cuda.is_available():
+        cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())][: max(1, pending)]
+        return Plan(len(cuda), cuda, cpu_share(len(cuda)))
+    n = 1 if torch.backends.mps.is_available() else min(available_cpus(), max(1, pending))
+    return Plan(n, [], cpu_share(n), SPAWN_AFTER_SECONDS if n > 1 else 0.0)

@@ -4,6 +4,7 @@ aggregated numbers on the suite's MLflow parent run.
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -65,8 +66,14 @@ def plot(series: dict[str, dict[str, list[list[float]]]], key: str, path: Path, 
     return path
 
 
+REPORT_JSON = "report.json"
+
+
 def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[Path]:
-    """Write report.md and the curve plots into out_dir; returns the files written."""
+    """Write report.md, report.json (every row of the comparison) and the curve plots into out_dir.
+
+    Returns the files written, report.md first.
+    """
     out_dir.mkdir(parents=True, exist_ok=True)
     series = curves(report, tracker)
     plots = [
@@ -76,7 +83,24 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
     ]
     md = out_dir / "report.md"
     md.write_text(markdown(report, [str(p) for p in plots]))
-    return [md, *plots]
+    data = out_dir / REPORT_JSON
+    data.write_text(json.dumps({"study": report.study_name, "stamp": report.stamp(),
+                                "files": [md.name, *(p.name for p in plots)], "rows": report.rows_document()},
+                               indent=1))
+    return [md, data, *plots]
+
+
+def cached_report(report: SuiteReport, out_dir: Path) -> list[Path] | None:
+    """The files of a report written earlier from the same trials (its rows loaded into ``report``), or None."""
+    try:
+        doc = json.loads((out_dir / REPORT_JSON).read_text())
+    except (OSError, ValueError):
+        return None
+    files = [out_dir / name for name in doc.get("files", [])]
+    if doc.get("stamp") != report.stamp() or not files or not all(f.is_file() for f in files):
+        return None
+    report.load_rows(doc["rows"])
+    return [files[0], out_dir / REPORT_JSON, *files[1:]]
 
 
 def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Sequence[Path]) -> None:

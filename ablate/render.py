@@ -12,12 +12,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
+from rich import box
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ablate.compare import AT, Row, SearchSummary, SuiteReport, report_metrics
-from ablate.records import EpochEnded, Event, TrialEnded, TrialStarted
+from ablate.records import EpochEnded, Event, TrialEnded, TrialRecord, TrialStarted
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -40,37 +41,91 @@ def cell(row: Row) -> str:
     return f"{value} ({row.change_pct:+.1f} %, p{_p(row.p_holm)}{'*' if row.significant else ''})"
 
 
-def rich_table(report: SuiteReport) -> Table:
-    """The comparison as a rich Table: per metric, each experiment at the final and the best epoch."""
-    table = Table(
-        title=f"{report.study_name}: mean ± 95 % CI over seeds; change vs {report.baseline!r} "
-        "with Welch's p, Holm-adjusted (* < 0.05)",
-        title_justify="left",
-    )
-    for col in ("metric", "experiment", "n"):
-        table.add_column(col, no_wrap=True)
-    for at in AT:
-        table.add_column(f"{at} mean ± CI", justify="right", no_wrap=True)
-        table.add_column("change", justify="right", no_wrap=True)
-        table.add_column("p", justify="right", no_wrap=True)
-    winner = report.winner
-    metrics = report_metrics(report.spec)
-    for i, m in enumerate(metrics):
-        exps = list(report.spec.experiments)
-        for j, e in enumerate(exps):
-            name = e + (" ★" if e == winner and m == report.spec.objective else "")
-            cells = []
-            for at in AT:
-                r = report.row(e, m, at)
-                s = r.summary
-                ci = f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else ""
-                change = "baseline" if e == report.baseline else (
-                    f"{r.change_pct:+.1f} %" if math.isfinite(r.change_pct) else "n/a")
-                p = "" if e == report.baseline else f"{_p(r.p_holm).lstrip('=')}{'*' if r.significant else ''}"
-                cells += [f"{_num(s.mean)}{ci}", change, p]
-            table.add_row(m if j == 0 else "", name, str(report.row(e, m).summary.n), *cells,
-                          end_section=j == len(exps) - 1 and i < len(metrics) - 1)
+def _signed(x: float, digits: int = 3) -> str:
+    return f"{x:+.{digits}f}" if math.isfinite(x) else "n/a"
+
+
+def _diff(row: Row) -> str:
+    """'+0.122 [+0.020, +0.224]': the difference from the baseline and its 95 % interval."""
+    c = row.comparison
+    if c is None:
+        return ""
+    ci = f" [{_signed(c.ci_low)}, {_signed(c.ci_high)}]" if math.isfinite(c.half_width) else ""
+    return _signed(c.diff) + ci
+
+
+def _better(row: Row, interval: bool = False) -> str:
+    """P(experiment better than baseline), optionally with its bootstrap interval."""
+    c = row.comparison
+    if c is None or not math.isfinite(c.prob_improvement):
+        return ""
+    text = f"{c.prob_improvement:.2f}"
+    if interval and math.isfinite(c.pi_low):
+        text += f" [{c.pi_low:.2f}, {c.pi_high:.2f}]"
+    return text
+
+
+def _seeds(row: Row) -> str:
+    if row.comparison is None:
+        return ""
+    return str(row.seeds_needed) if row.seeds_needed is not None else ">1000"
+
+
+def _holm(row: Row) -> str:
+    if row.comparison is None:
+        return "baseline"
+    return _p(row.p_holm).lstrip("=") + ("*" if row.significant else "")
+
+
+def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
+    """One metric at the final or best epoch: each experiment against the baseline, in 80 columns."""
+    tests = sorted({r.comparison.test for e in report.spec.experiments
+                    if (r := report.row(e, metric, at)).comparison is not None})
+    table = Table(title=f"{metric}, {at} epoch: mean ± 95 % CI over seeds; difference from "
+                  f"{report.baseline!r} [95 % CI], {' / '.join(tests) or 'no'} test, Holm (* < 0.05)",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("experiment", no_wrap=True)
+    table.add_column("n", justify="right")
+    table.add_column("mean ± CI", justify="right", no_wrap=True)
+    table.add_column("difference [CI]", justify="right", no_wrap=True)
+    table.add_column("p Holm", justify="right", no_wrap=True)
+    table.add_column("P(>)", justify="right", no_wrap=True)
+    table.add_column("seeds*", justify="right", no_wrap=True)
+    for e in report.spec.experiments:
+        r = report.row(e, metric, at)
+        s = r.summary
+        mean = _num(s.mean) + (f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else "")
+        name = e + (" ★" if e == report.winner and metric == report.spec.objective and at == "final" else "")
+        table.add_row(name, str(s.n), mean, _diff(r), _holm(r), _better(r), _seeds(r))
+    table.caption = ("P(>): probability that the experiment beats the baseline (per seed pair when paired); "
+                     "seeds*: seeds per experiment for 80 % power at the observed difference")
+    table.caption_justify = "left"
     return table
+
+
+def overview_table(report: SuiteReport, at: str) -> Table:
+    """Every summary metric at the final or best epoch: mean and change against the baseline."""
+    metrics = report_metrics(report.spec)
+    table = Table(title=f"{at} epoch: mean (change vs {report.baseline!r}, * Holm p < 0.05)",
+                  title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
+    table.add_column("experiment", no_wrap=True)
+    for m in metrics:
+        table.add_column(m.removeprefix("val/"), justify="right", no_wrap=True)
+    for e in report.spec.experiments:
+        cells = []
+        for m in metrics:
+            r = report.row(e, m, at)
+            change = "" if not math.isfinite(r.change_pct) else f" {r.change_pct:+.0f}%{'*' if r.significant else ''}"
+            cells.append(_num(r.summary.mean) + change)
+        table.add_row(e, *cells)
+    return table
+
+
+def suite_tables(report: SuiteReport) -> list[Table]:
+    """The comparison for a terminal: the objective in detail at both epochs, then every metric's means."""
+    m = report.spec.objective
+    return [comparison_table(report, m, "final"), comparison_table(report, m, "best"),
+            overview_table(report, "final"), overview_table(report, "best")]
 
 
 def verdict(report: SuiteReport) -> list[str]:
@@ -105,6 +160,36 @@ def verdict(report: SuiteReport) -> list[str]:
     return lines
 
 
+def _test_name(test: str) -> str:
+    return "the paired t-test" if test == "t" else "the Wilcoxon signed-rank test"
+
+
+def _against_baseline(report: SuiteReport) -> list[str]:
+    """report.md's table of the objective's comparisons: difference, tests, P(better), seeds for 80 % power."""
+    m = report.spec.objective
+    out = [f"## `{m}` against `{report.baseline}`", "",
+           "Difference of means with its 95 % interval (paired where paired); the test and its p-value, "
+           "unadjusted and Holm-adjusted; the probability that the experiment beats the baseline (over seed "
+           "pairs when paired, over all pairs of runs otherwise) with a 95 % bootstrap interval; and how many "
+           "seeds per experiment would detect the observed difference with 80 % power (two-sided, 5 %).", ""]
+    for at in AT:
+        out += [f"**{'Final' if at == 'final' else 'Best'} epoch**", "",
+                "| experiment | n | difference [95 % CI] | test | p | p (Holm) | P(better) [95 % CI] "
+                "| seeds for 80 % power |",
+                "|---|---:|---:|---|---:|---:|---:|---:|"]
+        for e in report.spec.experiments:
+            r = report.row(e, m, at)
+            if r.comparison is None:
+                continue
+            c = r.comparison
+            out.append(f"| {e} | {c.n} | {_diff(r)} | {c.test} | {_p(c.p).lstrip('=')} | {_holm(r)} | "
+                       f"{_better(r, interval=True)} | {_seeds(r)} |")
+        out.append("")
+    reasons = {report.row(e, m).why for e in report.spec.experiments if e != report.baseline}
+    out += [f"Pairing: {'; '.join(sorted(reasons))}.", ""]
+    return out
+
+
 def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
     """report.md: method, tables at the final and best epoch, claims, per-trial notes, plots."""
     spec = report.spec
@@ -118,16 +203,20 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
         f"Headline metric: `{spec.objective}`.",
         "",
         "Each cell: mean ± half-width of the 95 % Student-t confidence interval over seeds; "
-        f"in brackets the change of the mean against `{report.baseline}` and the p-value of "
-        "Welch's t-test against it, Holm-adjusted over the experiments compared for that metric "
-        "(* = below 0.05). 'best' takes each seed's best epoch for that metric, which favours "
-        "every experiment by selection on the validation set; 'final' does not.",
+        f"in brackets the change of the mean against `{report.baseline}` and the p-value of the test "
+        "against it, Holm-adjusted over the experiments compared for that metric (* = below 0.05). "
+        f"The test is paired by seed ({_test_name(spec.test)}) where an experiment has the baseline's data "
+        "and model: the seed then fixes the same split, initial weights and batch order in both, and "
+        "pairing removes that shared variance. Otherwise it is Welch's t-test. 'best' takes each seed's "
+        "best epoch for that metric, which favours every experiment by selection on the validation set; "
+        "'final' does not.",
         "",
     ]
     if report.missing:
         out += [f"**Incomplete**: {len(report.missing)} trial(s) not finished: "
                 f"{', '.join(report.missing)}.", ""]
     out += ["## Verdict", ""] + [f"- {line}" for line in verdict(report)] + [""]
+    out += _against_baseline(report)
     metrics = report_metrics(spec)
     for at in AT:
         out += [f"## {'Final' if at == 'final' else 'Best'} epoch", ""]
@@ -211,6 +300,8 @@ def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
     for t in summary.trials:
         table.add_row(str(t.number), t.state, t.label, fmt(t.value), str(t.epochs), t.note)
     out: list[Table | str] = [table]
+    if summary.waiting:
+        out.append(f"{summary.waiting} trial(s) waiting in the queue")
     out.append("trials by state: " + ", ".join(f"{k} {v}" for k, v in summary.states.items()))
     if summary.best is not None:
         out.append(f"best: trial #{summary.best.number} {summary.best.label} -> "
@@ -236,6 +327,7 @@ def export(study: optuna.Study, kind: str) -> str:
             "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
             "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
         }
+        rec["note"] = TrialRecord.of(t).note
         rec.update({f"params_{k}": v for k, v in t.params.items()})
         for k, v in t.user_attrs.items():
             if isinstance(v, dict):

@@ -16,12 +16,12 @@ from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
 from ablate import records, studies, trainer
-from ablate.compare import SearchSummary, SuiteReport, build_report, search_summary
+from ablate.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
 from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.devices import resolve_device
 from ablate.errors import AblateError
 from ablate.launch import execute
-from ablate.publish import publish, write_report
+from ablate.publish import cached_report, publish, write_report
 from ablate.stores import Stores
 from ablate.studyfiles import spec_document
 from ablate.tracking import Tracker, environment_tags
@@ -37,6 +37,7 @@ class StudySession:
         self._tracker = tracker
         self._ref: studies.StudyRef | None = None
         self._parent: str | None = None
+        self.trained = False
 
     # ------------------------------------------------------------------ the stores, opened once
 
@@ -61,18 +62,20 @@ class StudySession:
     @classmethod
     def start(cls, spec: StudySpec, stores: Stores, *, budget: int | None = None,
               devices: Sequence[str] = ()) -> StudySession:
-        """Check every input, then create or resume the study and its MLflow parent run (RUNNING)."""
-        preflight(spec, devices)
+        """Create or resume the study; every input is checked first unless the study has nothing left to train."""
+        for device in devices:
+            resolve_device(device)
         session = cls(stores)
+        if studies.owes_work(spec, session.storage, budget):
+            preflight(spec)
         session.attach(spec, budget)
         return session
 
     def attach(self, spec: StudySpec, budget: int | None = None) -> None:
-        """Create or resume ``spec``'s study in this session's stores and mark its parent run RUNNING."""
+        """Create or resume ``spec``'s study in this session's stores (its queue topped up to the budget)."""
         study = studies.create_or_load(spec, self.storage, budget)
         self._ref = studies.StudyRef(study, spec)
         self._parent = None
-        self.tracker.set_status(self.parent_run_id, "RUNNING")
 
     @classmethod
     def open(cls, name: str, stores: Stores) -> StudySession:
@@ -134,9 +137,20 @@ class StudySession:
     def context(self) -> Context:
         """What a worker in this process needs."""
         return Context(self.study, self.spec, self.tracker, self.experiment_id, self.parent_run_id,
-                       self.stores.heartbeat_seconds)
+                       self.stores.heartbeat_seconds, self.storage)
 
     # ------------------------------------------------------------------ what a session does
+
+    @property
+    def known_parent_run_id(self) -> str | None:
+        """The parent run id the study keeps, without asking MLflow (None before the first training)."""
+        parent = self.study.user_attrs.get(records.PARENT_RUN)
+        return str(parent) if parent else None
+
+    def pending(self) -> int:
+        """Trials waiting or running."""
+        c = studies.counts(self.study)
+        return c.get("WAITING", 0) + c.get("RUNNING", 0)
 
     def progress(self) -> tuple[int, int]:
         """(trials finished, trials the study owes in all: its queue, finished or not)."""
@@ -144,10 +158,19 @@ class StudySession:
         owed = sum(1 for t in studies.counted(self.study) if t.user_attrs.get(records.QUEUED))
         return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
 
-    def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None) -> bool:
-        """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED)."""
+    def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None,
+            spawn_after: float = 0.0) -> bool:
+        """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED).
+
+        With nothing waiting or running, it returns at once and starts no worker.
+        """
+        if not self.pending():
+            return True
+        self.trained = True
+        self.tracker.set_status(self.parent_run_id, "RUNNING")
         try:
-            finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event)
+            finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event,
+                               spawn_after=spawn_after)
         except BaseException:
             self.tracker.end_run(self.parent_run_id, "FAILED")
             raise
@@ -159,15 +182,24 @@ class StudySession:
         """End the parent run when no trial is waiting or running; returns whether the study is done."""
         return end_parent_if_done(self.context())
 
-    def report(self, out: Path) -> tuple[SuiteReport, list[Path]]:
-        """A suite's comparison, written to ``out/STUDY`` and published on the parent run."""
+    def report(self, out: Path) -> tuple[SuiteReport, list[Path], bool]:
+        """A suite's comparison, written to ``out/STUDY`` and published on the parent run.
+
+        Returns (report, files, rebuilt). A report written earlier from the same finished trials is
+        read back from its report.json instead (rebuilt False): MLflow is not touched then.
+        """
         spec = self.spec
         if not isinstance(spec, SuiteSpec):
             raise AblateError(f"{self.name} is a search; see it with `ablate studies show {self.name}`")
+        folder = out / self.name
+        report = collect(self.study, spec)
+        cached = cached_report(report, folder)
+        if cached is not None:
+            return report, cached, False
         report = build_report(self.study, spec)
-        files = write_report(report, self.tracker, out / self.name)
+        files = write_report(report, self.tracker, folder)
         publish(report, self.tracker, self.parent_run_id, files)
-        return report, files
+        return report, files, True
 
     def summary(self) -> SearchSummary:
         """Trials, best trial, importances and expected best value per budget (any study)."""
@@ -185,16 +217,14 @@ class StudySession:
         finished.sort(key=lambda t: float(t.value or 0.0), reverse=spec.goal == "maximize")
         ranked = [(t.number, dict(t.user_attrs.get(records.VALUES, {}))) for t in finished[:k]]
         suite = spec.confirmation(ranked, self.name)
-        preflight(suite, ())
+        preflight(suite)
         session = StudySession(self.stores, self.storage, self.tracker)
         session.attach(suite)
         return session
 
 
-def preflight(spec: StudySpec, devices: Sequence[str]) -> None:
-    """Every device and every run of the study checked before anything is created."""
-    for device in devices:
-        resolve_device(device)
+def preflight(spec: StudySpec) -> None:
+    """Every run of the study checked (data, batch, device, model) before any trial starts."""
     for label, run in spec.preflight_runs():
         try:
             trainer.check(run)

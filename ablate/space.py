@@ -57,6 +57,23 @@ class ParamSpec(_Strict):
         u = [trial.suggest_float(f"{key}.u{i}", 0.0, 1.0) for i in range(len(self.names) - 1)]
         return dict(zip(self.names, simplex_point(u), strict=True))
 
+    def distributions(self, key: str) -> dict[str, optuna.distributions.BaseDistribution]:
+        """The Optuna distribution of each name this parameter suggests (as ``suggest`` creates them)."""
+        from optuna.distributions import CategoricalDistribution, FloatDistribution, IntDistribution
+
+        if self.type == "categorical":
+            assert self.choices is not None
+            return {key: CategoricalDistribution(self.choices)}
+        if self.type == "int":
+            assert self.low is not None and self.high is not None
+            step = int(self.step) if self.step else 1
+            return {key: IntDistribution(int(self.low), int(self.high), log=self.log, step=step)}
+        if self.type == "float":
+            assert self.low is not None and self.high is not None
+            return {key: FloatDistribution(self.low, self.high, log=self.log, step=self.step)}
+        assert self.names is not None
+        return {f"{key}.u{i}": FloatDistribution(0.0, 1.0) for i in range(len(self.names) - 1)}
+
     def extremes(self, key: str) -> list[dict[str, Any]]:
         """The run-field values at this parameter's extremes: every choice, low and high, each corner."""
         if self.type == "categorical":

@@ -15,7 +15,6 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import numpy as np
-from scipy import stats as sps
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,8 @@ class Summary:
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
     """Mean, sample standard deviation and the Student-t interval (NaN where n < 2)."""
+    from scipy import stats as sps  # imported on use: it takes seconds
+
     xs = [float(v) for v in values if math.isfinite(v)]
     n = len(xs)
     if n == 0:
@@ -51,6 +52,8 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
     """Two-sided p-value of Welch's t-test for a difference in means (NaN where undefined)."""
+    from scipy import stats as sps  # imported on use: it takes seconds
+
     xa = [float(v) for v in a if math.isfinite(v)]
     xb = [float(v) for v in b if math.isfinite(v)]
     if len(xa) < 2 or len(xb) < 2:
@@ -187,6 +190,8 @@ def _interval_and_p(
     xa: np.ndarray, xb: np.ndarray, paired: bool, test: str, confidence: float
 ) -> tuple[float, float, float]:
     """(ci_low, ci_high, p) of the difference of means; NaN where n < 2 or the spread is zero."""
+    from scipy import stats as sps  # imported on use: it takes seconds
+
     if min(xa.size, xb.size) < 2:
         return _NAN, _NAN, _NAN
     with warnings.catch_warnings():  # scipy warns on nearly identical values, and on ties or zeros (Wilcoxon)
@@ -246,6 +251,8 @@ def t_test_power(diff: float, sd: float, n: int, *, paired: bool, alpha: float =
 
 
 def _power(ns: np.ndarray, diff: float, sd: float, paired: bool, alpha: float) -> np.ndarray:
+    from scipy import stats as sps
+
     if not 0 < alpha < 1:
         raise ValueError(f"alpha must lie strictly between 0 and 1, got {alpha}")
     ns = ns.astype(float)

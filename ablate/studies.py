@@ -132,6 +132,18 @@ def create_or_load(spec: StudySpec, storage: RDBStorage, budget: int | None = No
     return study
 
 
+def owes_work(spec: StudySpec, storage: RDBStorage, budget: int | None = None) -> bool:
+    """Whether a spec's study is new, or has trials waiting, running or still to queue."""
+    try:
+        storage.get_study_id_from_name(study_name(spec))
+    except KeyError:
+        return True
+    study = optuna.load_study(study_name=study_name(spec), storage=storage)
+    if any(t.state in OPEN for t in study.get_trials(deepcopy=False)):
+        return True
+    return bool(spec.owed(counted(study), budget))
+
+
 def counted(study: optuna.Study) -> list[FrozenTrial]:
     """The trials that use up the study's budget (not failed, not skipped)."""
     return [t for t in study.get_trials(deepcopy=False, states=COUNTED) if not t.user_attrs.get(records.SKIPPED)]
@@ -188,17 +200,21 @@ def attach(name: str, spec: StudySpec, storage: RDBStorage) -> StudyRef:
 
 
 def list_studies(storage: RDBStorage) -> list[dict[str, Any]]:
-    """One summary per ablate study in the storage, oldest first."""
+    """One summary per ablate study in the storage, oldest first: trials finished, owed and failed."""
     out = []
     for s in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
         if records.SPEC not in s.user_attrs:
             continue
         doc = s.user_attrs[records.SPEC]
+        trials = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
+        kept = [t for t in trials if not t.user_attrs.get(records.SKIPPED)]
         out.append({
             "name": s.study_name,
             "spec": s.user_attrs.get(records.SPEC_NAME, ""),
             "kind": doc.get("kind", "?"),
-            "trials": s.n_trials,
+            "finished": sum(t.state in FINISHED for t in kept),
+            "owed": sum(t.state in COUNTED and bool(t.user_attrs.get(records.QUEUED)) for t in kept),
+            "failed": sum(t.state == TrialState.FAIL for t in kept),
             "created": s.user_attrs.get(records.CREATED, 0.0),
         })
     return sorted(out, key=lambda r: r["created"])

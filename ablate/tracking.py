@@ -47,7 +47,8 @@ class Tracker:
         if self.uri.startswith(("http://", "https://")):
             _check_server(self.uri)
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
+            with _first_use_lock(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
         except Exception as e:
             raise AblateError(
                 f"cannot open the MLflow store {mask_url(self.uri)}: {mask_url(str(e))}"
@@ -151,6 +152,29 @@ class Tracker:
             self.end_run(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
+
+
+@contextmanager
+def _first_use_lock(uri: str) -> Iterator[None]:
+    """Serialise opening a SQLite MLflow store between processes: the first one creates its schema.
+
+    Two processes that open a new store at once would both run MLflow's migrations and one of them
+    fail ('table ... already exists'); an exclusive lock on a file beside the database prevents that.
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or uri.endswith(":memory:"):
+        yield
+        return
+    import fcntl
+
+    db = Path(uri[len(prefix):].split("?", 1)[0])
+    db.parent.mkdir(parents=True, exist_ok=True)
+    with open(db.with_name(db.name + ".lock"), "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def _check_server(uri: str, timeout: float = 10.0) -> None:

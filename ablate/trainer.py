@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.data import PairedEmbeddings, load_split
-from ablate.devices import adamw, amp_for, resolve_device
+from ablate.devices import adamw, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.losses import CombinedLoss, InfoNCELoss, MultiStageScheduler, build_loss
 from ablate.metrics import compute_retrieval_metrics
@@ -128,6 +128,7 @@ class Trainer:
         self.train = train.to(self.device)
         self.val = val.to(self.device)
         self.model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device)
+        use_threads(threads_for(spec.batch_size, sum(p.numel() for p in self.model.parameters()), self.device))
         self.loss = build_loss(spec.loss, **spec.loss_params()).to(self.device)
         self.scheduler = self.loss if isinstance(self.loss, MultiStageScheduler) else None
         self.amp = amp_for(self.device, spec.amp)

@@ -8,11 +8,14 @@ from __future__ import annotations
 
 import math
 import os
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 
 import optuna
+from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate import records, stability, studies
@@ -40,6 +43,7 @@ class Context:
     experiment_id: str
     parent_run_id: str
     heartbeat_seconds: int | None
+    storage: RDBStorage
 
     @property
     def name(self) -> str:
@@ -57,11 +61,7 @@ class Context:
         if not parent:
             raise AblateError(f"study {name!r} has no MLflow parent run yet; open it with `ablate worker {name}`")
         return cls(ref.study, ref.spec, tracker, tracker.experiment_id(ref.spec.name), str(parent),
-                   stores.heartbeat_seconds)
-
-
-class _BudgetTaken(Exception):
-    """A trial created after the queue ran dry (another worker took the last one)."""
+                   stores.heartbeat_seconds, storage)
 
 
 class TrialError(Exception):
@@ -78,7 +78,8 @@ def work(
 ) -> None:
     """Take trials of the study until none is left to take, then return.
 
-    While other workers' trials are still running, a worker waits for them (when heartbeats are
+    A worker takes only trials the study has queued, so a study never has more trials than its
+    budget. While other workers' trials are still running, it waits for them (when heartbeats are
     on): a trial whose worker died is failed after the grace period and put back in the queue.
     A trial that fails on an error is recorded and the worker goes on; a user's mistake
     (AblateError: a device that does not exist, a batch larger than the data) stops it.
@@ -89,14 +90,77 @@ def work(
     study = ctx.study
     while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
-        states = [t.state for t in study.get_trials(deepcopy=False, states=studies.OPEN)]
-        if TrialState.WAITING in states:
-            study.optimize(objective, n_trials=1, catch=(TrialError, _BudgetTaken))
-        elif TrialState.RUNNING in states and wait_for_running and ctx.heartbeat_seconds:
+        trial = take(ctx)
+        if trial is not None:
+            _run(ctx, trial, objective)
+        elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and wait_for_running \
+                and ctx.heartbeat_seconds:
             time.sleep(POLL_SECONDS)
         else:
             end_parent_if_done(ctx)
             break
+
+
+def take(ctx: Context) -> optuna.Trial | None:
+    """A queued (WAITING) trial, now RUNNING for this worker; None when the queue is empty.
+
+    Marking a trial RUNNING succeeds for one worker only (a row lock on PostgreSQL, a write
+    transaction on SQLite), so no two workers take the same trial; unlike ``Study.ask`` this never
+    creates a trial past the queue.
+    """
+    storage, study = ctx.storage, ctx.study
+    study_id = storage.get_study_id_from_name(study.study_name)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+        try:
+            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                return optuna.Trial(study, trial_id)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue
+    return None
+
+
+def _run(ctx: Context, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> None:
+    """Run the objective on a taken trial with heartbeats, and tell Optuna how it ended."""
+    with _heartbeat(ctx, trial.number):
+        try:
+            value = objective(trial)
+        except optuna.TrialPruned:
+            ctx.study.tell(trial, state=TrialState.PRUNED)
+            return
+        except TrialError:
+            ctx.study.tell(trial, state=TrialState.FAIL)
+            return
+        except BaseException:  # Ctrl-C, SIGTERM, a user's mistake: the trial fails and the worker stops
+            ctx.study.tell(trial, state=TrialState.FAIL)
+            raise
+    ctx.study.tell(trial, value)
+
+
+@contextmanager
+def _heartbeat(ctx: Context, number: int) -> Iterator[None]:
+    """Record the trial's heartbeat every ``heartbeat_seconds`` while it runs."""
+    if not ctx.heartbeat_seconds:
+        yield
+        return
+    storage, interval = ctx.storage, ctx.heartbeat_seconds
+    trial_id = storage.get_trial_id_from_study_id_trial_number(
+        storage.get_study_id_from_name(ctx.study.study_name), number)
+    stop = threading.Event()
+
+    def beat() -> None:
+        while True:
+            storage.record_heartbeat(trial_id)
+            if stop.wait(interval):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{number}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
 
 
 def end_parent_if_done(ctx: Context) -> bool:
@@ -133,9 +197,6 @@ class _Objective:
 
     def __call__(self, trial: optuna.Trial) -> float:
         ctx, spec = self.ctx, self.ctx.spec
-        if not trial.user_attrs.get(records.QUEUED):
-            trial.set_user_attr(records.SKIPPED, "created after the study's queue ran dry")
-            raise _BudgetTaken
         assignment = spec.suggest(trial)
         run = assignment.run
         if self.device:
@@ -163,7 +224,8 @@ class _Objective:
             state = "COMPLETE"
             return value
         except KeyboardInterrupt:
-            reason = "interrupted"
+            reason = "interrupted (Ctrl-C or SIGTERM)"
+            records.write_error(trial, reason)
             raise
         except optuna.TrialPruned as e:
             reason = str(e)

@@ -73,6 +73,7 @@ def test_three_workers_share_a_search_of_12_trials(workdir, postgres_url, monkey
     trials = ref.study.get_trials()
     finished = [t for t in trials if t.state in (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)]
     assert len(finished) == 12
+    assert len({t.params["temperature"] for t in finished}) == 12  # no worker replays another's draws
     assert not [t for t in trials if t.state == optuna.trial.TrialState.FAIL
                 and not t.user_attrs.get(records.SKIPPED)]
     run_ids = [t.user_attrs["mlflow_run_id"] for t in finished]
@@ -146,7 +147,8 @@ def test_a_killed_worker_s_trial_fails_by_heartbeat_and_is_retried(workdir, post
 
 
 def test_jobs_on_the_embedded_sqlite_store_run_without_lock_errors(workdir, monkeypatch, capsys):
-    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "3",
+    # trials long enough for the second process to start while the first (this one) trains
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "150",
                               "--seeds", "0,1", *TINY_RUN], monkeypatch, capsys)
     assert code == 0, err + out
     assert "locked" not in (out + err).lower()
@@ -204,7 +206,7 @@ def test_a_worker_for_a_missing_study_says_how_to_start_it(workdir, postgres_url
 
 def test_sigterm_stops_every_worker_process_cleanly_even_with_sigint_ignored(workdir):
     # Started in the background (nohup, CI): SIGINT is ignored, so only SIGTERM can stop the run.
-    cmd = ablate_command("run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "400", "--seeds", "0,1",
+    cmd = ablate_command("run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "4000", "--seeds", "0,1",
                          *TINY_RUN)
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))

@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import random
+import time
 
 import optuna
 import pytest
@@ -155,3 +156,74 @@ def test_simplex_points_sum_to_one_reach_every_corner_and_are_uniform():
     for i in range(3):
         assert sum(p[i] for p in points) / len(points) == pytest.approx(1 / 3, abs=0.01)
         assert sum(p[i] > 0.5 for p in points) / len(points) == pytest.approx(0.25, abs=0.01)
+
+
+def _temperatures(workdir):
+    return [t.params["temperature"] for t in _load(workdir, "temperature").study.get_trials()
+            if "temperature" in t.params]
+
+
+@pytest.mark.slow
+def test_a_seeded_search_run_twice_from_scratch_draws_the_same_configurations(tmp_path, monkeypatch, capsys):
+    from support import TINY
+
+    from ablate.data import synthetic_pairs
+
+    draws = []
+    for run in ("first", "second"):
+        folder = tmp_path / run
+        folder.mkdir()
+        monkeypatch.chdir(folder)
+        synthetic_pairs(TINY).save(folder / "pairs.npz")
+        code, out, err = run_cli(["tune", "temperature", "--n-trials", "12", *TINY_SEARCH, "--epochs", "2"],
+                                 monkeypatch, capsys)
+        assert code == 0, err + out
+        draws.append(_temperatures(folder))
+    assert len(draws[0]) == 12 and len(set(draws[0])) == 12
+    assert draws[0] == draws[1]
+
+
+@pytest.mark.slow
+def test_parallel_and_resumed_searches_never_train_a_configuration_twice(workdir, monkeypatch, capsys):
+    import signal
+    import subprocess
+
+    from support import ablate_command
+
+    args = ["tune", "temperature", "--n-trials", "12", "--jobs", "2", *TINY_SEARCH, "--epochs", "30"]
+    proc = subprocess.Popen(ablate_command(*args), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True)
+    storage = studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}")
+    deadline = time.time() + 240
+    while time.time() < deadline and proc.poll() is None:
+        time.sleep(0.5)
+        try:
+            ref = studies.load("temperature", storage)
+        except Exception:
+            continue
+        if len(_finished(ref.study)) >= 4:
+            break
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 130, out
+    assert 4 <= len(_finished(_load(workdir, "temperature").study)) < 12
+
+    code, out, err = run_cli(args, monkeypatch, capsys)  # resumed
+    assert code == 0, err + out
+    ref = _load(workdir, "temperature")
+    finished = [t.params["temperature"] for t in _finished(ref.study)]
+    assert len(finished) == 12 and len(set(finished)) == 12
+    assert len(set(_temperatures(workdir))) == len(_temperatures(workdir))  # interrupted ones included
+
+
+@pytest.mark.slow
+def test_a_finite_space_caps_the_budget_and_never_repeats_a_configuration(workdir, monkeypatch, capsys):
+    tiny = [a for a in TINY_SEARCH if a != "batch_size=16"]
+    tiny = [a for i, a in enumerate(tiny) if not (a == "--set" and tiny[i + 1] == "--set")]
+    code, out, err = run_cli(["tune", "batch", "--n-trials", "5", *tiny, "--epochs", "2", "--set",
+                              "params.batch_size.choices=[4,8,16]", "--jobs", "2"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert "the search space has 3 configuration(s): the budget of 5 trials is capped at 3" in " ".join(out.split())
+    ref = _load(workdir, "batch")
+    assert sorted(t.params["batch_size"] for t in _finished(ref.study)) == [4, 8, 16]
+    assert len(ref.study.get_trials()) == 3

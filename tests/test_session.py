@@ -38,9 +38,14 @@ def test_run_suite_report_and_tune_confirm_open_each_store_once(workdir, monkeyp
     assert opened == {"storage": 1, "tracker": 1}
 
     opened.clear()
-    code, out, err = run_cli(["report", "baseline-vs-multistage"], monkeypatch, capsys)
+    code, out, err = run_cli(["report", "baseline-vs-multistage", "--out", "elsewhere"], monkeypatch, capsys)
     assert code == 0, err + out
     assert opened == {"storage": 1, "tracker": 1}
+
+    opened.clear()  # the same report again: read back from its report.json, MLflow is not needed
+    code, out, err = run_cli(["report", "baseline-vs-multistage", "--out", "elsewhere"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert opened == {"storage": 1}
 
     opened.clear()
     code, out, err = run_cli(["tune", "weights", "--n-trials", "2", "--confirm", "1", "--set", "confirm_seeds=[7,8]",
