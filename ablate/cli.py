@@ -69,6 +69,10 @@ JobsOpt = Annotated[
                       "auto: one per CUDA device, else one per CPU core (each on one thread); "
                       "0: only create the study, for remote workers.")
 ]
+ArrayOpt = Annotated[
+    str, typer.Option("--array", help="Compatible trials trained together as one array (each still its own "
+                      "trial and MLflow run); auto: the size that measures fastest on this device; 1: one at a time.")
+]
 DevicesOpt = Annotated[
     str | None,
     typer.Option("--devices", help="Comma-separated devices, one worker process per device, "
@@ -198,7 +202,7 @@ def train(
 
 
 def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
-           budget: int | None = None) -> StudySession | None:
+           array: int | None, budget: int | None = None) -> StudySession | None:
     """Open the study and train its queued trials; None when only created (--jobs 0)."""
     from ablate.session import StudySession
 
@@ -218,11 +222,11 @@ def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, d
     if jobs == 0 and not devices:
         console.print(f"created; start workers with: ablate worker {session.name} --storage {store.shown_storage}")
         return None
-    _train(session, jobs=jobs, devices=devices)
+    _train(session, jobs=jobs, devices=devices, array=array)
     return session
 
 
-def _train(session: StudySession, *, jobs: int | None, devices: list[str]) -> None:
+def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None) -> None:
     """Train what the study has queued, with a live display; exit 130 when interrupted."""
     from ablate.launch import plan
     from ablate.render import StudyDisplay
@@ -237,7 +241,8 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str]) -> No
     done, total = session.progress()
     display = StudyDisplay(console, total, done)
     with display.progress:
-        finished = session.run(jobs=p.workers, devices=p.devices, on_event=display, spawn_after=p.spawn_after)
+        finished = session.run(jobs=p.workers, devices=p.devices, on_event=display, spawn_after=p.spawn_after,
+                               array=array)
     if not finished:
         err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
                           f"run the same command again to resume study {session.name}")
@@ -246,6 +251,19 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str]) -> No
 
 def _stores(storage: str | None, tracking_uri: str | None, heartbeat: int | None = None) -> stores.Stores:
     return stores.Stores(storage, tracking_uri, stores.DEFAULT_HEARTBEAT_SECONDS if heartbeat is None else heartbeat)
+
+
+def _array(text: str) -> int | None:
+    """--array: 'auto' (None) or a size >= 1."""
+    if text.strip().lower() == "auto":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise AblateError(f"--array {text!r}: expected 'auto' or a whole number >= 1 (1: one trial at a time)")
+    return value
 
 
 def _jobs(text: str, minimum: int = 0) -> int | None:
@@ -272,6 +290,7 @@ def run_suite(
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     jobs: JobsOpt = "auto",
+    array: ArrayOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
@@ -288,7 +307,8 @@ def run_suite(
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SuiteSpec):
         raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
-    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=_jobs(jobs), devices=_devices(devices))
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=_jobs(jobs), devices=_devices(devices),
+                     array=_array(array))
     if session is not None:
         _report(session, out, finish=True)
 
@@ -350,6 +370,7 @@ def tune(
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     jobs: JobsOpt = "auto",
+    array: ArrayOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
@@ -363,8 +384,9 @@ def tune(
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
-    devs, n_jobs = _devices(devices), _jobs(jobs)
-    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, budget=n_trials)
+    devs, n_jobs, size = _devices(devices), _jobs(jobs), _array(array)
+    session = _start(spec, _stores(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
+                     budget=n_trials)
     if session is None:
         return
     _show(session)
@@ -374,7 +396,7 @@ def tune(
         assert isinstance(suite.spec, designs.SuiteSpec)
         console.print(f"\nconfirming the top {len(suite.spec.experiments)} configuration(s) with seeds "
                       f"{', '.join(map(str, suite.spec.seeds))}")
-        _train(suite, jobs=n_jobs, devices=devs)
+        _train(suite, jobs=n_jobs, devices=devs, array=size)
         _report(suite, out, finish=True)
 
 
@@ -386,6 +408,7 @@ def worker(
     devices: DevicesOpt = None,
     jobs: Annotated[str, typer.Option("--jobs", "-j", help="Worker processes on this machine; auto: one per "
                                       "CUDA device, else one per CPU core.")] = "auto",
+    array: ArrayOpt = "auto",
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
 ) -> None:
     """Join an existing study: take its waiting trials until none is left, then exit."""
@@ -394,7 +417,7 @@ def worker(
 
     session = StudySession.open(name, _stores(storage, tracking_uri, heartbeat))
     console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))
-    _train(session, jobs=_jobs(jobs, minimum=1), devices=_devices(devices))
+    _train(session, jobs=_jobs(jobs, minimum=1), devices=_devices(devices), array=_array(array))
     console.print(f"study {session.name}: no trials left to take; {studies.counts(session.study)}")
 
 

@@ -19,6 +19,7 @@ from ablate.errors import AblateError
 from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
 from ablate.specs import (
     RUN_FIELDS,
+    SHAPING_FIELDS,
     MetricKey,
     RunSpec,
     StabilitySpec,
@@ -101,6 +102,11 @@ class StudyDesign(_Strict):
     def missing(self, finished: Sequence[FrozenTrial]) -> list[str]:
         """Labels of trials the study owes that have no result among ``finished``."""
         return []
+
+    @abc.abstractmethod
+    def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
+        """A run with the shapes a queued trial will train (trials of equal ``trainer.fusion_key`` can
+        train as one array), or None when its sampled parameters decide them."""
 
     def identity(self) -> dict[str, Any]:
         """What decides a study's trials (its Optuna name hashes this): the spec less REPORT_ONLY keys."""
@@ -203,6 +209,11 @@ class SuiteSpec(StudyDesign):
     def preflight_runs(self) -> list[tuple[str, RunSpec]]:
         """Every experiment (a seed changes nothing that can fail)."""
         return list(self.experiments.items())
+
+    def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
+        """The queued (experiment, seed)'s run."""
+        exp, seed = _experiment_seed(trial)
+        return self.run(exp, seed) if exp in self.experiments and isinstance(seed, int) else None
 
     def missing(self, finished: Sequence[FrozenTrial]) -> list[str]:
         """The (experiment, seed) pairs without a finished trial, as 'experiment sSEED'."""
@@ -341,6 +352,14 @@ class SearchSpec(StudyDesign):
             values["lr"] = scaled
         label = " ".join(f"{k}={_short(v)}" for k, v in values.items())
         return Assignment(run, values, label)
+
+    def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
+        """The base run, unless a searched parameter changes what shapes the computation."""
+        for key, p in self.params.items():
+            for target in (p.names if p.type == "simplex" else [key]) or []:
+                if target.split(".")[0] in SHAPING_FIELDS:
+                    return None
+        return self.base
 
     def preflight_runs(self) -> list[tuple[str, RunSpec]]:
         """The base run and the runs at each parameter's extremes."""

@@ -39,6 +39,7 @@ def execute(
     devices: Sequence[str] = (),
     on_event: OnEvent | None = None,
     spawn_after: float = 0.0,
+    array: int | None = 1,
 ) -> bool:
     """Run the study's trials with ``jobs`` workers (one per device when devices are given).
 
@@ -51,7 +52,7 @@ def execute(
     n = max(1, len(devs) if devs else jobs)
     share = cpu_share(n)
     set_cpu_share(share)
-    group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event)
+    group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event, array)
     interrupted = False
     with sigterm_as_interrupt():
         try:
@@ -60,7 +61,7 @@ def execute(
                     deepcopy=False, states=(TrialState.WAITING,))))
             else:
                 group.start()
-            work(ctx, device=devs[0] if devs else None, on_event=on_event)
+            work(ctx, device=devs[0] if devs else None, on_event=on_event, array=array)
             group.join()
         except KeyboardInterrupt:
             interrupted = True
@@ -83,8 +84,9 @@ class _Workers:
     """The worker processes beside this one: started, relayed, joined and stopped together."""
 
     def __init__(self, name: str, stores: Stores, devices: list[str | None], threads: int,
-                 on_event: OnEvent | None):
+                 on_event: OnEvent | None, array: int | None):
         self.name, self.stores, self.devices, self.threads, self.on_event = name, stores, devices, threads, on_event
+        self.array = array
         self.procs: list[Any] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -104,8 +106,8 @@ class _Workers:
                                                                  self.errors), daemon=True)
             self._reader.start()
             for device in self.devices:
-                p = mp_ctx.Process(target=_process_main, args=(self.name, self.stores, device, self.threads, events),
-                                   daemon=False)
+                p = mp_ctx.Process(target=_process_main, daemon=False,
+                                   args=(self.name, self.stores, device, self.threads, events, self.array))
                 p.start()
                 self.procs.append(p)
 
@@ -171,7 +173,8 @@ def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event, errors:
             on_event(event)
 
 
-def _process_main(name: str, stores: Stores, device: str | None, threads: int, events: Any) -> None:
+def _process_main(name: str, stores: Stores, device: str | None, threads: int, events: Any,
+                  array: int | None) -> None:
     # Signals come from the parent only: its own process group keeps the terminal's Ctrl-C away
     # (the parent forwards one SIGTERM), and SIGINT works even where the parent ignored it.
     os.setpgrp()
@@ -180,7 +183,7 @@ def _process_main(name: str, stores: Stores, device: str | None, threads: int, e
     set_cpu_share(threads)
     try:
         with sigterm_as_interrupt():
-            work(Context.open(name, stores), device=device, on_event=events.put,
+            work(Context.open(name, stores), device=device, on_event=events.put, array=array,
                  keep_going=lambda: os.getppid() == parent)
     except KeyboardInterrupt:
         raise SystemExit(130) from None

@@ -22,6 +22,7 @@ __all__ = [
     "CosineSimilarityLoss",
     "InfoNCELoss",
     "MSELoss",
+    "MemberLosses",
     "MultiStageScheduler",
     "SupervisedContrastiveLoss",
     "build_loss",
@@ -37,14 +38,61 @@ def _fp32_unit(x: Tensor) -> Tensor:
     return F.normalize(_upcast(x), dim=-1)
 
 
-def _shared_ligand_mask(ligand_ids: Tensor | None, n: int, device: torch.device) -> Tensor | None:
-    """[B, B] True where j != i shares i's ligand: such a pair is not a negative."""
-    if ligand_ids is None:
-        return None
-    if ligand_ids.shape != (n,):
-        raise ValueError(f"ligand_ids must have shape [{n}], got {list(ligand_ids.shape)}")
-    same = ligand_ids[:, None] == ligand_ids[None, :]
-    return same.fill_diagonal_(False)
+# --------------------------------------------------------------------------------------
+# The formulas, on [..., B, D]: any leading dimensions are independent runs (a member axis)
+# --------------------------------------------------------------------------------------
+
+
+def mse(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean squared error over each batch's elements: [..., B, D] -> [...]."""
+    return (_upcast(pred) - _upcast(target)).pow(2).mean(dim=(-2, -1))
+
+
+def cosine(pred: Tensor, target: Tensor) -> Tensor:
+    """Mean over each batch of 1 - cos(pred, target): [..., B, D] -> [...]."""
+    return (1.0 - F.cosine_similarity(_upcast(pred), _upcast(target), dim=-1)).mean(dim=-1)
+
+
+def info_nce(
+    pred: Tensor, target: Tensor, scale: Tensor | float, mask: Tensor | None = None,
+    symmetric: Tensor | bool = True,
+) -> Tensor:
+    """InfoNCE of each batch: [..., B, D] -> [...], in float32 (float64 stays) also under autocast.
+
+    ``scale`` is 1 / temperature (a number, or one per leading index); ``mask`` [..., B, B] is True
+    where a pair is not a negative (a shared ligand); ``symmetric`` averages both directions (a
+    flag, or one per leading index).
+    """
+    with torch.autocast(pred.device.type, enabled=False):
+        logits = _fp32_unit(pred) @ _fp32_unit(target).transpose(-1, -2)
+        scaled = logits * scale.to(logits.dtype)[..., None, None] if isinstance(scale, Tensor) else logits.mul_(scale)
+        if mask is not None:
+            scaled = scaled.masked_fill(mask, float("-inf"))
+        forward = _cross_entropy_rows(scaled)
+        if symmetric is False:
+            return forward
+        both = 0.5 * (forward + _cross_entropy_rows(scaled.transpose(-1, -2)))
+        return both if symmetric is True else torch.where(symmetric, both, forward)
+
+
+def _cross_entropy_rows(logits: Tensor) -> Tensor:
+    """Mean over rows of the cross-entropy with the diagonal as the target: [..., B, B] -> [...]."""
+    b = logits.shape[-1]
+    labels = torch.arange(b, device=logits.device).repeat(logits.numel() // (b * b))
+    per_row = F.cross_entropy(logits.reshape(-1, b), labels, reduction="none")
+    return per_row.view(logits.shape[:-1]).mean(dim=-1)
+
+
+def shared_ligand_mask(ligand_ids: Tensor) -> Tensor:
+    """[..., B] ids -> [..., B, B], True where j != i shares i's ligand: such a pair is not a negative."""
+    same = ligand_ids[..., :, None] == ligand_ids[..., None, :]
+    eye = torch.eye(ligand_ids.shape[-1], dtype=torch.bool, device=ligand_ids.device)
+    return same & ~eye
+
+
+# --------------------------------------------------------------------------------------
+# The losses as modules: criterion(pred, target, ligand_ids=None) on [B, D]
+# --------------------------------------------------------------------------------------
 
 
 class MSELoss(nn.Module):
@@ -54,7 +102,7 @@ class MSELoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """Mean of (pred - target)^2."""
-        return F.mse_loss(_upcast(pred), _upcast(target))
+        return mse(pred, target)
 
 
 class CosineSimilarityLoss(nn.Module):
@@ -64,7 +112,7 @@ class CosineSimilarityLoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """Mean over the batch of 1 - cosine similarity."""
-        return (1.0 - F.cosine_similarity(_upcast(pred), _upcast(target), dim=-1)).mean()
+        return cosine(pred, target)
 
 
 class InfoNCELoss(nn.Module):
@@ -116,16 +164,11 @@ class InfoNCELoss(nn.Module):
 
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None) -> Tensor:
         """The InfoNCE loss of a batch."""
-        with torch.autocast(pred.device.type, enabled=False):
-            logits = self._logits(pred, target)
-            mask = _shared_ligand_mask(ligand_ids, logits.shape[0], logits.device)
-            if mask is not None:
-                logits = logits.masked_fill(mask, float("-inf"))
-            labels = torch.arange(logits.shape[0], device=logits.device)
-            loss = F.cross_entropy(logits, labels)
-            if self.symmetric:
-                loss = 0.5 * (loss + F.cross_entropy(logits.T, labels))
-            return loss
+        if ligand_ids is not None and ligand_ids.shape != pred.shape[:1]:
+            raise ValueError(f"ligand_ids must have shape [{pred.shape[0]}], got {list(ligand_ids.shape)}")
+        mask = None if ligand_ids is None else shared_ligand_mask(ligand_ids)
+        scale = self._scale() if self.learnable else 1.0 / self.temperature_value
+        return info_nce(pred, target, scale, mask, self.symmetric)
 
 
 class CombinedLoss(nn.Module):
@@ -278,6 +321,123 @@ class MultiStageScheduler(nn.Module):
     def get_recommended_lr(self) -> float:
         """The learning rate of the current stage."""
         return self.lrs[self.stage]
+
+
+class MemberLosses(nn.Module):
+    """The losses of K runs trained side by side (an array), evaluated at once on [K, B, D] outputs.
+
+    Each member keeps its own criterion (as ``build_loss`` makes it: its temperature, learnable or
+    not, its weights, its multi-stage schedule); ``set_epoch`` reads which loss each member uses in an
+    epoch, and ``forward`` evaluates every member's loss with one batched computation per formula.
+    A member's value equals its criterion's on its own outputs (the formulas are the same functions).
+    """
+
+    def __init__(self, criteria: list[nn.Module], mask_shared_ligands: list[bool]):
+        super().__init__()
+        self.criteria = nn.ModuleList(criteria)
+        self.masking = list(mask_shared_ligands)
+        self.current: list[nn.Module] = list(criteria)
+        self.stages: list[str | None] = [None] * len(criteria)
+
+    def set_epoch(self, epoch: int) -> list[str | None]:
+        """Switch each member to its loss for ``epoch``; returns each member's stage name (None without stages)."""
+        for k, criterion in enumerate(self.criteria):
+            if isinstance(criterion, MultiStageScheduler):
+                self.current[k], self.stages[k] = criterion.get_loss(epoch)
+        return list(self.stages)
+
+    def keep(self, members: list[int]) -> None:
+        """Drop every member not listed (members stopped early)."""
+        self.criteria = nn.ModuleList([self.criteria[k] for k in members])
+        self.masking = [self.masking[k] for k in members]
+        self.current = [self.current[k] for k in members]
+        self.stages = [self.stages[k] for k in members]
+
+    def contrastive(self, k: int) -> bool:
+        """Whether member k's loss this epoch depends on the rest of its batch."""
+        return bool(getattr(self.current[k], "contrastive", False))
+
+    def masks(self, k: int) -> bool:
+        """Whether member k's batches need ligand ids (a contrastive loss that masks shared ligands)."""
+        return self.masking[k] and self.contrastive(k)
+
+    def logs_components(self, k: int) -> bool:
+        """Whether member k's loss this epoch is a weighted combination (its parts are logged)."""
+        return isinstance(self.current[k], CombinedLoss)
+
+    def lr(self, k: int, base: float) -> float:
+        """Member k's base learning rate this epoch: its stage's under a multi-stage schedule, else ``base``."""
+        criterion = self.criteria[k]
+        return criterion.get_recommended_lr() if isinstance(criterion, MultiStageScheduler) else base
+
+    def temperature(self, k: int) -> float | None:
+        """Member k's current InfoNCE temperature (None when its loss has none)."""
+        infonce = _infonce_of(self.current[k])
+        return None if infonce is None else infonce.temperature
+
+    def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None
+                ) -> tuple[Tensor, dict[str, Tensor]]:
+        """Each member's loss [K] and the unweighted parts [K] of the combined ones (NaN for the others)."""
+        k_members = len(self.current)
+        dtype = _upcast(pred).dtype
+        weights = torch.tensor([_weights(c) for c in self.current], dtype=dtype, device=pred.device)  # [K, 3]
+        parts: dict[str, Tensor] = {}
+        if bool((weights[:, 0] > 0).any()):
+            infonces = [_infonce_of(c) or _UNIT for c in self.current]
+            scales = torch.stack([(c._scale() if c.learnable else torch.tensor(1.0 / c.temperature_value))
+                                  .to(pred.device, dtype) for c in infonces])
+            symmetric = torch.tensor([c.symmetric for c in infonces], device=pred.device)
+            mask = None
+            if ligand_ids is not None:
+                on = torch.tensor([self.masks(k) for k in range(k_members)], device=pred.device)
+                mask = shared_ligand_mask(ligand_ids) & on[:, None, None]
+            parts["infonce"] = info_nce(pred, target, scales, mask, symmetric)
+        if bool((weights[:, 1] > 0).any()):
+            parts["cosine"] = cosine(pred, target)
+        if bool((weights[:, 2] > 0).any()):
+            parts["mse"] = mse(pred, target)
+        zero = torch.zeros(k_members, dtype=dtype, device=pred.device)
+        loss = zero
+        for j, name in enumerate(("infonce", "cosine", "mse")):
+            if name in parts:
+                w = weights[:, j]
+                loss = loss + torch.where(w > 0, w * parts[name], zero)
+        supcon = [k for k, c in enumerate(self.current) if isinstance(c, SupervisedContrastiveLoss)]
+        if supcon:
+            values = list(loss.unbind())
+            for k in supcon:
+                ids = None if ligand_ids is None or not self.masks(k) else ligand_ids[k]
+                values[k] = self.current[k](pred[k], target[k], ids)
+            loss = torch.stack(values)
+        logged = torch.tensor([self.logs_components(k) for k in range(k_members)], device=pred.device)
+        nan = torch.full_like(zero, float("nan"))
+        components = {name: torch.where(logged, v.detach(), nan) for name, v in parts.items()}
+        return loss, components
+
+
+_UNIT = InfoNCELoss(1.0)
+"""A stand-in for members whose loss has no InfoNCE part (its weight is 0 there)."""
+
+
+def _infonce_of(criterion: nn.Module) -> InfoNCELoss | None:
+    if isinstance(criterion, InfoNCELoss):
+        return criterion
+    if isinstance(criterion, CombinedLoss):
+        return criterion.infonce
+    return None
+
+
+def _weights(criterion: nn.Module) -> tuple[float, float, float]:
+    """(InfoNCE, cosine, MSE) weights of a criterion (all 0 for SupCon, evaluated apart)."""
+    if isinstance(criterion, CombinedLoss):
+        return (criterion.alpha, criterion.beta, criterion.gamma)
+    if isinstance(criterion, InfoNCELoss):
+        return (1.0, 0.0, 0.0)
+    if isinstance(criterion, CosineSimilarityLoss):
+        return (0.0, 1.0, 0.0)
+    if isinstance(criterion, MSELoss):
+        return (0.0, 0.0, 1.0)
+    return (0.0, 0.0, 0.0)
 
 
 _BUILDERS: dict[str, Any] = {

@@ -1,11 +1,13 @@
-"""Models that map pocket features to the ligand embedding space."""
+"""Models that map pocket features to the ligand embedding space, alone or as members trained together."""
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, Literal
 
+import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.errors import AblateError
@@ -56,3 +58,118 @@ def build_model(spec: ModelSpec, in_dim: int, out_dim: int) -> nn.Module:
             f"model factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+# --------------------------------------------------------------------------------------
+# Members: K models of one architecture, evaluated together
+# --------------------------------------------------------------------------------------
+
+Fusion = Literal["loop", "stacked", "vmap"]
+
+
+class MemberModels:
+    """K models of one architecture: [K, B, Din] -> [K, B, Dout], each member on its own slice.
+
+    Every member keeps its own module (its parameters are its own leaves, so optimizer, clipping
+    and checkpoints stay per member). How they run together:
+
+    - ``stacked``: the built-in MLP as batched matrix products (``baddbmm``) over the members'
+      weights, stacked at each forward pass;
+    - ``vmap``: any module through ``torch.func.functional_call`` under ``vmap`` (dropout draws
+      differ per member, ``randomness="different"``);
+    - ``loop``: one member after another (K = 1, or a model that cannot be vmapped).
+    """
+
+    def __init__(self, modules: list[nn.Module], fusion: Fusion | None = None):
+        self.modules = modules
+        self.fusion: Fusion = fusion or self._choose()
+
+    def _choose(self) -> Fusion:
+        if len(self.modules) == 1:
+            return "loop"
+        if all(isinstance(m, ProjectionHead) for m in self.modules):
+            return "stacked"
+        return "vmap"
+
+    def __call__(self, x: Tensor) -> Tensor:
+        """Each member's output for its own inputs: x[k] goes through member k."""
+        if self.fusion == "stacked":
+            return self._stacked(x)
+        if self.fusion == "vmap":
+            return self._vmapped(x)
+        return torch.stack([m(xk) for m, xk in zip(self.modules, x.unbind(0), strict=True)])
+
+    def _stacked(self, x: Tensor) -> Tensor:
+        template = self.modules[0]
+        assert isinstance(template, ProjectionHead)
+        h = x
+        for i, layer in enumerate(template.net):
+            if isinstance(layer, nn.Linear):
+                linears = [_layer(m, i) for m in self.modules]
+                w = torch.stack([lin.weight for lin in linears])
+                b = torch.stack([lin.bias for lin in linears])
+                h = torch.baddbmm(b.unsqueeze(1).to(h.dtype), h, w.transpose(1, 2).to(h.dtype))
+            elif isinstance(layer, nn.GELU):
+                h = F.gelu(h)
+            elif isinstance(layer, nn.Dropout):
+                h = F.dropout(h, layer.p, template.training)
+            else:  # pragma: no cover - ProjectionHead has no other layers
+                raise TypeError(f"cannot stack layer {type(layer).__name__}")
+        return h
+
+    def _vmapped(self, x: Tensor) -> Tensor:
+        from torch.func import functional_call, vmap
+
+        template = self.modules[0]
+        names = [n for n, _ in template.named_parameters()]
+        buffers = [n for n, _ in template.named_buffers()]
+        params = {n: torch.stack([dict(m.named_parameters())[n] for m in self.modules]) for n in names}
+        bufs = {n: torch.stack([dict(m.named_buffers())[n] for m in self.modules]) for n in buffers}
+
+        def one(p: dict[str, Tensor], b: dict[str, Tensor], xk: Tensor) -> Tensor:
+            out: Tensor = functional_call(template, (p, b), (xk,))
+            return out
+
+        result: Tensor = vmap(one, randomness="different")(params, bufs, x)
+        return result
+
+    def train(self, mode: bool = True) -> None:
+        """Training (or evaluation) mode for every member."""
+        for m in self.modules:
+            m.train(mode)
+
+    def eval(self) -> None:
+        """Evaluation mode for every member."""
+        self.train(False)
+
+    def keep(self, members: list[int]) -> None:
+        """Drop every member not listed."""
+        self.modules = [self.modules[k] for k in members]
+        if len(self.modules) == 1:
+            self.fusion = "loop"
+
+    def check_fusion(self, x: Tensor) -> str | None:
+        """Fall back to ``loop`` when the members cannot run fused on ``x``; returns why, or None."""
+        if self.fusion == "loop":
+            return None
+        modes = [m.training for m in self.modules]
+        self.eval()  # no dropout draws: the check leaves the random state as it was
+        try:
+            with torch.no_grad():
+                fused = self(x)
+                alone = torch.stack([m(xk) for m, xk in zip(self.modules, x.unbind(0), strict=True)])
+            if fused.shape != alone.shape:
+                raise ValueError(f"fused output {tuple(fused.shape)} != {tuple(alone.shape)}")
+        except Exception as e:
+            self.fusion = "loop"
+            return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
+        finally:
+            for m, mode in zip(self.modules, modes, strict=True):
+                m.train(mode)
+        return None
+
+
+def _layer(module: nn.Module, index: int) -> nn.Linear:
+    layer = module.net[index]  # type: ignore[index]
+    assert isinstance(layer, nn.Linear)
+    return layer

@@ -159,10 +159,17 @@ class TrialEnded:
 
 
 @dataclass(frozen=True)
+class Note:
+    """Something a worker says once (how it plans arrays, a model that cannot be fused)."""
+
+    message: str
+
+
+@dataclass(frozen=True)
 class WorkerFailed:
     """A worker process stopped on a user's mistake (the message is shown as the command's error)."""
 
     message: str
 
 
-Event = TrialStarted | EpochEnded | TrialEnded | WorkerFailed
+Event = TrialStarted | EpochEnded | TrialEnded | Note | WorkerFailed

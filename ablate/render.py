@@ -18,7 +18,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextC
 from rich.table import Table
 
 from ablate.compare import AT, Row, SearchSummary, SuiteReport, report_metrics
-from ablate.records import EpochEnded, Event, TrialEnded, TrialRecord, TrialStarted
+from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -66,29 +66,38 @@ def _better(row: Row, interval: bool = False) -> str:
 
 
 def _seeds(row: Row) -> str:
-    if row.comparison is None:
+    c = row.comparison
+    if c is None:
         return ""
-    return str(row.seeds_needed) if row.seeds_needed is not None else ">1000"
+    if row.seeds_needed is not None:
+        return str(row.seeds_needed)
+    return ">1000" if math.isfinite(c.half_width) and c.half_width > 0 and c.diff != 0 else "n/a"
 
 
 def _holm(row: Row) -> str:
     if row.comparison is None:
-        return "baseline"
+        return ""
     return _p(row.p_holm).lstrip("=") + ("*" if row.significant else "")
+
+
+def _n_note(report: SuiteReport, metric: str, at: str) -> tuple[str, bool]:
+    """'3 seeds' when every experiment has the same number of seeds (else each row says its own)."""
+    ns = {report.row(e, metric, at).summary.n for e in report.spec.experiments}
+    return (f"{ns.pop()} seeds", False) if len(ns) == 1 else ("seeds", True)
 
 
 def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
     """One metric at the final or best epoch: each experiment against the baseline, in 80 columns."""
     tests = sorted({r.comparison.test for e in report.spec.experiments
                     if (r := report.row(e, metric, at)).comparison is not None})
-    table = Table(title=f"{metric}, {at} epoch: mean ± 95 % CI over seeds; difference from "
-                  f"{report.baseline!r} [95 % CI], {' / '.join(tests) or 'no'} test, Holm (* < 0.05)",
+    seeds, per_row = _n_note(report, metric, at)
+    table = Table(title=f"{metric}, {at} epoch, {seeds}: mean ± 95 % CI; difference from {report.baseline!r} "
+                  f"[95 % CI]; {' / '.join(tests) or 'no'} test, Holm-adjusted (* < 0.05)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("experiment", no_wrap=True)
-    table.add_column("n", justify="right")
     table.add_column("mean ± CI", justify="right", no_wrap=True)
     table.add_column("difference [CI]", justify="right", no_wrap=True)
-    table.add_column("p Holm", justify="right", no_wrap=True)
+    table.add_column("p", justify="right", no_wrap=True)
     table.add_column("P(>)", justify="right", no_wrap=True)
     table.add_column("seeds*", justify="right", no_wrap=True)
     for e in report.spec.experiments:
@@ -96,7 +105,9 @@ def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
         s = r.summary
         mean = _num(s.mean) + (f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else "")
         name = e + (" ★" if e == report.winner and metric == report.spec.objective and at == "final" else "")
-        table.add_row(name, str(s.n), mean, _diff(r), _holm(r), _better(r), _seeds(r))
+        name += f" (n={s.n})" if per_row else ""
+        diff = _diff(r) if r.comparison is not None else "(baseline)"
+        table.add_row(name, mean, diff, _holm(r), _better(r), _seeds(r))
     table.caption = ("P(>): probability that the experiment beats the baseline (per seed pair when paired); "
                      "seeds*: seeds per experiment for 80 % power at the observed difference")
     table.caption_justify = "left"
@@ -106,7 +117,7 @@ def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
 def overview_table(report: SuiteReport, at: str) -> Table:
     """Every summary metric at the final or best epoch: mean and change against the baseline."""
     metrics = report_metrics(report.spec)
-    table = Table(title=f"{at} epoch: mean (change vs {report.baseline!r}, * Holm p < 0.05)",
+    table = Table(title=f"{at} epoch: mean and change vs {report.baseline!r} in % (* Holm-adjusted p < 0.05)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("experiment", no_wrap=True)
     for m in metrics:
@@ -115,7 +126,7 @@ def overview_table(report: SuiteReport, at: str) -> Table:
         cells = []
         for m in metrics:
             r = report.row(e, m, at)
-            change = "" if not math.isfinite(r.change_pct) else f" {r.change_pct:+.0f}%{'*' if r.significant else ''}"
+            change = "" if not math.isfinite(r.change_pct) else f" {r.change_pct:+.0f}{'*' if r.significant else ''}"
             cells.append(_num(r.summary.mean) + change)
         table.add_row(e, *cells)
     return table
@@ -272,6 +283,8 @@ class StudyDisplay:
                 shown = f"{v:.3f}" if math.isfinite(v) else str(v)
                 self.progress.update(self.running[event.trial], completed=event.epoch + 1,
                                      info=f"{event.metric} {shown}")
+            elif isinstance(event, Note):
+                self.progress.console.print(f"  {event.message}")
             elif isinstance(event, TrialEnded) and event.trial in self.running:
                 self.progress.remove_task(self.running.pop(event.trial))
                 if event.state in ("COMPLETE", "PRUNED"):

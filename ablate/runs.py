@@ -1,13 +1,15 @@
-"""One tracked run: train a RunSpec with the trainer and log every epoch to one MLflow run.
+"""Tracked runs: train runs with the trainer and log each one's epochs to its own MLflow run.
 
-``train_and_log`` is the only place where a run is trained and tracked: ``ablate train`` calls it
-for one run, the worker for each trial.
+``train_and_log_members`` is the only place where runs are trained and tracked: an array's members
+each get their own MLflow run, metric history and end, exactly as a run trained alone;
+``train_and_log`` is the array of one (``ablate train`` and the tests use it).
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -17,7 +19,7 @@ from ablate.data import split_fingerprint
 from ablate.specs import RunSpec, StabilitySpec
 from ablate.stability import Instability
 from ablate.tracking import MetricBatch, Tracker, environment_tags
-from ablate.trainer import EpochResult, Trainer
+from ablate.trainer import Best, EpochResult, Member, Trainer
 
 EpochHook = Callable[[EpochResult, list[dict[str, float]]], Instability | None]
 """Called after each epoch with its result and the run's history; a returned Instability stops the run."""
@@ -29,8 +31,13 @@ class RunOutcome:
 
     run_id: str
     history: list[dict[str, float]]
-    trainer: Trainer
+    member: Member
     stopped: Instability | None = None
+
+    @property
+    def spec(self) -> RunSpec:
+        """The run's spec."""
+        return self.member.spec
 
     @property
     def final(self) -> dict[str, float]:
@@ -40,7 +47,12 @@ class RunOutcome:
     @property
     def best(self) -> dict[str, float]:
         """The best value of each metric of the vocabulary over the epochs (in its direction)."""
-        return dict(self.trainer.best.values)
+        return dict(self.member.best.values)
+
+    @property
+    def best_run(self) -> Best:
+        """The run's best epoch and model."""
+        return self.member.best
 
     @property
     def diverged(self) -> bool:
@@ -71,61 +83,116 @@ def train_and_log(
     logged before the end are kept. ``on_start`` receives the MLflow run id.
     """
     trainer = run if isinstance(run, Trainer) else Trainer.from_spec(run)
-    spec = trainer.spec
-    run_tags = {
-        "ablate.loss": spec.loss,
-        "ablate.device": str(trainer.device),
-        "ablate.amp": trainer.amp.label,
-        "ablate.data": spec.data.source,
-        "ablate.data_fingerprint": split_fingerprint(spec.data),
-        **environment_tags(),
-        **(tags or {}),
-    }
-    run_id = tracker.start_run(experiment_id, run_name, run_tags, parent_run_id)
-    outcome = RunOutcome(run_id, [], trainer)
-    with tracker.run_status(run_id):
-        tracker.log_params(run_id, {**spec.flat(), "train_pairs": len(trainer.train), "val_pairs": len(trainer.val)})
-        tracker.log_dict(run_id, spec.model_dump(mode="json"), "spec.json")
-        if on_start is not None:
-            on_start(run_id)
-        batch = MetricBatch(tracker, run_id, background=True)
-        try:
-            for result in trainer.epochs():
-                outcome.history.append(result.metrics)
-                batch.add(result.metrics, step=result.epoch)
-                if result.diverged:
-                    outcome.stopped = stability.check(outcome.history, _NONFINITE_ONLY) or Instability(
-                        "nonfinite", f"non-finite validation output at epoch {result.epoch}",
-                        {"epoch": result.epoch},
-                    )
-                    break
-                if on_epoch is not None:
-                    outcome.stopped = on_epoch(result, outcome.history)
-                    if outcome.stopped is not None:
-                        break
-        finally:
-            batch.close()
-            _finish(tracker, outcome, batch, save_best)
+    (outcome,) = train_and_log_members(
+        trainer, tracker, experiment_id, [run_name], tags=[tags or {}], parent_run_id=parent_run_id,
+        on_start=None if on_start is None else (lambda k, run_id: on_start(run_id)),
+        on_epoch=None if on_epoch is None else (lambda k, result, history: on_epoch(result, history)),
+        save_best=[save_best],
+    )
     return outcome
 
 
-def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best: str | Path | None) -> None:
-    run_id, trainer = outcome.run_id, outcome.trainer
+def train_and_log_members(
+    trainer: Trainer,
+    tracker: Tracker,
+    experiment_id: str,
+    run_names: Sequence[str],
+    *,
+    tags: Sequence[dict[str, Any]],
+    parent_run_id: str | None = None,
+    on_start: Callable[[int, str], None] | None = None,
+    on_epoch: Callable[[int, EpochResult, list[dict[str, float]]], Instability | None] | None = None,
+    on_end: Callable[[int, RunOutcome], None] | None = None,
+    save_best: Sequence[str | Path | None] = (),
+) -> list[RunOutcome]:
+    """Train every member of ``trainer`` and log member k as the MLflow run ``run_names[k]``.
+
+    A member's run ends FINISHED as soon as the member stops (its epochs done, stopped by
+    ``on_epoch``, or diverged) and ``on_end`` is called for it then; on Ctrl-C or SIGTERM the runs
+    still training end KILLED, on an error FAILED. NaN or inf never reaches MLflow.
+    """
+    members = trainer.every
+    fingerprint = split_fingerprint(trainer.spec.data)
+    outcomes: list[RunOutcome] = []
+    for k, member in enumerate(members):
+        run_tags = {
+            "ablate.loss": member.spec.loss,
+            "ablate.device": str(trainer.device),
+            "ablate.amp": trainer.amp.label,
+            "ablate.data": member.spec.data.source,
+            "ablate.data_fingerprint": fingerprint,
+            **({"ablate.array_size": len(members), "ablate.fusion": trainer.models.fusion} if len(members) > 1 else {}),
+            **environment_tags(),
+            **tags[k],
+        }
+        run_id = tracker.start_run(experiment_id, run_names[k], run_tags, parent_run_id)
+        outcomes.append(RunOutcome(run_id, [], member))
+    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+    batches: dict[int, MetricBatch] = {}
+    open_runs = set(range(len(members)))
+    try:
+        for k, outcome in enumerate(outcomes):
+            spec = outcome.spec
+            tracker.log_params(outcome.run_id, {**spec.flat(), "train_pairs": len(trainer.train),
+                                                "val_pairs": len(trainer.val)})
+            tracker.log_dict(outcome.run_id, spec.model_dump(mode="json"), "spec.json")
+            batches[k] = MetricBatch(tracker, outcome.run_id, background=writer)
+            if on_start is not None:
+                on_start(k, outcome.run_id)
+        for results in trainer.array():
+            ended = []
+            for k, result in results.items():
+                outcome = outcomes[k]
+                outcome.history.append(result.metrics)
+                batches[k].add(result.metrics, step=result.epoch)
+                if result.diverged:
+                    outcome.stopped = stability.check(outcome.history, _NONFINITE_ONLY) or Instability(
+                        "nonfinite", f"non-finite validation output at epoch {result.epoch}", {"epoch": result.epoch})
+                elif on_epoch is not None:
+                    outcome.stopped = on_epoch(k, result, outcome.history)
+                if outcome.stopped is not None or result.epoch == trainer.spec.epochs - 1:
+                    trainer.stop(k)
+                    ended.append(k)
+            for k in ended:
+                _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer)
+                tracker.end_run(outcomes[k].run_id, "FINISHED")
+                open_runs.discard(k)
+                if on_end is not None:
+                    on_end(k, outcomes[k])
+    except BaseException as e:
+        status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        for k in sorted(open_runs):
+            try:
+                if k in batches:
+                    _finish(tracker, outcomes[k], batches[k], None, trainer)
+            finally:
+                tracker.end_run(outcomes[k].run_id, status)
+        raise
+    finally:
+        writer.shutdown(wait=True)
+    return outcomes
+
+
+def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best: str | Path | None,
+            trainer: Trainer) -> None:
+    """Send the run's last metrics, then its end tags, final metrics and (if asked) the best model."""
+    batch.close()
+    run_id, best = outcome.run_id, outcome.best_run
     end_tags: dict[str, Any] = {"ablate.epochs_trained": len(outcome.history)}
     if batch.nonfinite:
         end_tags["ablate.diverged"] = ", ".join(f"{k}@epoch{v}" for k, v in batch.nonfinite.items())
     if outcome.stopped is not None:
         end_tags["ablate.stopped_by"] = outcome.stopped.rule
         end_tags["ablate.stop_reason"] = outcome.stopped.message
-    if trainer.best.epoch >= 0:
-        end_tags["ablate.best_epoch"] = trainer.best.epoch
+    if best.epoch >= 0:
+        end_tags["ablate.best_epoch"] = best.epoch
     tracker.set_tags(run_id, end_tags)
     if outcome.history:
         tracker.log_dict(
             run_id,
             {"final": {k: v for k, v in outcome.final.items() if math.isfinite(v)}, "best": outcome.best,
-             "best_epoch": trainer.best.epoch, "select_metric": trainer.spec.select_metric},
+             "best_epoch": best.epoch, "select_metric": outcome.spec.select_metric},
             "final_metrics.json",
         )
-    if save_best is not None and trainer.best.state is not None:
-        trainer.save_best(save_best)
+    if save_best is not None and best.state is not None:
+        trainer.save_best(save_best, outcome.member.index)

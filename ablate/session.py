@@ -159,7 +159,7 @@ class StudySession:
         return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
 
     def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None,
-            spawn_after: float = 0.0) -> bool:
+            spawn_after: float = 0.0, array: int | None = 1) -> bool:
         """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED).
 
         With nothing waiting or running, it returns at once and starts no worker.
@@ -170,7 +170,7 @@ class StudySession:
         self.tracker.set_status(self.parent_run_id, "RUNNING")
         try:
             finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event,
-                               spawn_after=spawn_after)
+                               spawn_after=spawn_after, array=array)
         except BaseException:
             self.tracker.end_run(self.parent_run_id, "FAILED")
             raise

@@ -183,6 +183,9 @@ class RunSpec(_Strict):
 
 RUN_FIELDS = frozenset(RunSpec.model_fields)
 
+SHAPING_FIELDS = ("model", "batch_size", "accumulation_steps", "epochs", "data", "device", "amp")
+"""The run fields that shape the computation: runs that agree on them can train as one array."""
+
 
 class StabilitySpec(_Strict):
     """Rules that stop a run as unstable; a rule set to none is off."""

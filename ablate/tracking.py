@@ -201,17 +201,21 @@ class MetricBatch:
     """Per-epoch metrics for one run, sent in batches at most every ``flush_seconds``.
 
     With ``background=True`` a batch is written by one background thread while training goes
-    on (in order; ``close`` waits for all of them and raises the first error).
+    on (in order; ``close`` waits for all of them and raises the first error); the runs of an
+    array share one such thread by passing it as ``background``.
     """
 
-    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0, background: bool = False):
+    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0,
+                 background: bool | ThreadPoolExecutor = False):
         self.tracker = tracker
         self.run_id = run_id
         self.flush_seconds = flush_seconds
         self._pending: list[Any] = []
         self._last = time.monotonic()
         self.nonfinite: dict[str, int] = {}
-        self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics") if background else None
+        self._own = background is True
+        self._writer = (background if isinstance(background, ThreadPoolExecutor) else
+                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics") if background else None)
         self._sent: list[Future[None]] = []
 
     def add(self, metrics: Mapping[str, float], step: int) -> list[str]:
@@ -255,7 +259,8 @@ class MetricBatch:
                 for f in self._sent:
                     f.result()
             finally:
-                self._writer.shutdown(wait=True)
+                if self._own:
+                    self._writer.shutdown(wait=True)
                 self._sent = []
 
 

@@ -1,4 +1,15 @@
-"""The one training loop: ``Trainer.epochs()`` yields one EpochResult per epoch; it knows neither MLflow nor Optuna.
+"""The one training loop. ``Trainer.epochs()`` trains one run and yields one EpochResult per epoch;
+``Trainer.array()`` trains K compatible runs side by side (an array) and yields each member's
+results per epoch. A single run is the array of one. The trainer knows neither MLflow nor Optuna.
+
+Members of an array agree on everything that shapes the computation (``fusion_key``: model,
+batch size, accumulation, epochs, data, device, precision) and differ in anything else: seed
+(initialisation and batch order), learning rate and schedule, weight decay, loss and its weights,
+temperature (also learnable), clipping, shared-ligand masking. Each member keeps its own
+parameters, optimizer state, batch order and best epoch, so it trains exactly as it would alone;
+the models run together on a leading member axis (``models.MemberModels``) and the losses are
+computed at once (``losses.MemberLosses``). A member that stops (pruned, unstable, diverged) is
+dropped at the end of the epoch and never touches the others' numbers.
 
 Data stay on the device as tensors and batches are taken by index from a per-epoch permutation.
 With ``accumulation_steps > 1`` a batch is processed in micro-batches: per-sample losses (MSE,
@@ -12,9 +23,10 @@ parameter gradient then equals the one of a single large batch.
 from __future__ import annotations
 
 import contextlib
+import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -26,10 +38,10 @@ from torch import Tensor, nn
 from ablate.data import PairedEmbeddings, load_split
 from ablate.devices import adamw, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
-from ablate.losses import CombinedLoss, InfoNCELoss, MultiStageScheduler, build_loss
+from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import compute_retrieval_metrics
-from ablate.models import build_model
-from ablate.specs import METRIC_KEYS, RunSpec, better
+from ablate.models import Fusion, MemberModels, build_model
+from ablate.specs import METRIC_KEYS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
@@ -86,6 +98,13 @@ class Best:
         return self.values.get(self.select, float("nan"))
 
 
+def fusion_key(spec: RunSpec) -> Hashable:
+    """What runs must share to train as one array: model, batch size, accumulation, epochs, data,
+    device and precision. Everything else may differ between members."""
+    doc = spec.model_dump(mode="json")
+    return json.dumps([doc[f] for f in SHAPING_FIELDS], sort_keys=True)
+
+
 def check(spec: RunSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
     """Everything about a run that fails the same way for every trial: data, batch, device, model.
 
@@ -109,141 +128,234 @@ def check_batch(spec: RunSpec, n_train: int) -> None:
         )
 
 
+class Member:
+    """One run of an array: its spec, model, criterion, batch order, best epoch and whether it still trains."""
+
+    def __init__(self, index: int, spec: RunSpec, model: nn.Module, criterion: nn.Module):
+        self.index = index
+        self.spec = spec
+        self.model = model
+        self.criterion = criterion
+        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.best = Best(spec.select_metric)
+        self.stopped = False
+
+    @property
+    def params(self) -> list[nn.Parameter]:
+        """Every trained parameter of the member: its model's, then its loss's (a learnable temperature)."""
+        return [p for p in [*self.model.parameters(), *self.criterion.parameters()] if p.requires_grad]
+
+
 class Trainer:
-    """One training run of a RunSpec on (train, val) pairs; iterate ``epochs()`` to train."""
+    """Training of one RunSpec, or of K compatible RunSpecs as one array, on (train, val) pairs.
+
+    Iterate ``epochs()`` (one run) or ``array()`` (any number) to train.
+    """
 
     def __init__(
         self,
-        spec: RunSpec,
+        specs: RunSpec | Sequence[RunSpec],
         train: PairedEmbeddings,
         val: PairedEmbeddings,
         device: torch.device | None = None,
+        *,
+        dtype: torch.dtype | None = None,
+        fusion: Fusion | None = None,
     ):
-        self.spec = spec
-        self.device = device if device is not None else resolve_device(spec.device)
-        check_batch(spec, len(train))
+        runs = [specs] if isinstance(specs, RunSpec) else list(specs)
+        if not runs:
+            raise ValueError("a trainer needs at least one run")
+        keys = {fusion_key(s) for s in runs}
+        if len(keys) > 1:
+            raise ValueError("the runs of one array must agree on model, batch size, accumulation, epochs, "
+                             "data, device and precision")
+        lead = runs[0]
+        self.specs = runs
+        self.device = device if device is not None else resolve_device(lead.device)
+        check_batch(lead, len(train))
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # so that nothing lands on GPU 0 by default
-        torch.manual_seed(spec.seed)
-        self.train = train.to(self.device)
-        self.val = val.to(self.device)
-        self.model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device)
-        use_threads(threads_for(spec.batch_size, sum(p.numel() for p in self.model.parameters()), self.device))
-        self.loss = build_loss(spec.loss, **spec.loss_params()).to(self.device)
-        self.scheduler = self.loss if isinstance(self.loss, MultiStageScheduler) else None
-        self.amp = amp_for(self.device, spec.amp)
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
-        extra = [p for p in self.loss.parameters() if p.requires_grad]
-        groups = [{"params": self.params, "weight_decay": spec.weight_decay}]
-        if extra:
-            groups.append({"params": extra, "weight_decay": 0.0})
-        self.all_params = self.params + extra
-        self.optimizer = adamw(groups, spec.lr, self.device)
-        self.generator = torch.Generator().manual_seed(spec.seed)
+        self.train = _to(train, self.device, dtype)
+        self.val = _to(val, self.device, dtype)
+        self.every: list[Member] = []
+        for k, spec in enumerate(runs):
+            torch.manual_seed(spec.seed)  # each member's initialisation is the one it has alone
+            model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device, dtype)
+            criterion = build_loss(spec.loss, **spec.loss_params()).to(self.device, dtype)
+            self.every.append(Member(k, spec, model, criterion))
+        self.members = list(self.every)
+        """The members still training (``every`` holds them all)."""
+        self.models = MemberModels([m.model for m in self.members], fusion)
+        self.losses = MemberLosses([m.criterion for m in self.members], [s.mask_shared_ligands for s in runs])
+        n_params = sum(p.numel() for p in self.members[0].model.parameters())
+        use_threads(threads_for(lead.batch_size, n_params * len(runs), self.device))
+        self.amp = amp_for(self.device, lead.amp)
+        if self.amp.scaler is not None and len(runs) > 1:
+            raise ValueError("float16 with a gradient scaler skips steps for the whole array: train such runs alone")
+        groups = []
+        for m in self.members:
+            groups.append({"params": list(m.model.parameters()), "weight_decay": m.spec.weight_decay,
+                           "member": m.index})
+            extra = [p for p in m.criterion.parameters() if p.requires_grad]
+            if extra:
+                groups.append({"params": extra, "weight_decay": 0.0, "member": m.index})
+        self.optimizer = adamw(groups, lead.lr, self.device)
         self.train_unit = F.normalize(self.train.ligand, dim=1)
-        self.best = Best(spec.select_metric)
+        self.fallback = None if len(runs) == 1 else self.models.check_fusion(
+            self.train.pocket[: min(2, len(self.train))].expand(len(runs), -1, -1))
 
     @classmethod
-    def from_spec(cls, spec: RunSpec) -> Trainer:
+    def from_spec(cls, spec: RunSpec | Sequence[RunSpec]) -> Trainer:
         """A trainer on the split the spec's data names (loaded once per process)."""
-        train, val = load_split(spec.data)
+        lead = spec if isinstance(spec, RunSpec) else spec[0]
+        train, val = load_split(lead.data)
         return cls(spec, train, val)
+
+    # ---------------------------------------------------------------- one run
+
+    @property
+    def spec(self) -> RunSpec:
+        """The (first) run's spec."""
+        return self.specs[0]
+
+    @property
+    def model(self) -> nn.Module:
+        """The (first) run's model."""
+        return self.every[0].model
+
+    @property
+    def best(self) -> Best:
+        """The (first) run's best epoch."""
+        return self.every[0].best
+
+    def epochs(self) -> Iterator[EpochResult]:
+        """Train one run epoch by epoch, yielding each epoch's metrics; stops early on divergence."""
+        if len(self.specs) != 1:
+            raise ValueError("epochs() trains one run; use array() for several")
+        for results in self.array():
+            yield from results.values()
 
     # ---------------------------------------------------------------- the loop
 
-    def epochs(self) -> Iterator[EpochResult]:
-        """Train epoch by epoch, yielding each epoch's metrics; stops early on divergence."""
+    def array(self) -> Iterator[dict[int, EpochResult]]:
+        """Train every member epoch by epoch; yields {member index: its epoch's result} for the members
+        still training. A member stops after a diverged epoch, or when ``stop`` is called for it."""
         for epoch in range(self.spec.epochs):
-            start = time.perf_counter()
-            criterion, stage = self._criterion(epoch)
-            lr = self._set_lr(epoch)
-            metrics = self._train_epoch(criterion)
-            metrics.update(self._validate(criterion))
-            metrics["lr"] = lr
-            if self.scheduler is not None:
-                metrics["stage"] = float(self.scheduler.stage + 1)
-            infonce = getattr(criterion, "infonce", criterion)  # the combined loss holds one
-            if self.spec.learnable_temperature and isinstance(infonce, InfoNCELoss):
-                metrics["temperature"] = infonce.temperature
-            metrics["epoch_seconds"] = time.perf_counter() - start
-            diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
-            if not diverged and self.best.update(epoch, metrics):
-                self.best.state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
-            yield EpochResult(epoch, metrics, stage, self.best.epoch, diverged)
-            if diverged:
+            if not self.members:
                 return
+            start = time.perf_counter()
+            stages = self.losses.set_epoch(epoch)
+            lrs = self._set_lr(epoch)
+            train = self._train_epoch()
+            val = self._validate()
+            seconds = time.perf_counter() - start
+            results = {}
+            for k, member in enumerate(self.members):
+                metrics = {**{key: v[k] for key, v in train.items() if math.isfinite(v[k]) or key in _ALWAYS},
+                           **val[k], "lr": lrs[k]}
+                if isinstance(member.criterion, MultiStageScheduler):
+                    metrics["stage"] = float(member.criterion.stage + 1)
+                temperature = self.losses.temperature(k)
+                if member.spec.learnable_temperature and temperature is not None:
+                    metrics["temperature"] = temperature
+                metrics["epoch_seconds"] = seconds
+                diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
+                if not diverged and member.best.update(epoch, metrics):
+                    member.best.state = {n: v.detach().clone() for n, v in member.model.state_dict().items()}
+                results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged)
+                member.stopped |= diverged
+            yield results
+            self._drop_stopped()
 
-    def _criterion(self, epoch: int) -> tuple[nn.Module, str | None]:
-        if self.scheduler is not None:
-            return self.scheduler.get_loss(epoch)
-        return self.loss, None
+    def stop(self, index: int) -> None:
+        """Stop a member (by its index among the specs): it trains no further epoch."""
+        for m in self.members:
+            if m.index == index:
+                m.stopped = True
 
-    def _set_lr(self, epoch: int) -> float:
-        s = self.spec
-        base = self.scheduler.get_recommended_lr() if self.scheduler is not None else s.lr
-        factor = 1.0
-        if epoch < s.warmup_epochs:
-            factor = (epoch + 1) / s.warmup_epochs
-        elif s.lr_schedule == "cosine":
-            span = max(1, s.epochs - s.warmup_epochs)
-            factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
-        lr = base * factor
+    def _drop_stopped(self) -> None:
+        keep = [k for k, m in enumerate(self.members) if not m.stopped]
+        if len(keep) == len(self.members):
+            return
+        gone = {m.index for m in self.members if m.stopped}
+        dropped = [p for g in self.optimizer.param_groups if g["member"] in gone for p in g["params"]]
+        self.optimizer.param_groups = [g for g in self.optimizer.param_groups if g["member"] not in gone]
+        for p in dropped:
+            self.optimizer.state.pop(p, None)
+        self.members = [self.members[k] for k in keep]
+        self.models.keep(keep)
+        self.losses.keep(keep)
+
+    def _set_lr(self, epoch: int) -> list[float]:
+        lrs = []
+        for k, m in enumerate(self.members):
+            s = m.spec
+            factor = 1.0
+            if epoch < s.warmup_epochs:
+                factor = (epoch + 1) / s.warmup_epochs
+            elif s.lr_schedule == "cosine":
+                span = max(1, s.epochs - s.warmup_epochs)
+                factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
+            lrs.append(self.losses.lr(k, s.lr) * factor)
+        by_member = {m.index: lr for m, lr in zip(self.members, lrs, strict=True)}
         for group in self.optimizer.param_groups:
-            group["lr"] = lr
-        return lr
+            group["lr"] = by_member[group["member"]]
+        return lrs
 
     # ---------------------------------------------------------------- training
 
-    def _train_epoch(self, criterion: nn.Module) -> dict[str, float]:
+    def _train_epoch(self) -> dict[str, list[float]]:
         s = self.spec
-        self.model.train()
+        members = self.members
+        self.models.train()
         data = self.train
         eff = s.effective_batch_size
         steps = len(data) // eff
-        perm = torch.randperm(len(data), generator=self.generator).to(self.device)
-        xs, ys = data.pocket[perm], data.ligand[perm]
-        contrastive = getattr(criterion, "contrastive", False)
-        ids_all = data.ligand_id[perm] if s.mask_shared_ligands and contrastive else None
+        perms = torch.stack([torch.randperm(len(data), generator=m.generator) for m in members]).to(self.device)
+        xs, ys = data.pocket[perms], data.ligand[perms]  # [K, N, D]
+        masking = any(self.losses.masks(k) for k in range(len(members)))
+        contrastive = any(self.losses.contrastive(k) for k in range(len(members)))
+        ids_all = data.ligand_id[perms] if masking else None
         losses: list[Tensor] = []
-        norms: list[Tensor | Sequence[Tensor]] = []
+        norms: list[Tensor] = []
         components: dict[str, list[Tensor]] = {}
         pending: list[Tensor] = []
-        correct = torch.zeros((), device=self.device)
+        correct = torch.zeros(len(members), device=self.device)
         for step in range(steps):
             lo, hi = step * eff, (step + 1) * eff
-            x, y = xs[lo:hi], ys[lo:hi]
-            lid = None if ids_all is None else ids_all[lo:hi]
+            x, y = xs[:, lo:hi], ys[:, lo:hi]
+            lid = None if ids_all is None else ids_all[:, lo:hi]
             if s.accumulation_steps == 1:
                 with self.amp.autocast():
-                    p = self.model(x)
-                loss = criterion(p, y, lid)
-                self._backward(loss)
+                    p = self.models(x)
+                loss, parts = self.losses(p, y, lid)
+                self._backward(loss.sum())
                 reps = p.detach()
             elif contrastive:
-                loss, reps = self._gradcache(criterion, x, y, lid)
+                loss, parts, reps = self._gradcache(x, y, lid)
             else:
-                loss, reps = self._accumulate(criterion, x, y)
+                loss, parts, reps = self._accumulate(x, y)
             norms.append(self._optimizer_step())
             losses.append(loss.detach())
-            if isinstance(criterion, CombinedLoss):
-                for name, value in criterion.last_components.items():
-                    components.setdefault(name, []).append(value)
+            for name, value in parts.items():
+                components.setdefault(name, []).append(value)
             pending.append(reps)
             if len(pending) == INBATCH_FLUSH or step == steps - 1:
                 first = (step + 1 - len(pending)) * eff
-                correct += self._inbatch_correct(pending, perm[first : (step + 1) * eff])
+                idx = perms[:, first:(step + 1) * eff].view(len(members), len(pending), eff).transpose(0, 1)
+                correct += self._inbatch_correct(torch.stack(pending), idx)
                 pending = []
-        grad_norm, skipped = _mean_total_norm(norms, skip_nonfinite=self.amp.scaler is not None)
+        grad_norm, skipped = _mean_norm(torch.stack(norms), skip_nonfinite=self.amp.scaler is not None)
         out = {
-            "train/loss": torch.stack(losses).float().mean(),
+            "train/loss": torch.stack(losses).float().mean(0),
             "train/inbatch_top1": correct / (steps * eff),
             "grad_norm": grad_norm,
         }
         if self.amp.scaler is not None:  # steps the scaler skipped after an overflow
             out["amp_skipped_steps"] = skipped
-        for name, parts in components.items():
-            out[f"train/loss_{name}"] = torch.stack(parts).mean()
-        numbers: list[float] = torch.stack([v.float() for v in out.values()]).tolist()
+        for name, values in components.items():
+            out[f"train/loss_{name}"] = torch.stack(values).float().mean(0)
+        numbers: list[list[float]] = torch.stack([v.float() for v in out.values()]).tolist()
         return dict(zip(out, numbers, strict=True))
 
     def _backward(self, loss: Tensor) -> None:
@@ -252,136 +364,181 @@ class Trainer:
         else:
             loss.backward()
 
-    def _optimizer_step(self) -> Tensor | Sequence[Tensor]:
+    def _optimizer_step(self) -> Tensor:
+        """Clip each member's gradient by its own norm (never one norm across members), step, and
+        return each member's total gradient norm [K] (before clipping)."""
         scaler = self.amp.scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        norm: Tensor | Sequence[Tensor]
-        if self.spec.grad_clip is not None:
-            norm = torch.nn.utils.clip_grad_norm_(self.all_params, self.spec.grad_clip)
-        else:  # per-parameter norms now (one op); their total is taken once per epoch
-            grads = [p.grad for p in self.all_params if p.grad is not None]
-            norm = torch._foreach_norm(grads)
+        by_member = [[p.grad for p in m.params if p.grad is not None] for m in self.members]
+        grads = [g for mine in by_member for g in mine]
+        per_tensor = torch.stack(torch._foreach_norm(grads))
+        owners = torch.tensor([k for k, mine in enumerate(by_member) for _ in mine], device=per_tensor.device)
+        total = torch.zeros(len(by_member), dtype=per_tensor.dtype, device=per_tensor.device)
+        total = total.index_add_(0, owners, per_tensor.pow(2)).sqrt()
+        for k, m in enumerate(self.members):
+            if m.spec.grad_clip is not None and by_member[k]:
+                coef = torch.clamp(m.spec.grad_clip / (total[k] + 1e-6), max=1.0)
+                torch._foreach_mul_(by_member[k], coef)
         if scaler is not None:
             scaler.step(self.optimizer)
             scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
-        return norm
+        return total
 
-    def _accumulate(self, criterion: nn.Module, x: Tensor, y: Tensor) -> tuple[Tensor, Tensor]:
+    def _accumulate(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Per-sample losses: each micro-batch's gradient, weighted by its share of the batch."""
-        n = x.shape[0]
-        total = torch.zeros((), device=self.device)
+        n = x.shape[1]
+        total = torch.zeros(len(self.members), device=self.device)
         reps = []
-        for xc, yc in zip(x.split(self.spec.batch_size), y.split(self.spec.batch_size), strict=True):
+        b = self.spec.batch_size
+        for xc, yc in zip(x.split(b, dim=1), y.split(b, dim=1), strict=True):
             with self.amp.autocast():
-                p = self.model(xc)
-            part = criterion(p, yc) * (xc.shape[0] / n)
-            self._backward(part)
-            total += part.detach()
+                p = self.models(xc)
+            part = self.losses(p, yc)[0] * (xc.shape[1] / n)
+            self._backward(part.sum())
+            total = total + part.detach()
             reps.append(p.detach())
-        return total, torch.cat(reps)
+        return total, {}, torch.cat(reps, dim=1)
 
-    def _gradcache(
-        self, criterion: nn.Module, x: Tensor, y: Tensor, lid: Tensor | None
-    ) -> tuple[Tensor, Tensor]:
-        return grad_cache(
-            self.model, criterion, x, y, lid, self.spec.batch_size,
-            autocast=self.amp.autocast, backward=self._backward,
-        )
+    def _gradcache(self, x: Tensor, y: Tensor, lid: Tensor | None) -> tuple[Tensor, dict[str, Tensor], Tensor]:
+        seen: dict[str, Any] = {}
 
-    def _inbatch_correct(self, reps: list[Tensor], idx: Tensor) -> Tensor:
-        """How many rows rank their own ligand first among their batch (ties count as misses)."""
-        r = torch.stack(reps).float()  # [m, B, D]
-        idx = idx.view(r.shape[0], r.shape[1])
-        sims = torch.bmm(r, self.train_unit[idx].transpose(1, 2))  # [m, B, B]; row norms do not matter
+        def total(pred: Tensor, target: Tensor, ids: Tensor | None) -> Tensor:
+            seen["loss"], seen["parts"] = self.losses(pred, target, ids)
+            return seen["loss"].sum()
+
+        _, reps = grad_cache(self.models, total, x, y, lid, self.spec.batch_size, dim=1,
+                             autocast=self.amp.autocast, backward=self._backward)
+        return seen["loss"].detach(), seen["parts"], reps
+
+    def _inbatch_correct(self, reps: Tensor, idx: Tensor) -> Tensor:
+        """Per member, how many rows rank their own ligand first among their batch (ties count as misses).
+
+        ``reps`` [..., K, B, D] and ``idx`` [..., K, B] (the rows' indices in the training set).
+        """
+        r = reps.float()
+        sims = r @ self.train_unit[idx].float().transpose(-1, -2)  # [..., K, B, B]; row norms do not matter
         ids = self.train.ligand_id[idx]
-        same = ids[:, :, None] == ids[:, None, :]
-        pos = sims.masked_fill(~same, float("-inf")).amax(2)
-        neg = sims.masked_fill(same, float("-inf")).amax(2)
-        return (pos > neg).sum()
+        same = ids[..., :, None] == ids[..., None, :]
+        pos = sims.masked_fill(~same, float("-inf")).amax(-1)
+        neg = sims.masked_fill(same, float("-inf")).amax(-1)
+        hits = (pos > neg).float()
+        return hits.sum(-1).reshape(-1, hits.shape[-2]).sum(0)
 
     # ---------------------------------------------------------------- validation
 
     @torch.no_grad()
     def predict(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
-        """The model's ligand-space embeddings for pocket features (eval mode, float32)."""
-        self.model.eval()
+        """The (first) run's ligand-space embeddings for pocket features (eval mode, float32 or wider)."""
+        model = self.model
+        model.eval()
         outs = []
         for xc in pocket.to(self.device).split(chunk):
             with self.amp.autocast():
-                outs.append(self.model(xc).float())
+                outs.append(_widen(model(xc)))
         return torch.cat(outs)
 
     @torch.no_grad()
-    def _validate(self, criterion: nn.Module) -> dict[str, float]:
+    def predict_members(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
+        """Every training member's embeddings for the same pocket features: [K, N, D] (eval mode, float32 or wider)."""
+        self.models.eval()
+        x = pocket.to(self.device)
+        outs = []
+        for xc in x.split(chunk):
+            with self.amp.autocast():
+                outs.append(_widen(self.models(xc.expand(len(self.members), -1, -1))))
+        return torch.cat(outs, dim=1)
+
+    @torch.no_grad()
+    def _validate(self) -> list[dict[str, float]]:
         val = self.val
-        pred = self.predict(val.pocket)
-        ids = val.ligand_id if self.spec.mask_shared_ligands else None
+        k_members = len(self.members)
+        pred = self.predict_members(val.pocket)
+        target = val.ligand.expand(k_members, -1, -1)
+        ids = val.ligand_id.expand(k_members, -1)
         n_batches = max(1, math.ceil(len(val) / self.spec.effective_batch_size))
-        if getattr(criterion, "contrastive", False) and n_batches > 1:
-            parts = torch.arange(len(val), device=self.device).tensor_split(n_batches)
-            total = torch.zeros((), device=self.device)
-            for part in parts:
-                part_ids = None if ids is None else ids[part]
-                total += criterion(pred[part], val.ligand[part], part_ids) * part.numel()
-            vloss = total / len(val)
-        else:
-            vloss = criterion(pred, val.ligand, ids)
-        r = compute_retrieval_metrics(pred, val.ligand, ligand_ids=val.ligand_id, reverse=False)
-        return {
-            "val/loss": float(vloss),
-            "val/cosine": r["mean_cosine"],
-            "val/top1": r["top1_accuracy"],
-            "val/top5": r["top5_accuracy"],
-            "val/top10": r["top10_accuracy"],
-            "val/mrr": r["mrr"],
-            "val/median_rank": r["median_rank"],
-            "val/alignment": r["alignment"],
-            "val/uniformity": r["uniformity"],
-            "val/spread": r["spread"],
-        }
+        vloss = self.losses(pred, target, ids)[0].tolist()
+        batched = [k for k in range(k_members) if self.losses.contrastive(k)]
+        if batched and n_batches > 1:  # a contrastive loss is taken over batches of the training size
+            total = torch.zeros(k_members, dtype=pred.dtype, device=self.device)
+            for part in torch.arange(len(val), device=self.device).tensor_split(n_batches):
+                total += self.losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()
+            chunked = (total / len(val)).tolist()
+            for k in batched:
+                vloss[k] = chunked[k]
+        out = []
+        for k in range(k_members):
+            r = compute_retrieval_metrics(pred[k], val.ligand, ligand_ids=val.ligand_id, reverse=False)
+            out.append({
+                "val/loss": float(vloss[k]),
+                "val/cosine": r["mean_cosine"],
+                "val/top1": r["top1_accuracy"],
+                "val/top5": r["top5_accuracy"],
+                "val/top10": r["top10_accuracy"],
+                "val/mrr": r["mrr"],
+                "val/median_rank": r["median_rank"],
+                "val/alignment": r["alignment"],
+                "val/uniformity": r["uniformity"],
+                "val/spread": r["spread"],
+            })
+        return out
 
     # ---------------------------------------------------------------- results
 
-    def save_best(self, path: str | Path) -> Path:
-        """Write the best epoch's model state (state_dict) to a file."""
-        if self.best.state is None:
+    def save_best(self, path: str | Path, index: int = 0) -> Path:
+        """Write a run's best epoch's model state (state_dict) to a file."""
+        state = self.every[index].best.state
+        if state is None:
             raise AblateError("no best model to save: no epoch produced a finite selection metric")
         out = Path(path)
         out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in self.best.state.items()}, out)
+        torch.save({k: v.cpu() for k, v in state.items()}, out)
         return out
 
 
-def _mean_total_norm(norms: list[Tensor | Sequence[Tensor]], skip_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
-    """The mean over steps of the gradient's total norm (from per-step totals or per-parameter
-    norms) and the number of steps left out as non-finite (with ``skip_nonfinite``: the steps a
-    float16 grad scaler skipped after an overflow, which are not a divergence)."""
-    steps = [[step] if isinstance(step, Tensor) else list(step) for step in norms]
-    if len({len(step) for step in steps}) == 1:
-        per_step = torch.linalg.vector_norm(torch.stack([n for step in steps for n in step]).float()
-                                            .view(len(steps), -1), dim=1)
-    else:  # a model whose set of parameters with gradients changes between steps
-        per_step = torch.stack([torch.linalg.vector_norm(torch.stack(step).float()) for step in steps])
+
+_ALWAYS = frozenset({"train/loss", "train/inbatch_top1", "grad_norm", "amp_skipped_steps"})
+"""Per-member train metrics kept even when not finite (a divergence is seen in them); the loss parts
+of members whose loss has none are NaN and left out."""
+
+
+def _widen(x: Tensor) -> Tensor:
+    """Half precision -> float32; float32 and float64 stay."""
+    return x.to(torch.promote_types(x.dtype, torch.float32))
+
+
+def _to(data: PairedEmbeddings, device: torch.device, dtype: torch.dtype | None) -> PairedEmbeddings:
+    moved = data.to(device)
+    if dtype is None:
+        return moved
+    return PairedEmbeddings(moved.pocket.to(dtype), moved.ligand.to(dtype), moved.ligand_id)
+
+
+def _mean_norm(per_step: Tensor, skip_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
+    """Each member's mean over steps of its total gradient norm ([steps, K] -> [K]), and the number
+    of steps left out as non-finite (with ``skip_nonfinite``: the steps a float16 grad scaler
+    skipped after an overflow, which are not a divergence)."""
     if not skip_nonfinite:
-        return per_step.mean(), torch.zeros(())
+        return per_step.mean(0), torch.zeros(per_step.shape[1])
     finite = torch.isfinite(per_step)
-    kept = per_step[finite]
-    mean = kept.mean() if kept.numel() else torch.full((), float("nan"), device=per_step.device)
-    return mean, (~finite).sum()
+    kept = torch.where(finite, per_step, torch.zeros_like(per_step)).sum(0)
+    count = finite.sum(0)
+    mean = torch.where(count > 0, kept / count.clamp(min=1), torch.full_like(kept, float("nan")))
+    return mean, (~finite).sum(0).float()
 
 
 def grad_cache(
-    model: nn.Module,
-    criterion: nn.Module,
+    model: Callable[[Tensor], Tensor],
+    criterion: Callable[[Tensor, Tensor, Tensor | None], Tensor],
     x: Tensor,
     y: Tensor,
     ligand_ids: Tensor | None,
     micro_batch: int,
     *,
+    dim: int = 0,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     backward: Callable[[Tensor], None] = Tensor.backward,
 ) -> tuple[Tensor, Tensor]:
@@ -393,9 +550,10 @@ def grad_cache(
     3. re-embed each micro-batch with the same RNG state and back-propagate its slice of the
        cached gradient. The parameter gradients equal those of one large batch.
 
-    Returns the loss (detached) and the embeddings.
+    ``dim`` is the batch dimension (1 for an array's [K, B, D]). Returns the loss (detached) and the
+    embeddings.
     """
-    chunks = x.split(micro_batch)
+    chunks = x.split(micro_batch, dim=dim)
     device = x.device
     states = []
     reps = []
@@ -404,11 +562,11 @@ def grad_cache(
             states.append(_rng_state(device))
             with autocast():
                 reps.append(model(xc))
-    cached = torch.cat(reps).to(torch.promote_types(reps[0].dtype, torch.float32)).requires_grad_()
+    cached = torch.cat(reps, dim=dim).to(torch.promote_types(reps[0].dtype, torch.float32)).requires_grad_()
     loss = criterion(cached, y, ligand_ids)
     backward(loss)
     assert cached.grad is not None
-    for xc, state, grad in zip(chunks, states, cached.grad.split(micro_batch), strict=True):
+    for xc, state, grad in zip(chunks, states, cached.grad.split(micro_batch, dim=dim), strict=True):
         _set_rng_state(device, state)
         with autocast():
             out = model(xc)
@@ -432,3 +590,36 @@ def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) ->
             torch.cuda.set_rng_state(state[1], device)
         else:
             torch.mps.set_rng_state(state[1])
+
+
+def time_steps(specs: Sequence[RunSpec], train: PairedEmbeddings, val: PairedEmbeddings, steps: int = 6) -> float:
+    """Seconds per optimizer step of an array of ``specs`` (one warm-up step first), for planning."""
+    trainer = Trainer(specs, train, val)
+    trainer.losses.set_epoch(0)
+    trainer._set_lr(0)
+    trainer.models.train()
+    eff = trainer.spec.effective_batch_size
+    n = min(len(trainer.train) // eff, steps + 1)
+    k = len(specs)
+    idx = torch.arange(n * eff, device=trainer.device).expand(k, -1)
+    x, y = trainer.train.pocket[idx], trainer.train.ligand[idx]
+    lid = trainer.train.ligand_id[idx]
+    contrastive = any(trainer.losses.contrastive(m) for m in range(k))
+    start = time.perf_counter()
+    for step in range(n):
+        if step == 1:
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            start = time.perf_counter()
+        window = slice(step * eff, (step + 1) * eff)
+        xb, yb, ib = x[:, window], y[:, window], lid[:, window]
+        if trainer.spec.accumulation_steps > 1 and contrastive:
+            trainer._gradcache(xb, yb, ib)
+        else:
+            with trainer.amp.autocast():
+                p = trainer.models(xb)
+            trainer._backward(trainer.losses(p, yb, ib)[0].sum())
+        trainer._optimizer_step()
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    return (time.perf_counter() - start) / max(1, n - 1)

@@ -21,8 +21,9 @@ from optuna.trial import FrozenTrial, TrialState
 from ablate import records, stability, studies
 from ablate.designs import StudySpec
 from ablate.errors import AblateError
-from ablate.records import EpochEnded, Event, TrialEnded, TrialStarted
-from ablate.runs import EpochHook, RunOutcome, train_and_log
+from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
+from ablate.runs import EpochHook, RunOutcome, train_and_log_members
+from ablate.specs import RunSpec
 from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
 from ablate.tracking import Tracker
@@ -75,24 +76,28 @@ def work(
     on_event: OnEvent | None = None,
     wait_for_running: bool = True,
     keep_going: Callable[[], bool] | None = None,
+    array: int | None = 1,
 ) -> None:
     """Take trials of the study until none is left to take, then return.
 
     A worker takes only trials the study has queued, so a study never has more trials than its
-    budget. While other workers' trials are still running, it waits for them (when heartbeats are
-    on): a trial whose worker died is failed after the grace period and put back in the queue.
-    A trial that fails on an error is recorded and the worker goes on; a user's mistake
-    (AblateError: a device that does not exist, a batch larger than the data) stops it.
-    ``keep_going`` is asked before each trial (a worker process stops when its parent is gone).
-    The worker that finds the study done ends its MLflow parent run.
+    budget; with ``array`` other than 1 (None: auto, see ``ablate.arrays``) it takes several
+    compatible trials at once and trains them as one array. While other workers' trials are still
+    running, it waits for them (when heartbeats are on): a trial whose worker died is failed after
+    the grace period and put back in the queue. A trial that fails on an error is recorded and the
+    worker goes on; a user's mistake (AblateError: a device that does not exist, a batch larger
+    than the data) stops it. ``keep_going`` is asked before each array (a worker process stops when
+    its parent is gone). The worker that finds the study done ends its MLflow parent run.
     """
-    objective = _Objective(ctx, device, on_event or (lambda e: None))
+    emit = on_event or (lambda e: None)
+    objective = _Objective(ctx, device, emit)
     study = ctx.study
+    said: set[str] = set()
     while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
-        trial = take(ctx)
-        if trial is not None:
-            _run(ctx, trial, objective)
+        group = take(ctx, array, device, say=lambda text: _say_once(emit, said, text))
+        if group:
+            _run(ctx, group, objective)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and wait_for_running \
                 and ctx.heartbeat_seconds:
             time.sleep(POLL_SECONDS)
@@ -101,60 +106,87 @@ def work(
             break
 
 
-def take(ctx: Context) -> optuna.Trial | None:
-    """A queued (WAITING) trial, now RUNNING for this worker; None when the queue is empty.
+def _say_once(emit: OnEvent, said: set[str], text: str) -> None:
+    if text not in said:
+        said.add(text)
+        emit(Note(text))
+
+
+def take(ctx: Context, array: int | None = 1, device: str | None = None,
+         say: Callable[[str], None] | None = None) -> list[optuna.Trial]:
+    """Queued (WAITING) trials that can train together, now RUNNING for this worker; [] when none.
 
     Marking a trial RUNNING succeeds for one worker only (a row lock on PostgreSQL, a write
     transaction on SQLite), so no two workers take the same trial; unlike ``Study.ask`` this never
-    creates a trial past the queue.
+    creates a trial past the queue. The first waiting trial decides the kind of run; more are taken
+    while they train with the same shapes, up to the array size (``arrays.choose``).
     """
-    storage, study = ctx.storage, ctx.study
+    from ablate.arrays import choose
+    from ablate.trainer import fusion_key
+
+    storage, study, spec = ctx.storage, ctx.study, ctx.spec
     study_id = storage.get_study_id_from_name(study.study_name)
-    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    if not waiting:
+        return []
+
+    def shaped(t: FrozenTrial) -> RunSpec | None:
+        run = spec.shape_of(t)
+        return run.model_copy(update={"device": device}) if run is not None and device else run
+
+    first = shaped(waiting[0])
+    key = None if first is None else fusion_key(first)
+    alike = [t for t in waiting if key is not None and (run := shaped(t)) is not None and fusion_key(run) == key]
+    limit = 1
+    if first is not None and len(alike) > 1 and array != 1:
+        choice = choose(first, len(alike), array)
+        limit = choice.size
+        if choice.reason and say is not None:
+            say(choice.reason)
+    out: list[optuna.Trial] = []
+    for t in (alike or waiting[:1]) if limit > 1 else waiting:
         trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
         try:
             if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                return optuna.Trial(study, trial_id)
+                out.append(optuna.Trial(study, trial_id))
         except optuna.exceptions.UpdateFinishedTrialError:
             continue
-    return None
+        if len(out) == limit:
+            break
+    return out
 
 
-def _run(ctx: Context, trial: optuna.Trial, objective: Callable[[optuna.Trial], float]) -> None:
-    """Run the objective on a taken trial with heartbeats, and tell Optuna how it ended."""
-    with _heartbeat(ctx, trial.number):
+def _run(ctx: Context, group: list[optuna.Trial], objective: Callable[[list[optuna.Trial]], None]) -> None:
+    """Train a group of taken trials with heartbeats; a trial the objective did not end ends FAIL."""
+    with _heartbeat(ctx, [t.number for t in group]):
         try:
-            value = objective(trial)
-        except optuna.TrialPruned:
-            ctx.study.tell(trial, state=TrialState.PRUNED)
-            return
+            objective(group)
         except TrialError:
-            ctx.study.tell(trial, state=TrialState.FAIL)
-            return
-        except BaseException:  # Ctrl-C, SIGTERM, a user's mistake: the trial fails and the worker stops
-            ctx.study.tell(trial, state=TrialState.FAIL)
-            raise
-    ctx.study.tell(trial, value)
+            pass
+        finally:  # also on Ctrl-C, SIGTERM or a user's mistake, which then stop the worker
+            for t in group:
+                ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
 
 
 @contextmanager
-def _heartbeat(ctx: Context, number: int) -> Iterator[None]:
-    """Record the trial's heartbeat every ``heartbeat_seconds`` while it runs."""
+def _heartbeat(ctx: Context, numbers: list[int]) -> Iterator[None]:
+    """Record the trials' heartbeats every ``heartbeat_seconds`` while they run."""
     if not ctx.heartbeat_seconds:
         yield
         return
     storage, interval = ctx.storage, ctx.heartbeat_seconds
-    trial_id = storage.get_trial_id_from_study_id_trial_number(
-        storage.get_study_id_from_name(ctx.study.study_name), number)
+    study_id = storage.get_study_id_from_name(ctx.study.study_name)
+    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
     stop = threading.Event()
 
     def beat() -> None:
         while True:
-            storage.record_heartbeat(trial_id)
+            for trial_id in ids:
+                storage.record_heartbeat(trial_id)
             if stop.wait(interval):
                 return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{number}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{numbers[0]}", daemon=True)
     thread.start()
     try:
         yield
@@ -190,59 +222,76 @@ def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:
 
 
 class _Objective:
-    """Optuna's objective: train the trial's run, track it, report to the pruner, return its value."""
+    """Train a group of taken trials as one array: each its own MLflow run, pruner and end."""
 
     def __init__(self, ctx: Context, device: str | None, emit: OnEvent):
         self.ctx, self.device, self.emit = ctx, device, emit
 
-    def __call__(self, trial: optuna.Trial) -> float:
+    def __call__(self, trials: list[optuna.Trial]) -> None:
         ctx, spec = self.ctx, self.ctx.spec
-        assignment = spec.suggest(trial)
-        run = assignment.run
-        if self.device:
-            run = run.model_copy(update={"device": self.device})
-        records.write_start(trial, assignment.label, assignment.values)
-        self.emit(TrialStarted(trial.number, assignment.label, run.epochs, os.getpid()))
-        tags = {"ablate.study": ctx.name, "ablate.trial": trial.number,
-                **{f"ablate.{k}": v for k, v in assignment.values.items()}}
-        state, reason = "FAIL", ""
-        outcome: RunOutcome | None = None
-        try:
-            trainer = Trainer.from_spec(run)
-            outcome = train_and_log(
-                trainer, ctx.tracker, ctx.experiment_id, f"{ctx.name}#{trial.number} {assignment.label}",
-                tags=tags, parent_run_id=ctx.parent_run_id,
-                on_start=lambda run_id: records.write_run(trial, run_id),
-                on_epoch=self._hook(trial, trainer.best),
-            )
+        assignments = [spec.suggest(t) for t in trials]
+        runs = [a.run.model_copy(update={"device": self.device}) if self.device else a.run for a in assignments]
+        for t, a, run in zip(trials, assignments, runs, strict=True):
+            records.write_start(t, a.label, a.values)
+            self.emit(TrialStarted(t.number, a.label, run.epochs, os.getpid()))
+        ended: set[int] = set()
+        outcomes: dict[int, RunOutcome] = {}
+
+        def end(k: int, state: str, reason: str) -> None:
+            ended.add(k)
+            out = outcomes.get(k)
+            if out is not None:
+                ctx.tracker.set_tags(out.run_id, {"ablate.state": state})
+            last = out.final.get(spec.objective) if out is not None else None
+            self.emit(TrialEnded(trials[k].number, assignments[k].label, state, reason, last))
+
+        def on_start(k: int, run_id: str) -> None:
+            records.write_run(trials[k], run_id)
+
+        def on_end(k: int, outcome: RunOutcome) -> None:
+            outcomes[k] = outcome
+            trial = trials[k]
             self._record(trial, outcome)
             value = self._value(outcome)
             if outcome.stopped is not None or value is None:
-                state = "PRUNED"
-                raise optuna.TrialPruned(outcome.stopped.message if outcome.stopped else
-                                          f"{spec.objective} is not finite")
-            state = "COMPLETE"
-            return value
+                ctx.study.tell(trial, state=TrialState.PRUNED)
+                end(k, "PRUNED", outcome.stopped.message if outcome.stopped else f"{spec.objective} is not finite")
+            else:
+                ctx.study.tell(trial, value)
+                end(k, "COMPLETE", "")
+
+        def failed(reason: str) -> None:
+            for k, t in enumerate(trials):
+                if k not in ended:
+                    records.write_error(t, reason)
+                    ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+                    end(k, "FAIL", reason)
+
+        try:
+            trainer = Trainer.from_spec(runs)
+            if trainer.fallback:
+                self.emit(Note(f"{runs[0].model.factory}: cannot run members vmapped ({trainer.fallback}); "
+                               "they train one after another"))
+            hooks = [self._hook(t, trainer.every[k].best) for k, t in enumerate(trials)]
+            train_and_log_members(
+                trainer, ctx.tracker, ctx.experiment_id,
+                [f"{ctx.name}#{t.number} {a.label}" for t, a in zip(trials, assignments, strict=True)],
+                tags=[{"ablate.study": ctx.name, "ablate.trial": t.number,
+                       **{f"ablate.{k}": v for k, v in a.values.items()}}
+                      for t, a in zip(trials, assignments, strict=True)],
+                parent_run_id=ctx.parent_run_id, on_start=on_start,
+                on_epoch=lambda k, result, history: hooks[k](result, history), on_end=on_end,
+            )
         except KeyboardInterrupt:
-            reason = "interrupted (Ctrl-C or SIGTERM)"
-            records.write_error(trial, reason)
-            raise
-        except optuna.TrialPruned as e:
-            reason = str(e)
+            failed("interrupted (Ctrl-C or SIGTERM)")
             raise
         except AblateError as e:  # a user's mistake: every trial would fail the same way
-            reason = mask_url(str(e))
-            records.write_error(trial, reason)
+            failed(mask_url(str(e)))
             raise
         except Exception as e:
             reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
-            records.write_error(trial, reason)
+            failed(reason)
             raise TrialError(reason) from e
-        finally:
-            if outcome is not None:
-                ctx.tracker.set_tags(outcome.run_id, {"ablate.state": state})
-            last = outcome.final.get(spec.objective) if outcome else None
-            self.emit(TrialEnded(trial.number, assignment.label, state, reason, last))
 
     def _hook(self, trial: optuna.Trial, best: Best) -> EpochHook:
         spec = self.ctx.spec
@@ -273,7 +322,7 @@ class _Objective:
         return hook
 
     def _record(self, trial: optuna.Trial, outcome: RunOutcome) -> None:
-        records.write_result(trial, final=outcome.final, best=outcome.best, best_epoch=outcome.trainer.best.epoch,
+        records.write_result(trial, final=outcome.final, best=outcome.best, best_epoch=outcome.best_run.epoch,
                              epochs=len(outcome.history), diverged=outcome.diverged, stop=outcome.stopped)
         if outcome.stopped is not None:
             self.ctx.tracker.set_tags(outcome.run_id, {

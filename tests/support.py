@@ -67,3 +67,25 @@ def breaks_after(in_dim: int, out_dim: int, calls: int = 10) -> nn.Module:
 def ablate_command(*args: str) -> list[str]:
     """The argv of `ablate ARGS` in a fresh Python process."""
     return [sys.executable, "-m", "ablate", *args]
+
+
+def two_layer(in_dim: int, out_dim: int, hidden: int = 12) -> nn.Module:
+    """A user model (Linear, Tanh, Linear) given by import path "support:two_layer"."""
+    return nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
+
+
+class DataDependent(nn.Module):
+    """A model whose forward reads a value back to Python, which torch.func.vmap cannot trace."""
+
+    def __init__(self, in_dim: int, out_dim: int):
+        super().__init__()
+        self.lin = nn.Linear(in_dim, out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = self.lin(x)
+        return out if float(out.sum()) > -1e30 else -out
+
+
+def data_dependent(in_dim: int, out_dim: int) -> nn.Module:
+    """Factory for DataDependent (import path "support:data_dependent")."""
+    return DataDependent(in_dim, out_dim)

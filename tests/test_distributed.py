@@ -67,7 +67,7 @@ def test_three_workers_share_a_search_of_12_trials(workdir, postgres_url, monkey
     assert SECRET not in out + err
     ref = studies.load("temperature", studies.open_storage(storage))
 
-    logs = _wait(_workers(3, ref.name, storage, workdir))
+    logs = _wait(_workers(3, ref.name, storage, workdir, "--array", "1"))  # one trial each, so all three work
     assert all(SECRET not in log for log in logs)
 
     trials = ref.study.get_trials()
@@ -117,7 +117,7 @@ def test_a_killed_worker_s_trial_fails_by_heartbeat_and_is_retried(workdir, post
                               *TINY_RUN], monkeypatch, capsys)
     assert code == 0, err
     ref = studies.load("temperature", studies.open_storage(postgres_url))
-    victim, survivor = _workers(2, ref.name, postgres_url, workdir, "--heartbeat", "1")
+    victim, survivor = _workers(2, ref.name, postgres_url, workdir, "--heartbeat", "1", "--array", "1")
 
     deadline = time.time() + 180
     doomed = None
@@ -148,7 +148,7 @@ def test_a_killed_worker_s_trial_fails_by_heartbeat_and_is_retried(workdir, post
 
 def test_jobs_on_the_embedded_sqlite_store_run_without_lock_errors(workdir, monkeypatch, capsys):
     # trials long enough for the second process to start while the first (this one) trains
-    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "150",
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--array", "1", "--epochs", "150",
                               "--seeds", "0,1", *TINY_RUN], monkeypatch, capsys)
     assert code == 0, err + out
     assert "locked" not in (out + err).lower()
@@ -206,8 +206,8 @@ def test_a_worker_for_a_missing_study_says_how_to_start_it(workdir, postgres_url
 
 def test_sigterm_stops_every_worker_process_cleanly_even_with_sigint_ignored(workdir):
     # Started in the background (nohup, CI): SIGINT is ignored, so only SIGTERM can stop the run.
-    cmd = ablate_command("run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "4000", "--seeds", "0,1",
-                         *TINY_RUN)
+    cmd = ablate_command("run-suite", "baseline-vs-multistage", "--jobs", "2", "--array", "1", "--epochs", "4000",
+                         "--seeds", "0,1", *TINY_RUN)
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
                             preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_IGN))
     storage = f"sqlite:///{workdir / 'optuna.db'}"

@@ -104,7 +104,7 @@ def test_an_interrupted_suite_resumes_where_it_stopped(workdir, monkeypatch, cap
         return real(self, trial)
 
     monkeypatch.setattr(worker._Objective, "__call__", interrupt_third)
-    code, _, err = run_cli([*SUITE, "--jobs", "1"], monkeypatch, capsys)  # one worker, in this process
+    code, _, err = run_cli([*SUITE, "--jobs", "1", "--array", "1"], monkeypatch, capsys)  # one trial at a time
     assert code == 130
     assert "run the same command again to resume" in err
     study, _ = _study(workdir)

@@ -183,11 +183,11 @@ def test_inbatch_top1_counts_rows_that_rank_their_own_ligand_first():
     spec = tiny_run(batch_size=8)
     train, val = load_split(spec.data)
     trainer = Trainer(spec, train, val)
-    idx = torch.arange(16)
-    perfect = [train.ligand[idx[:8]], train.ligand[idx[8:]]]
+    idx = torch.arange(16).view(2, 1, 8)  # [steps, members, batch]
+    perfect = train.ligand[idx]
     assert trainer._inbatch_correct(perfect, idx).item() == 16
     # A constant output ranks the same ligand first for every row: at most one hit per batch (chance).
-    constant = [torch.ones(8, train.ligand_dim), torch.ones(8, train.ligand_dim)]
+    constant = torch.ones(2, 1, 8, train.ligand_dim)
     assert trainer._inbatch_correct(constant, idx).item() <= 2
     # Exact ties count as misses.
     tied = trainer.train_unit.clone()

@@ -1,0 +1,107 @@
+"""The execution plan of trial arrays: how many compatible trials a worker trains as one array.
+
+``--array 1`` trains one trial at a time; ``--array K`` up to K compatible trials together;
+``--array auto`` (the default) measures: it times a few optimizer steps of arrays of 1, 2, 4, ...
+members on the real device, data and model, and takes the size with the most member-steps per
+second (1 when fusing does not pay, as for wide heads on a CPU), within the memory the device has
+free. The choice is made once per kind of run and process, and said once.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from ablate.specs import RunSpec
+
+CANDIDATES = (1, 2, 4, 8, 16, 32)
+"""Array sizes auto measures (up to the number of compatible trials waiting)."""
+
+MEMORY_SHARE = 0.5
+"""Arrays use at most this share of the device's free memory (estimated per member)."""
+
+
+@dataclass(frozen=True)
+class ArrayChoice:
+    """An array size, and the measurement that chose it (empty when it was not measured)."""
+
+    size: int
+    reason: str = ""
+
+
+_CHOSEN: dict[Any, ArrayChoice] = {}
+
+
+def choose(run: RunSpec, waiting: int, array: int | None) -> ArrayChoice:
+    """The array size for trials shaped like ``run`` with ``waiting`` compatible trials queued.
+
+    ``array`` is the user's choice: a size, or None for auto.
+    """
+    if array is not None:
+        return ArrayChoice(max(1, min(array, waiting)))
+    if waiting <= 1:
+        return ArrayChoice(1)
+    from ablate.trainer import fusion_key
+
+    key = (fusion_key(run), min(waiting, CANDIDATES[-1]))
+    if key not in _CHOSEN:
+        _CHOSEN[key] = _measure(run, waiting)
+    return _CHOSEN[key]
+
+
+def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
+    import torch
+
+    from ablate.data import load_split
+    from ablate.devices import amp_for, resolve_device
+    from ablate.trainer import time_steps
+
+    device = resolve_device(run.device)
+    if amp_for(device, run.amp).scaler is not None:
+        return ArrayChoice(1, "float16 with a gradient scaler: members train alone")
+    train, val = load_split(run.data)
+    cap = max(1, memory_cap(run, train.pocket_dim, train.ligand_dim, device))
+    sizes = [k for k in CANDIDATES if k <= min(waiting, cap)]
+    if waiting <= cap and waiting not in sizes and waiting < CANDIDATES[-1]:
+        sizes.append(waiting)
+    rates: dict[int, float] = {}
+    state = torch.get_rng_state()
+    for k in sorted(sizes):
+        specs = [run.model_copy(update={"seed": run.seed + i}) for i in range(k)]
+        rates[k] = k / time_steps(specs, train, val)
+    torch.set_rng_state(state)  # measuring leaves the random state as it was
+    best = max(rates, key=lambda k: rates[k])
+    shown = ", ".join(f"{k}: {rates[k]:.0f}" for k in sorted(rates))
+    return ArrayChoice(best, f"member-steps/s by array size {{{shown}}} on {device}: "
+                             f"arrays of {best} ({rates[best] / rates[1]:.1f}x one at a time)")
+
+
+def memory_cap(run: RunSpec, pocket_dim: int, ligand_dim: int, device: Any) -> int:
+    """How many members fit in MEMORY_SHARE of the device's free memory (parameters, gradients,
+    two optimizer moments, and the activations of a batch)."""
+    from ablate.models import build_model
+
+    model = build_model(run.model, pocket_dim, ligand_dim)
+    params = sum(p.numel() for p in model.parameters())
+    widths = [pocket_dim, *run.model.hidden, ligand_dim]
+    activations = run.effective_batch_size * (sum(widths) * 3 + run.effective_batch_size)
+    per_member = 4 * (4 * params + activations)
+    free = _free_bytes(device)
+    return int(free * MEMORY_SHARE // max(1, per_member))
+
+
+def _free_bytes(device: Any) -> int:
+    import torch
+
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

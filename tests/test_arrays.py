@@ -1,0 +1,158 @@
+"""Trial arrays: members trained together equal the same runs trained alone, exactly (float64)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from support import tiny_run
+
+from ablate.data import load_split
+from ablate.trainer import Trainer, fusion_key
+
+TOL = 1e-9
+
+
+def _split(spec):
+    return load_split(spec.data)
+
+
+def _train(specs, **kw):
+    train, val = _split(specs[0])
+    trainer = Trainer(specs, train, val, dtype=torch.float64, **kw)
+    history: dict[int, list] = {m.index: [] for m in trainer.every}
+    for results in trainer.array():
+        for k, r in results.items():
+            history[k].append(r)
+    return trainer, history
+
+
+def _params(trainer, k):
+    member = trainer.every[k]
+    return [p.detach().clone() for p in member.params]
+
+
+def _assert_alone(trainer, history, specs, skip=()):
+    for k, spec in enumerate(specs):
+        if k in skip:
+            continue
+        alone, alone_history = _train([spec])
+        for a, b in zip(_params(trainer, k), _params(alone, 0), strict=True):
+            assert (a - b).abs().max().item() <= TOL, (k, spec.loss)
+        assert len(history[k]) == len(alone_history[0])
+        for got, want in zip(history[k], alone_history[0], strict=True):
+            for key in ("train/loss", "grad_norm", "lr", "val/loss"):
+                assert got.metrics[key] == pytest.approx(want.metrics[key], rel=1e-9, abs=1e-12), (k, key)
+            assert got.stage == want.stage
+
+
+MEMBERS = [
+    dict(loss="mse", seed=0, lr=1e-2),
+    dict(loss="cosine", seed=1, lr=3e-3, weight_decay=0.1),
+    dict(loss="infonce", seed=2, temperature=0.1),
+    dict(loss="infonce", seed=3, temperature=0.2, learnable_temperature=True, lr=0.05),
+    dict(loss="combined", seed=4, alpha=0.6, beta=0.3, gamma=0.1, grad_clip=0.05),
+    dict(loss="multistage", seed=5, stage1_epochs=1, stage2_epochs=1, stage_lrs=(1e-2, 5e-3, 2e-3)),
+    dict(loss="infonce", seed=6, symmetric=False, mask_shared_ligands=False, lr_schedule="cosine", warmup_epochs=1),
+]
+
+
+def test_every_member_of_a_stacked_array_equals_its_run_alone():
+    specs = [tiny_run(**m) for m in MEMBERS]
+    assert len({fusion_key(s) for s in specs}) == 1
+    trainer, history = _train(specs)
+    assert trainer.models.fusion == "stacked"
+    assert [r.stage for r in history[5]] == ["mse_warmup", "contrastive", "finetune"]
+    _assert_alone(trainer, history, specs)
+
+
+def test_gradcache_arrays_equal_their_runs_alone():
+    specs = [tiny_run(batch_size=8, accumulation_steps=2, **m) for m in (MEMBERS[0], MEMBERS[2], MEMBERS[4])]
+    trainer, history = _train(specs)
+    _assert_alone(trainer, history, specs)
+
+
+def test_a_member_that_diverges_stops_and_changes_no_other_member():
+    specs = [tiny_run(**MEMBERS[2]), tiny_run(loss="infonce", seed=9, lr=1e300), tiny_run(**MEMBERS[4])]
+    trainer, history = _train(specs)
+    assert history[1][-1].diverged and len(history[1]) < 3
+    assert not math.isfinite(history[1][-1].metrics["train/loss"])
+    assert all(math.isfinite(r.metrics["train/loss"]) for k in (0, 2) for r in history[k])
+    assert [m.index for m in trainer.members] == [0, 2]  # the diverged member was dropped
+    _assert_alone(trainer, history, specs, skip={1})
+
+
+def test_a_stopped_member_is_dropped_and_the_others_train_on_unchanged():
+    specs = [tiny_run(**MEMBERS[0]), tiny_run(**MEMBERS[2]), tiny_run(**MEMBERS[3])]
+    train, val = _split(specs[0])
+    trainer = Trainer(specs, train, val, dtype=torch.float64)
+    history: dict[int, list] = {0: [], 1: [], 2: []}
+    for results in trainer.array():
+        for k, r in results.items():
+            history[k].append(r)
+        if len(history[1]) == 1:
+            trainer.stop(1)
+    assert [len(history[k]) for k in range(3)] == [3, 1, 3]
+    _assert_alone(trainer, history, specs, skip={1})
+
+
+def test_user_models_run_vmapped_and_equal_their_runs_alone():
+    model = {"factory": "support:two_layer", "kwargs": {"hidden": 10}}
+    specs = [tiny_run(model=model, **m) for m in (MEMBERS[0], MEMBERS[3], MEMBERS[4])]
+    trainer, history = _train(specs)
+    assert trainer.models.fusion == "vmap" and trainer.fallback is None
+    _assert_alone(trainer, history, specs)
+
+
+def test_a_model_that_cannot_be_vmapped_falls_back_to_separate_members_and_says_why():
+    specs = [tiny_run(model={"factory": "support:data_dependent"}, **m) for m in (MEMBERS[0], MEMBERS[2])]
+    trainer, history = _train(specs)
+    assert trainer.models.fusion == "loop"
+    assert trainer.fallback
+    _assert_alone(trainer, history, specs)
+
+
+def test_runs_that_differ_in_what_shapes_the_computation_cannot_share_an_array():
+    with pytest.raises(ValueError, match="must agree on model, batch size"):
+        train, val = _split(tiny_run())
+        Trainer([tiny_run(batch_size=16), tiny_run(batch_size=8)], train, val)
+
+
+@pytest.mark.slow
+def test_an_interrupted_array_leaves_each_member_fail_and_killed_and_resumes(workdir, monkeypatch, capsys):
+    import optuna
+    from mlflow import MlflowClient
+    from support import run_cli
+
+    from ablate import records, studies
+
+    args = ["run-suite", "baseline-vs-multistage", "--epochs", "4", "--seeds", "0,1", "--jobs", "1", "--array", "4",
+            "--data", "pairs.npz", "--set", "model.hidden=[16]"]
+    real = Trainer.array
+
+    def interrupted(self):
+        for epoch, results in enumerate(real(self)):
+            if epoch == 2 and len(self.specs) > 1:
+                raise KeyboardInterrupt
+            yield results
+
+    monkeypatch.setattr(Trainer, "array", interrupted)
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 130, err
+    ref = studies.load("baseline-vs-multistage", studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}"))
+    failed = ref.study.get_trials(states=(optuna.trial.TrialState.FAIL,))
+    assert len(failed) == 4  # the whole array
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    for t in failed:
+        run = client.get_run(t.user_attrs[records.RUN_ID])
+        assert run.info.status == "KILLED"
+        assert run.data.tags["ablate.array_size"] == "4"
+        assert len(client.get_metric_history(run.info.run_id, "val/top1")) == 2
+        assert t.user_attrs[records.ERROR].startswith("interrupted")
+
+    monkeypatch.setattr(Trainer, "array", real)
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    complete = ref.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
+    assert len({(t.params["experiment"], t.params["seed"]) for t in complete}) == 10
