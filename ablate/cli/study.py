@@ -1,0 +1,222 @@
+"""Commands that train a study or report on it: run-suite, tune, worker, report."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+from rich.text import Text
+
+from ablate import designs, stores, studyfiles
+from ablate.cli.app import (
+    ArrayOpt,
+    DevicesOpt,
+    HeartbeatOpt,
+    JobsOpt,
+    SetOpt,
+    StorageOpt,
+    TrackingOpt,
+    app,
+    console,
+    err_console,
+    parse_array,
+    parse_devices,
+    parse_jobs,
+    parse_seeds,
+    stores_of,
+)
+from ablate.cli.listing import show_study
+from ablate.errors import AblateError
+
+if TYPE_CHECKING:
+    from ablate.session import StudySession
+
+
+# --------------------------------------------------------------------------------------
+# Studies: run-suite, tune, worker, report
+# --------------------------------------------------------------------------------------
+
+
+def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
+           array: int | None, budget: int | None = None) -> StudySession | None:
+    """Open the study and train its queued trials; None when only created (--jobs 0)."""
+    from ablate.session import StudySession
+
+    session = StudySession.start(spec, store, budget=budget, devices=devices)
+    if isinstance(spec, designs.SearchSpec):
+        wanted, size = budget if budget is not None else spec.n_trials, spec.space_size()
+        if size is not None and wanted > size:
+            console.print(f"the search space has {size} configuration(s): the budget of {wanted} trials is "
+                          f"capped at {size}, so no configuration is trained twice")
+    done, total = session.progress()
+    parent = session.parent_run_id if jobs == 0 and not devices else session.known_parent_run_id
+    tracking = stores.mask_url(stores.resolve_tracking_uri(store.tracking_uri))
+    console.print(Text.assemble("study ", (session.name, "bold"), f" in {store.shown_storage} "
+                                f"({done}/{total} trials done); MLflow "
+                                + (f"parent run {parent}" if parent else "experiment " + repr(spec.name))
+                                + f" at {tracking}"))
+    if jobs == 0 and not devices:
+        console.print(f"created; start workers with: ablate worker {session.name} --storage {store.shown_storage}")
+        return None
+    _train(session, jobs=jobs, devices=devices, array=array)
+    return session
+
+
+def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None) -> None:
+    """Train what the study has queued, with a live display; exit 130 when interrupted."""
+    from ablate.launch import plan
+    from ablate.render import StudyDisplay
+
+    pending = session.pending()
+    if not pending:
+        return
+    p = plan(jobs, devices, pending)
+    where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"
+    console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
+                  f"{where}")
+    done, total = session.progress()
+    display = StudyDisplay(console, total, done)
+    with display.progress:
+        finished = session.run(jobs=p.workers, devices=p.devices, on_event=display, spawn_after=p.spawn_after,
+                               array=array)
+    if not finished:
+        err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
+                          f"run the same command again to resume study {session.name}")
+        raise typer.Exit(130)
+
+
+@app.command("run-suite")
+def run_suite(
+    name: Annotated[str, typer.Argument(help="A study in studies/ (e.g. baseline-vs-multistage) or a .toml path.")],
+    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every experiment "
+                                               "(multi-stage boundaries keep their proportions).")] = None,
+    data: Annotated[str | None, typer.Option(help="Data file or 'synthetic' for every experiment.")] = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    jobs: JobsOpt = "auto",
+    array: ArrayOpt = "auto",
+    devices: DevicesOpt = None,
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+    out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
+) -> None:
+    """Run an ablation suite (experiments x seeds) and compare every experiment with the baseline.
+
+    Re-running the same command resumes: finished trials are not trained again.
+    """
+    overrides = studyfiles.parse_overrides(set_ or [])
+    if seeds is not None:
+        overrides["seeds"] = parse_seeds(seeds)
+    if data is not None:
+        overrides["data.source"] = data
+    spec = studyfiles.load_study(name, overrides, epochs=epochs)
+    if not isinstance(spec, designs.SuiteSpec):
+        raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
+    session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=parse_jobs(jobs),
+                     devices=parse_devices(devices), array=parse_array(array))
+    if session is not None:
+        _report(session, out, finish=True)
+
+
+def _report(session: StudySession, out: Path, finish: bool = False) -> None:
+    from ablate import render
+    from ablate.tracking import ui_hint
+
+    report, files, rebuilt = session.report(out)
+    for table in render.suite_tables(report):
+        console.print(table)
+    for line in render.verdict(report):
+        console.print(f"• {line}")
+    for r in report.trials:
+        if r.note:
+            console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
+    done = session.finish() if rebuilt or session.trained else not session.pending()
+    parent = session.known_parent_run_id
+    hint = ui_hint(stores.resolve_tracking_uri(session.stores.tracking_uri))
+    console.print(f"report: {files[0]}" + (f" (also on MLflow run {parent})" if parent else "") + f"; {hint}")
+    if report.missing:
+        what = "failed" if done else "not finished yet"
+        err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
+                          + (f"; see `ablate studies show {session.name}` and run the same command again to retry"
+                             if done else ""))
+        if finish and done:
+            raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    suite_run: Annotated[str, typer.Argument(help="The suite's study name (printed by run-suite), "
+                                             "or the suite name for its newest run.")],
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
+) -> None:
+    """Re-create a suite's comparison from the stores, without training."""
+    from ablate.session import StudySession
+
+    _report(StudySession.open(suite_run, stores_of(storage, tracking_uri)), out)
+
+
+@app.command()
+def tune(
+    name: Annotated[str, typer.Argument(help="A search in studies/ (temperature, batch, weights) or a .toml path.")],
+    n_trials: Annotated[int | None, typer.Option(min=1, help="Trial budget, counting earlier "
+                                                 "trials of the same study \\[default: the file's].")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every trial.")] = None,
+    data: Annotated[str | None, typer.Option(help="Data file or 'synthetic' for every trial.")] = None,
+    set_: SetOpt = None,
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    jobs: JobsOpt = "auto",
+    array: ArrayOpt = "auto",
+    devices: DevicesOpt = None,
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+    confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
+                                         "fresh seeds and compare them (mean, CI).")] = 0,
+    out: Annotated[Path, typer.Option(help="Folder for the confirmation report.")] = Path("reports"),
+) -> None:
+    """Run (or resume) an Optuna search; unstable runs are pruned early."""
+    overrides = studyfiles.parse_overrides(set_ or [])
+    if data is not None:
+        overrides["data.source"] = data
+    spec = studyfiles.load_study(name, overrides, epochs=epochs)
+    if not isinstance(spec, designs.SearchSpec):
+        raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
+    devs, n_jobs, size = parse_devices(devices), parse_jobs(jobs), parse_array(array)
+    session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
+                     budget=n_trials)
+    if session is None:
+        return
+    show_study(session)
+    session.finish()
+    if confirm:
+        suite = session.confirm(confirm)
+        assert isinstance(suite.spec, designs.SuiteSpec)
+        console.print(f"\nconfirming the top {len(suite.spec.experiments)} configuration(s) with seeds "
+                      f"{', '.join(map(str, suite.spec.seeds))}")
+        _train(suite, jobs=n_jobs, devices=devs, array=size)
+        _report(suite, out, finish=True)
+
+
+@app.command()
+def worker(
+    name: Annotated[str, typer.Argument(help="Study name (or spec name: its newest study).")],
+    storage: StorageOpt = None,
+    tracking_uri: TrackingOpt = None,
+    devices: DevicesOpt = None,
+    jobs: Annotated[str, typer.Option("--jobs", "-j", help="Worker processes on this machine; auto: one per "
+                                      "CUDA device, else one per CPU core.")] = "auto",
+    array: ArrayOpt = "auto",
+    heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+) -> None:
+    """Join an existing study: take its waiting trials until none is left, then exit."""
+    from ablate import studies
+    from ablate.session import StudySession
+
+    session = StudySession.open(name, stores_of(storage, tracking_uri, heartbeat))
+    console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))
+    _train(session, jobs=parse_jobs(jobs, minimum=1), devices=parse_devices(devices), array=parse_array(array))
+    console.print(f"study {session.name}: no trials left to take; {studies.counts(session.study)}")

@@ -1,0 +1,118 @@
+"""`ablate train`: one run with the quick-start's flags, logged to MLflow."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Any
+
+import typer
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+from rich.table import Table
+from rich.text import Text
+
+from ablate import specs, studyfiles
+from ablate.cli.app import (
+    SetOpt,
+    TrackingOpt,
+    app,
+    console,
+    default_of,
+    err_console,
+    flag,
+)
+
+if TYPE_CHECKING:
+    pass
+
+
+# --------------------------------------------------------------------------------------
+# ablate train
+# --------------------------------------------------------------------------------------
+
+
+_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--num-epochs", "data.source": "--data"}
+
+
+@app.command()
+def train(
+    loss_fn: Annotated[str, typer.Option("--loss-fn", help="mse | cosine | infonce | combined | "
+                                         "multistage | supcon")] = default_of("loss"),
+    lr: Annotated[float | None, flag("Learning rate (multistage uses its stage rates)", "lr")] = None,
+    batch_size: Annotated[int | None, flag("Pairs per forward pass", "batch_size")] = None,
+    num_epochs: Annotated[int | None, flag("Epochs", "epochs")] = None,
+    temperature: Annotated[float | None, flag("InfoNCE temperature", "temperature")] = None,
+    alpha: Annotated[float | None, flag("Combined: InfoNCE weight", "alpha")] = None,
+    beta: Annotated[float | None, flag("Combined: cosine weight", "beta")] = None,
+    gamma: Annotated[float | None, flag("Combined: MSE weight", "gamma")] = None,
+    stage1_epochs: Annotated[int | None, flag("Multistage: MSE warm-up epochs", "stage1_epochs")] = None,
+    stage2_epochs: Annotated[int | None, flag("Multistage: InfoNCE epochs", "stage2_epochs")] = None,
+    data: Annotated[str | None, flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
+                                      "or 'synthetic' (the built-in benchmark)", "data.source")] = None,
+    seed: Annotated[int | None, flag("Seed of initialisation and batch order", "seed")] = None,
+    device: Annotated[str | None, flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision \\[default: on for CUDA]")] = None,
+    accumulation_steps: Annotated[int | None, flag("Micro-batches per optimizer step (GradCache for "
+                                                    "contrastive losses)", "accumulation_steps")] = None,
+    experiment_name: Annotated[str, typer.Option(help="MLflow experiment.")] = specs.DEFAULT_EXPERIMENT,
+    tracking_uri: TrackingOpt = None,
+    save_best: Annotated[Path | None, typer.Option(help="Write the best epoch's model state here.")] = None,
+    set_: SetOpt = None,
+) -> None:
+    """Train one model and log it to MLflow (the quick-start's experiments, one at a time)."""
+    named: dict[str, Any] = {
+        "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
+        "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
+        "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "data.source": data,
+        "seed": seed, "device": device, "amp": amp, "accumulation_steps": accumulation_steps,
+    }
+    overrides = studyfiles.parse_overrides(set_ or [])
+    flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
+    run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
+    from ablate.launch import sigterm_as_interrupt
+    from ablate.runs import train_and_log
+    from ablate.tracking import Tracker, ui_hint
+    from ablate.trainer import EpochResult, Trainer
+
+    trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
+    tracker = Tracker(tracking_uri)
+    exp_id = tracker.experiment_id(experiment_name)
+    progress = Progress(
+        TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
+        console=console,
+    )
+    task = progress.add_task(f"{run.loss}", total=run.epochs, info="")
+
+    def on_epoch(result: EpochResult, history: list[dict[str, float]]) -> None:
+        m = result.metrics
+        info = (f"loss {m['train/loss']:.4f}  val cos {m['val/cosine']:.3f}  "
+                f"top1 {m['val/top1']:.3f}" + (f"  [{result.stage}]" if result.stage else ""))
+        progress.update(task, completed=result.epoch + 1, info=info)
+
+    started: list[str] = []
+    try:
+        with progress, sigterm_as_interrupt():
+            outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
+                                    save_best=save_best, on_start=started.append)
+    except KeyboardInterrupt:
+        done = int(progress.tasks[task].completed)
+        err_console.print(f"interrupted after {done} of {run.epochs} epochs: "
+                          + (f"MLflow run {started[0]} ended KILLED with the metrics of those epochs"
+                             if started else "no MLflow run was created"))
+        raise typer.Exit(130) from None
+    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs")
+    table.add_column("metric")
+    table.add_column("final", justify="right")
+    table.add_column("best", justify="right")
+    best = outcome.best
+    for key in ("train/loss", "val/loss", *specs.SUMMARY_METRICS, "val/median_rank"):
+        if key in outcome.final:
+            b = best.get(key)
+            table.add_row(key, f"{outcome.final[key]:.4f}", "" if b is None else f"{b:.4f}")
+    console.print(table)
+    if outcome.stopped is not None:
+        console.print(f"stopped: {outcome.stopped.message}", style="yellow")
+    if save_best is not None and trainer.best.state is not None:
+        console.print(f"best model (epoch {trainer.best.epoch}) saved to {save_best}")
+    console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
+                                f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))

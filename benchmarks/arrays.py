@@ -1,0 +1,91 @@
+"""Trial arrays against one trial at a time, side by side in one run.
+
+1. The README's suite (`ablate run-suite baseline-vs-multistage`, its defaults) with `--array auto`
+   and with `--array 1`, each in a fresh folder: wall times, and whether every experiment's mean
+   of the headline metric lies inside the other run's 95 % interval (the same trials, trained
+   fused or alone, must tell the same story).
+2. Member-steps per second of one process at K = 1, 3, 5, 15 members (InfoNCE, batch 32), for the
+   default head (64 -> 256 -> 128) and a wide one (256 -> 512 -> 512 -> 1536), on --device.
+
+    python benchmarks/arrays.py [--epochs N] [--device cpu|cuda] [--skip-suite] [--threads 1]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from ablate.data import load_split
+from ablate.specs import DataSpec, RunSpec, SyntheticSpec
+from ablate.trainer import time_steps
+
+HEADS = {
+    "default 64->256->128": (SyntheticSpec(), [256]),
+    "wide 256->512->512->1536": (SyntheticSpec(pocket_dim=256, ligand_dim=1536), [512, 512]),
+}
+
+
+def suite(array: str, extra: list[str]) -> tuple[float, dict[str, dict[str, float]]]:
+    """Wall seconds of the suite and, per experiment, the headline metric's mean and CI half-width."""
+    with tempfile.TemporaryDirectory() as tmp:
+        t0 = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "ablate", "run-suite", "baseline-vs-multistage", "--array", array,
+                        *extra], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        seconds = time.perf_counter() - t0
+        (report,) = Path(tmp, "reports").glob("*/report.json")
+        rows = json.loads(report.read_text())["rows"]
+    out = {}
+    for r in rows:
+        if r["metric"] == "val/top1" and r["at"] == "final":
+            s = r["summary"]
+            out[r["experiment"]] = {"mean": s["mean"], "half": (s["ci_high"] - s["ci_low"]) / 2}
+    return seconds, out
+
+
+def member_steps(device: str) -> None:
+    print(f"member-steps per second (one process, {torch.get_num_threads()} thread(s), device {device}, "
+          "InfoNCE, batch 32; median of 3)")
+    for label, (synthetic, hidden) in HEADS.items():
+        run = RunSpec(loss="infonce", batch_size=32, device=device, model={"hidden": hidden},
+                      data=DataSpec(synthetic=synthetic))
+        train, val = load_split(run.data)
+        rates = {}
+        for k in (1, 3, 5, 15):
+            specs = [run.model_copy(update={"seed": i}) for i in range(k)]
+            times = sorted(time_steps(specs, train, val, steps=10) for _ in range(3))
+            rates[k] = k / times[1]
+        cells = "  ".join(f"K={k}: {r:7.0f} ({r / rates[1]:.1f}x)" for k, r in rates.items())
+        print(f"  {label:<26} {cells}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--epochs", type=int, help="suite epochs (default: the file's 300)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--threads", type=int, default=1, help="torch threads for the member-steps part")
+    ap.add_argument("--skip-suite", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    if not args.skip_suite:
+        extra = ["--epochs", str(args.epochs)] if args.epochs else []
+        t_fused, fused = suite("auto", extra)
+        t_alone, alone = suite("1", extra)
+        print(f"README suite{' ' + ' '.join(extra) if extra else ''}: --array auto {t_fused:.1f} s, "
+              f"--array 1 {t_alone:.1f} s: {t_alone / t_fused:.2f}x (target >= 2x on the 2-core CPU)")
+        for exp in alone:
+            a, b = fused[exp], alone[exp]
+            inside = abs(a["mean"] - b["mean"]) <= min(a["half"], b["half"])
+            print(f"  val/top1 {exp:<11} fused {a['mean']:.4f} ± {a['half']:.4f}  alone {b['mean']:.4f} ± "
+                  f"{b['half']:.4f}  {'inside each other' if inside else 'OUTSIDE'}")
+    member_steps(args.device)
+
+
+if __name__ == "__main__":
+    main()
