@@ -69,7 +69,7 @@ def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
     state = torch.get_rng_state()
     for k in sorted(sizes):
         specs = [run.model_copy(update={"seed": run.seed + i}) for i in range(k)]
-        rates[k] = k / time_steps(specs, train, val)
+        rates[k] = k / min(time_steps(specs, train, val, steps=4) for _ in range(3))  # min: robust to load
     torch.set_rng_state(state)  # measuring leaves the random state as it was
     best = max(rates, key=lambda k: rates[k])
     shown = ", ".join(f"{k}: {rates[k]:.0f}" for k in sorted(rates))

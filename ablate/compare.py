@@ -19,12 +19,12 @@ from optuna.trial import TrialState
 from ablate import stats, studies
 from ablate.designs import StudySpec, SuiteSpec
 from ablate.records import TrialRecord
-from ablate.specs import SUMMARY_METRICS, better
+from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better
 from ablate.stats import Comparison, Summary
 
 ALPHA = 0.05
 AT = ("final", "best")
-REPORT_FORMAT = 2
+REPORT_FORMAT = 3
 """Bumped when the comparison's content changes, so cached reports are rebuilt."""
 
 
@@ -82,6 +82,8 @@ class SuiteReport:
     trials: list[TrialResult]
     rows: dict[tuple[str, str, str], Row] = field(default_factory=dict)
     missing: list[str] = field(default_factory=list)
+    floors: dict[str, dict[str, float]] = field(default_factory=dict)
+    """Per experiment, what a random ranking scores on its validation set (val/ef1 -> 1.0, ...)."""
 
     @property
     def baseline(self) -> str:
@@ -137,6 +139,7 @@ def collect(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
     """A suite's finished trials (one per experiment and seed of the spec), without the comparison."""
     results = []
     seen = set()
+    floors: dict[str, dict[str, float]] = {}
     for t in study.get_trials(deepcopy=False, states=studies.FINISHED):
         rec = TrialRecord.of(t)
         if rec.skipped:
@@ -147,7 +150,10 @@ def collect(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
         seen.add((exp, seed))
         results.append(TrialResult(rec.number, str(exp), int(seed), rec.state, rec.final, rec.best, rec.run_id,
                                    rec.note))
-    report = SuiteReport(study.study_name, spec, sorted(results, key=lambda r: (r.experiment, r.seed)))
+        if rec.floors:
+            floors.setdefault(str(exp), rec.floors)
+    report = SuiteReport(study.study_name, spec, sorted(results, key=lambda r: (r.experiment, r.seed)),
+                         floors=floors)
     report.missing = [f"{e} s{s}" for e in spec.experiments for s in spec.seeds if (e, s) not in seen]
     return report
 
@@ -162,8 +168,8 @@ def build_report(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
 
 
 def report_metrics(spec: SuiteSpec) -> list[str]:
-    """The metrics a suite's report compares: its objective first, then the summary metrics."""
-    return list(dict.fromkeys([spec.objective, *SUMMARY_METRICS]))
+    """The metrics a suite's report compares: its objective first, then the retrieval and screening metrics."""
+    return list(dict.fromkeys([spec.objective, *SUMMARY_METRICS, *SCREENING_METRICS]))
 
 
 def pairing(spec: SuiteSpec, experiment: str) -> tuple[bool, str]:

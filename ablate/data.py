@@ -1,10 +1,10 @@
-"""Paired embeddings: the built-in synthetic benchmark, file loaders and ligand-disjoint splits."""
+"""Paired embeddings: the built-in synthetic benchmark, file loaders and ligand- or pocket-disjoint splits."""
 
 from __future__ import annotations
 
 import hashlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -20,23 +20,30 @@ SUFFIXES = (".npz", ".pt", ".parquet")
 
 @dataclass(frozen=True)
 class PairedEmbeddings:
-    """Pocket features ``[N, Dp]``, ligand embeddings ``[N, Dl]`` and ligand ids ``[N]`` (int64).
+    """Pocket features ``[N, Dp]``, ligand embeddings ``[N, Dl]``, ligand ids and pocket ids ``[N]`` (int64).
 
-    Row i pairs pocket i with ligand i; rows with the same ligand id hold the same ligand.
+    Row i pairs pocket i with ligand i; rows with the same ligand id hold the same ligand, rows with
+    the same pocket id the same pocket (several structures of one target, say). Without pocket ids,
+    identical pocket rows share one.
     """
 
     pocket: Tensor
     ligand: Tensor
     ligand_id: Tensor
+    pocket_id: Tensor = field(default=None)  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         n = self.pocket.shape[0]
-        if self.pocket.ndim != 2 or self.ligand.ndim != 2 or self.ligand_id.ndim != 1:
-            raise ValueError("pocket and ligand must be 2-D and ligand_id 1-D")
-        if self.ligand.shape[0] != n or self.ligand_id.shape[0] != n:
+        if self.pocket_id is None:
+            rows = self.pocket.detach().cpu().numpy()
+            ids = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1) if n else np.zeros(0)
+            object.__setattr__(self, "pocket_id", torch.from_numpy(ids.astype(np.int64)).to(self.pocket.device))
+        if self.pocket.ndim != 2 or self.ligand.ndim != 2 or self.ligand_id.ndim != 1 or self.pocket_id.ndim != 1:
+            raise ValueError("pocket and ligand must be 2-D, ligand_id and pocket_id 1-D")
+        if self.ligand.shape[0] != n or self.ligand_id.shape[0] != n or self.pocket_id.shape[0] != n:
             raise ValueError(
                 f"row counts differ: pocket {n}, ligand {self.ligand.shape[0]}, "
-                f"ligand_id {self.ligand_id.shape[0]}"
+                f"ligand_id {self.ligand_id.shape[0]}, pocket_id {self.pocket_id.shape[0]}"
             )
 
     def __len__(self) -> int:
@@ -54,30 +61,31 @@ class PairedEmbeddings:
 
     def subset(self, index: Tensor) -> PairedEmbeddings:
         """The rows at ``index``."""
-        return PairedEmbeddings(self.pocket[index], self.ligand[index], self.ligand_id[index])
+        return PairedEmbeddings(self.pocket[index], self.ligand[index], self.ligand_id[index], self.pocket_id[index])
 
     def to(self, device: torch.device | str) -> PairedEmbeddings:
         """The same pairs on another device."""
         return PairedEmbeddings(
-            self.pocket.to(device), self.ligand.to(device), self.ligand_id.to(device)
+            self.pocket.to(device), self.ligand.to(device), self.ligand_id.to(device), self.pocket_id.to(device)
         )
 
     def fingerprint(self) -> str:
         """A short content hash, logged with every run so results name their data."""
         h = hashlib.sha256()
-        for t in (self.pocket, self.ligand, self.ligand_id):
+        for t in (self.pocket, self.ligand, self.ligand_id, self.pocket_id):
             a = t.detach().cpu().contiguous().numpy()
             h.update(str(a.shape).encode())
             h.update(a.tobytes())
         return h.hexdigest()[:12]
 
     def save(self, path: str | Path) -> None:
-        """Write the pairs as .npz (arrays pocket, ligand, ligand_id)."""
+        """Write the pairs as .npz (arrays pocket, ligand, ligand_id, pocket_id)."""
         np.savez(
             path,
             pocket=self.pocket.cpu().numpy(),
             ligand=self.ligand.cpu().numpy(),
             ligand_id=self.ligand_id.cpu().numpy(),
+            pocket_id=self.pocket_id.cpu().numpy(),
         )
 
 
@@ -87,10 +95,11 @@ class PairedEmbeddings:
 
 
 def load_pairs(path: str | Path) -> PairedEmbeddings:
-    """Read pairs from .npz, .pt (a dict) or .parquet with arrays pocket, ligand, ligand_id.
+    """Read pairs from .npz, .pt (a dict) or .parquet with arrays pocket, ligand [, ligand_id, pocket_id].
 
-    ``ligand_id`` is optional (rows with identical ligand vectors then share an id) and may hold
-    integers or strings. Any problem ends in one AblateError naming the file and the array.
+    ``ligand_id`` and ``pocket_id`` are optional (rows with identical ligand, or pocket, vectors then
+    share an id) and may hold integers or strings. Any problem ends in one AblateError naming the
+    file and the array.
     """
     p = Path(path)
     if not p.is_file():
@@ -115,7 +124,14 @@ def _read_pt(p: Path) -> dict[str, Any]:
     obj = torch.load(p, map_location="cpu", weights_only=True)
     if not isinstance(obj, dict):
         raise AblateError(f"{p}: expected a dict of arrays, got {type(obj).__name__}")
-    return {k: (v.numpy() if isinstance(v, Tensor) else np.asarray(v)) for k, v in obj.items()}
+    return {k: (_numpy(v) if isinstance(v, Tensor) else np.asarray(v)) for k, v in obj.items()}
+
+
+def _numpy(t: Tensor) -> np.ndarray:
+    """A tensor as numpy; bfloat16 and float16 become float32 (numpy has no bfloat16)."""
+    if t.dtype in (torch.bfloat16, torch.float16):
+        t = t.float()
+    return t.detach().cpu().numpy()
 
 
 def _read_parquet(p: Path) -> dict[str, Any]:
@@ -152,12 +168,15 @@ def _validated(p: Path, arrays: dict[str, Any]) -> PairedEmbeddings:
     ligand = _matrix(p, "ligand", arrays["ligand"])
     if len(pocket) != len(ligand):
         raise AblateError(f"{p}: 'pocket' has {len(pocket)} rows but 'ligand' has {len(ligand)}")
-    if "ligand_id" in arrays:
-        ids = _ids(p, np.asarray(arrays["ligand_id"]), len(pocket))
-    else:
-        ids = np.unique(ligand, axis=0, return_inverse=True)[1].reshape(-1)
+    ids = {}
+    for name, rows in (("ligand_id", ligand), ("pocket_id", pocket)):
+        if name in arrays:
+            ids[name] = _ids(p, name, np.asarray(arrays[name]), len(pocket))
+        else:
+            ids[name] = np.unique(rows, axis=0, return_inverse=True)[1].reshape(-1)
     return PairedEmbeddings(
-        torch.from_numpy(pocket), torch.from_numpy(ligand), torch.from_numpy(ids.astype(np.int64))
+        torch.from_numpy(pocket), torch.from_numpy(ligand), torch.from_numpy(ids["ligand_id"].astype(np.int64)),
+        torch.from_numpy(ids["pocket_id"].astype(np.int64)),
     )
 
 
@@ -169,7 +188,6 @@ def _matrix(p: Path, name: str, a: Any) -> np.ndarray:
         raise AblateError(f"{p}: array {name!r} must be 2-D [rows, features], got shape {a.shape}")
     if a.shape[0] == 0 or a.shape[1] == 0:
         raise AblateError(f"{p}: array {name!r} is empty (shape {a.shape})")
-    a = a.astype(np.float32)
     bad = np.flatnonzero(~np.isfinite(a).all(axis=1))
     if len(bad):
         first = ", ".join(str(i) for i in bad[:5])
@@ -177,22 +195,29 @@ def _matrix(p: Path, name: str, a: Any) -> np.ndarray:
             f"{p}: array {name!r} has {len(bad)} row(s) with NaN or inf (first: {first}); "
             "drop or impute them"
         )
-    return a
+    big = np.flatnonzero((np.abs(a) > np.finfo(np.float32).max).any(axis=1))
+    if len(big):
+        first = ", ".join(str(i) for i in big[:5])
+        raise AblateError(
+            f"{p}: array {name!r} has {len(big)} row(s) with values beyond float32's range (first: {first}); "
+            "rescale them (training runs in float32)"
+        )
+    return a.astype(np.float32)
 
 
-def _ids(p: Path, a: np.ndarray, n: int) -> np.ndarray:
+def _ids(p: Path, name: str, a: np.ndarray, n: int) -> np.ndarray:
     if a.ndim != 1:
-        raise AblateError(f"{p}: array 'ligand_id' must be 1-D, got shape {a.shape}")
+        raise AblateError(f"{p}: array {name!r} must be 1-D, got shape {a.shape}")
     if len(a) != n:
-        raise AblateError(f"{p}: 'ligand_id' has {len(a)} rows but 'pocket' has {n}")
+        raise AblateError(f"{p}: {name!r} has {len(a)} rows but 'pocket' has {n}")
     if a.dtype.kind in "USO":
         return np.unique(a.astype(str), return_inverse=True)[1].reshape(-1)
     if a.dtype.kind == "f":
         if not np.isfinite(a).all() or (a != np.round(a)).any():
-            raise AblateError(f"{p}: 'ligand_id' must hold integers or strings, got fractional values")
+            raise AblateError(f"{p}: {name!r} must hold integers or strings, got fractional values")
         return a.astype(np.int64)
     if a.dtype.kind not in "iu":
-        raise AblateError(f"{p}: 'ligand_id' must hold integers or strings (dtype {a.dtype})")
+        raise AblateError(f"{p}: {name!r} must hold integers or strings (dtype {a.dtype})")
     return a.astype(np.int64)
 
 
@@ -243,6 +268,7 @@ def synthetic_pairs(spec: SyntheticSpec | None = None, seed: int = 0) -> PairedE
         pocket[order].contiguous(),
         ligand_vec[ligand_of_pocket][order].contiguous(),
         ligand_of_pocket[order].contiguous(),
+        family[ligand_of_pocket][order].contiguous(),  # a family's binding site is one pocket with several actives
     )
 
 
@@ -254,7 +280,8 @@ def synthetic_pairs(spec: SyntheticSpec | None = None, seed: int = 0) -> PairedE
 def split(
     data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand"
 ) -> tuple[PairedEmbeddings, PairedEmbeddings]:
-    """(train, val). ``by="ligand"`` keeps every ligand on one side only; ``"random"`` splits rows."""
+    """(train, val). ``by="ligand"`` (``"pocket"``) keeps every ligand (pocket) on one side only; ``"random"``
+    splits rows."""
     if not 0 < val_fraction < 1:
         raise AblateError(f"val_fraction must be in (0, 1), got {val_fraction}")
     g = torch.Generator().manual_seed(seed)
@@ -263,8 +290,8 @@ def split(
         perm = torch.randperm(n, generator=g)
         n_val = max(1, round(n * val_fraction))
         val_idx, train_idx = perm[:n_val], perm[n_val:]
-    elif by == "ligand":
-        ids = data.ligand_id.cpu()
+    elif by in ("ligand", "pocket"):
+        ids = (data.ligand_id if by == "ligand" else data.pocket_id).cpu()
         uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         order = torch.randperm(len(uniq), generator=g)
         cum = torch.cumsum(counts[order], 0)
@@ -274,7 +301,7 @@ def split(
         in_val = is_val_ligand[inverse]
         val_idx, train_idx = in_val.nonzero().flatten(), (~in_val).nonzero().flatten()
     else:
-        raise AblateError(f"unknown split {by!r}; use 'ligand' or 'random'")
+        raise AblateError(f"unknown split {by!r}; use 'ligand', 'pocket' or 'random'")
     if len(train_idx) == 0 or len(val_idx) == 0:
         raise AblateError(
             f"a {by} split of {n} pairs with val_fraction {val_fraction} leaves one side empty"

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import math
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
 from ablate import stats
 from ablate.compare import SuiteReport
-from ablate.render import markdown
+from ablate.render import markdown, verdict
 from ablate.tracking import Tracker
 
 CURVE_KEYS = ("val/cosine", "val/top1")
@@ -104,19 +105,35 @@ def cached_report(report: SuiteReport, out_dir: Path) -> list[Path] | None:
 
 
 def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Sequence[Path]) -> None:
-    """Put the report's files and aggregated numbers on the suite's parent run."""
+    """Put the comparison on the suite's parent run: its files, the whole comparison as a table
+    (comparison.json, a table in the UI), the verdict as the run's description, and one headline
+    metric per experiment (the objective's final mean), so the charts stay readable."""
     for f in files:
         tracker.log_artifact(parent_run_id, f, "report")
-    metrics: dict[str, float] = {}
+    with warnings.catch_warnings():  # MLflow's own use of pandas warns about a future pandas change
+        warnings.filterwarnings("ignore", message=".*select_dtypes.*")
+        tracker.client.log_table(parent_run_id, comparison_table(report), "comparison.json")
+    objective = report.spec.objective
+    tracker.log_metrics(parent_run_id, {f"{e}/{objective}": report.row(e, objective).summary.mean
+                                        for e in report.spec.experiments})
+    tracker.set_tags(parent_run_id, {
+        "ablate.winner": report.winner,
+        "ablate.complete": str(report.complete).lower(),
+        "mlflow.note.content": "\n".join(f"- {line}" for line in verdict(report)),
+    })
+
+
+def comparison_table(report: SuiteReport) -> dict[str, list[Any]]:
+    """Every row of the comparison as columns (experiment, metric, epoch, mean, interval, difference, tests)."""
+    columns: dict[str, list[Any]] = {k: [] for k in (
+        "experiment", "metric", "at", "n", "mean", "ci_low", "ci_high", "change_pct", "difference", "diff_low",
+        "diff_high", "test", "p", "p_holm", "prob_improvement", "seeds_for_80pct_power")}
     for (exp, metric, at), row in report.rows.items():
-        s = row.summary
-        prefix = f"{exp}/{metric}/{at}"
-        values: dict[str, Any] = {
-            "mean": s.mean, "ci_low": s.ci_low, "ci_high": s.ci_high,
-            "change_pct": row.change_pct, "p_holm": row.p_holm,
-        }
-        for k, v in values.items():
-            metrics[f"{prefix}_{k}"] = v
-    tracker.log_metrics(parent_run_id, metrics)
-    tracker.set_tags(parent_run_id, {"ablate.winner": report.winner,
-                                     "ablate.complete": str(report.complete).lower()})
+        c, s = row.comparison, row.summary
+        values = [exp, metric, at, s.n, s.mean, s.ci_low, s.ci_high, row.change_pct,
+                  c.diff if c else None, c.ci_low if c else None, c.ci_high if c else None,
+                  c.test if c else "baseline", c.p if c else None, row.p_holm if c else None,
+                  c.prob_improvement if c else None, row.seeds_needed]
+        for key, value in zip(columns, values, strict=True):
+            columns[key].append(None if isinstance(value, float) and not math.isfinite(value) else value)
+    return columns

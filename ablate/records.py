@@ -33,6 +33,8 @@ SKIPPED = "ablate.skipped"
 LABEL, VALUES, RUN_ID = "label", "values", "mlflow_run_id"
 FINAL, BEST, BEST_EPOCH, EPOCHS = "final", "best", "best_epoch", "epochs_trained"
 PRUNED_BY, DIVERGED, ERROR = "pruned_by", "diverged", "error"
+FLOORS = "random_floors"
+"""What a random ranking scores on the trial's validation set (val/ef1 -> 1.0, ...)."""
 
 
 def fixed_params(trial: FrozenTrial) -> dict[str, Any]:
@@ -56,6 +58,7 @@ class TrialRecord:
     best_epoch: int
     epochs: int
     stop: dict[str, Any]
+    floors: dict[str, float]
     diverged: bool
     error: str
     queued: bool
@@ -72,7 +75,8 @@ class TrialRecord:
             values=dict(a.get(VALUES) or t.params), run_id=a.get(RUN_ID),
             final=dict(a.get(FINAL) or {}), best=dict(a.get(BEST) or {}),
             best_epoch=int(a.get(BEST_EPOCH, -1)), epochs=int(a.get(EPOCHS, len(t.intermediate_values))),
-            stop=dict(a.get(PRUNED_BY) or {}), diverged=bool(a.get(DIVERGED)), error=str(a.get(ERROR) or ""),
+            stop=dict(a.get(PRUNED_BY) or {}), floors=dict(a.get(FLOORS) or {}), diverged=bool(a.get(DIVERGED)),
+            error=str(a.get(ERROR) or ""),
             queued=bool(a.get(QUEUED)), skipped=str(a.get(SKIPPED) or ""),
             reported=dict(t.intermediate_values),
         )
@@ -104,13 +108,15 @@ def write_run(trial: optuna.Trial, run_id: str) -> None:
 
 def write_result(
     trial: optuna.Trial, *, final: Mapping[str, float], best: Mapping[str, float], best_epoch: int,
-    epochs: int, diverged: bool, stop: Instability | None,
+    epochs: int, diverged: bool, stop: Instability | None, floors: Mapping[str, float] | None = None,
 ) -> None:
-    """Record a trained trial's results (finite values only) and why it stopped early, if it did."""
+    """Record a trained trial's results (finite values only), its random floors, and why it stopped early."""
     trial.set_user_attr(FINAL, {k: v for k, v in final.items() if math.isfinite(v)})
     trial.set_user_attr(BEST, dict(best))
     trial.set_user_attr(EPOCHS, epochs)
     trial.set_user_attr(BEST_EPOCH, best_epoch)
+    if floors:
+        trial.set_user_attr(FLOORS, {k: v for k, v in floors.items() if math.isfinite(v)})
     if diverged:
         trial.set_user_attr(DIVERGED, True)
     if stop is not None:

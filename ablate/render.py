@@ -7,7 +7,8 @@ from __future__ import annotations
 import json
 import math
 import threading
-from collections.abc import Sequence
+import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -19,6 +20,7 @@ from rich.table import Table
 
 from ablate.compare import AT, Row, SearchSummary, SuiteReport, report_metrics
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
+from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -114,9 +116,9 @@ def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
     return table
 
 
-def overview_table(report: SuiteReport, at: str) -> Table:
-    """Every summary metric at the final or best epoch: mean and change against the baseline."""
-    metrics = report_metrics(report.spec)
+def overview_table(report: SuiteReport, at: str, metrics: Sequence[str]) -> Table:
+    """Metrics at the final or best epoch: mean and change against the baseline (and, for screening
+    metrics, what a random ranking scores)."""
     table = Table(title=f"{at} epoch: mean and change vs {report.baseline!r} in % (* Holm-adjusted p < 0.05)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("experiment", no_wrap=True)
@@ -129,14 +131,28 @@ def overview_table(report: SuiteReport, at: str) -> Table:
             change = "" if not math.isfinite(r.change_pct) else f" {r.change_pct:+.0f}{'*' if r.significant else ''}"
             cells.append(_num(r.summary.mean) + change)
         table.add_row(e, *cells)
+    floors = report.floors.get(report.baseline, {})
+    if any(m in floors for m in metrics):
+        table.add_row("(random)", *[_num(floors[m]) if m in floors else "" for m in metrics], style="dim")
     return table
 
 
+def _has(report: SuiteReport, metric: str) -> bool:
+    return any(math.isfinite(report.row(e, metric).summary.mean) for e in report.spec.experiments)
+
+
 def suite_tables(report: SuiteReport) -> list[Table]:
-    """The comparison for a terminal: the objective in detail at both epochs, then every metric's means."""
+    """The comparison for a terminal: the objective in detail at both epochs, then every metric's means
+    (retrieval, then virtual screening with a random ranking's scores beside them)."""
     m = report.spec.objective
-    return [comparison_table(report, m, "final"), comparison_table(report, m, "best"),
-            overview_table(report, "final"), overview_table(report, "best")]
+    retrieval = list(dict.fromkeys([m, *SUMMARY_METRICS]))
+    screening = [k for k in SCREENING_METRICS if k != m and _has(report, k)]
+    tables = [comparison_table(report, m, "final"), comparison_table(report, m, "best")]
+    for at in AT:
+        tables.append(overview_table(report, at, retrieval))
+        if screening:
+            tables.append(overview_table(report, at, screening))
+    return tables
 
 
 def verdict(report: SuiteReport) -> list[str]:
@@ -149,7 +165,7 @@ def verdict(report: SuiteReport) -> list[str]:
     else:
         r = report.row(w, m)
         sig = ("significantly (Holm-adjusted p" + _p(r.p_holm) + ")" if r.significant
-               else "but not significantly (Holm-adjusted p" + _p(r.p_holm) + ")")
+               else f"but not significantly ({_evidence(r)})")
         lines.append(
             f"Best on {m}: {w!r}, {_num(r.summary.mean)} vs {_num(report.row(report.baseline, m).summary.mean)} "
             f"for {report.baseline!r} ({r.change_pct:+.1f} %), {sig}."
@@ -162,13 +178,21 @@ def verdict(report: SuiteReport) -> list[str]:
                          "not measurable yet.")
             continue
         where = "within" if claim.low <= ch <= claim.high else ("above" if ch > claim.high else "below")
-        sig = "significant" if r.significant else "not significant"
+        sig = f"significant, Holm-adjusted p{_p(r.p_holm)}" if r.significant else f"not significant, {_evidence(r)}"
         lines.append(
             f"Claim for {exp!r}: {claim.low:+g} to {claim.high:+g} % on {claim.metric}"
             + (f" ({claim.source})" if claim.source else "")
-            + f"; measured {ch:+.1f} % ({sig}, p{_p(r.p_holm)}): {where} the predicted range."
+            + f"; measured {ch:+.1f} % ({sig}): {where} the predicted range."
         )
     return lines
+
+
+def _evidence(row: Row) -> str:
+    """Why a difference is not significant: its p-value, or why there is none."""
+    c = row.comparison
+    if c is not None and not math.isfinite(row.p_holm) and c.n >= 2 and not math.isfinite(c.half_width):
+        return f"no test: every seed pair differs by the same {c.diff:+.3g}; more seeds would tell"
+    return f"Holm-adjusted p{_p(row.p_holm)}"
 
 
 def _test_name(test: str) -> str:
@@ -199,6 +223,14 @@ def _against_baseline(report: SuiteReport) -> list[str]:
     reasons = {report.row(e, m).why for e in report.spec.experiments if e != report.baseline}
     out += [f"Pairing: {'; '.join(sorted(reasons))}.", ""]
     return out
+
+
+def _floor_row(report: SuiteReport, metrics: Sequence[str]) -> list[str]:
+    """A Markdown row with what a random ranking of the baseline's validation set scores, if known."""
+    floors = report.floors.get(report.baseline, {})
+    if not any(m in floors for m in metrics):
+        return []
+    return ["| *random ranking* | | " + " | ".join(_num(floors[m]) if m in floors else "" for m in metrics) + " |"]
 
 
 def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
@@ -237,7 +269,7 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
             label = e + (" (baseline)" if e == report.baseline else "") + (" ★" if e == report.winner else "")
             n = report.row(e, spec.objective, at).summary.n
             out.append(f"| {label} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
-        out.append("")
+        out += [*_floor_row(report, metrics), ""]
     notes = [r for r in report.trials if r.note]
     if notes:
         out += ["## Notes", ""] + [f"- {r.experiment} seed {r.seed}: {r.note}" for r in notes] + [""]
@@ -293,6 +325,56 @@ class StudyDisplay:
                     self.progress.console.print(f"  #{event.trial} {event.label}: {event.state}"
                                                 + (f" ({event.reason})" if event.reason else ""))
             self._refresh()
+
+
+class LogLines:
+    """A study's progress without a terminal (nohup, a scheduler, docker logs): one plain line per trial
+    event: started; every tenth of its epochs, with the headline metric; ended, with outcome, reason and
+    duration."""
+
+    def __init__(self, write: Callable[[str], None], total: int, done: int):
+        self.write = write
+        self.total = total
+        self.done = done
+        self.started: dict[int, tuple[float, int, str]] = {}
+        self.lock = threading.Lock()
+
+    def __call__(self, event: Event) -> None:
+        with self.lock:
+            if isinstance(event, TrialStarted):
+                self.started[event.trial] = (time.monotonic(), event.epochs, event.label)
+                self.write(f"trial #{event.trial} {event.label}: started ({event.epochs} epochs, pid {event.pid})")
+            elif isinstance(event, EpochEnded) and event.trial in self.started:
+                _, epochs, label = self.started[event.trial]
+                every = max(1, epochs // 10)
+                if (event.epoch + 1) % every == 0 and event.epoch + 1 < epochs:
+                    self.write(f"trial #{event.trial} {label}: epoch {event.epoch + 1}/{epochs} "
+                               f"{event.metric} {_num(event.value, 4)}")
+            elif isinstance(event, Note):
+                self.write(event.message)
+            elif isinstance(event, TrialEnded):
+                began = self.started.pop(event.trial, (time.monotonic(), 0, event.label))[0]
+                if event.state in ("COMPLETE", "PRUNED"):
+                    self.done += 1
+                value = f", last value {_num(event.value, 4)}" if event.value is not None else ""
+                why = f": {event.reason}" if event.reason else ""
+                self.write(f"trial #{event.trial} {event.label}: {event.state}{why}{value}, "
+                           f"{time.monotonic() - began:.1f} s ({self.done}/{self.total} done)")
+
+
+def suite_markdown(report: SuiteReport) -> str:
+    """The comparison as full-width Markdown tables (for logs: nothing is cut to a terminal's width)."""
+    lines = _against_baseline(report)
+    metrics = report_metrics(report.spec)
+    for at in AT:
+        lines += [f"**{'Final' if at == 'final' else 'Best'} epoch**: mean ± 95 % CI (change, Holm-adjusted p)", "",
+                  "| experiment | n | " + " | ".join(f"`{m}`" for m in metrics) + " |",
+                  "|---|---:|" + "---:|" * len(metrics)]
+        for e in report.spec.experiments:
+            n = report.row(e, report.spec.objective, at).summary.n
+            lines.append(f"| {e} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
+        lines += [*_floor_row(report, metrics), ""]
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------------------

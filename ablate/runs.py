@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -33,6 +33,8 @@ class RunOutcome:
     history: list[dict[str, float]]
     member: Member
     stopped: Instability | None = None
+    floors: dict[str, float] = field(default_factory=dict)
+    """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...)."""
 
     @property
     def spec(self) -> RunSpec:
@@ -154,6 +156,7 @@ def train_and_log_members(
                     trainer.stop(k)
                     ended.append(k)
             for k in ended:
+                outcomes[k].floors = dict(trainer.floors)
                 _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer)
                 tracker.end_run(outcomes[k].run_id, "FINISHED")
                 open_runs.discard(k)
@@ -187,6 +190,9 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best
     if best.epoch >= 0:
         end_tags["ablate.best_epoch"] = best.epoch
     tracker.set_tags(run_id, end_tags)
+    if outcome.floors:  # constant for the run: parameters, not per-epoch metrics
+        tracker.log_params(run_id, {f"random {k}": round(v, 6) for k, v in outcome.floors.items()
+                                    if math.isfinite(v)})
     if outcome.history:
         tracker.log_dict(
             run_id,

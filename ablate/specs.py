@@ -30,12 +30,21 @@ MetricKey = Literal[
     "val/top10",
     "val/mrr",
     "val/median_rank",
+    "val/ef0.5",
+    "val/ef1",
+    "val/ef2",
+    "val/ef5",
+    "val/bedroc",
+    "val/auroc",
 ]
 METRIC_KEYS: tuple[str, ...] = MetricKey.__args__  # type: ignore[attr-defined]
 LOWER_IS_BETTER = frozenset({"train/loss", "val/loss", "val/median_rank"})
 
 SUMMARY_METRICS: tuple[str, ...] = ("val/cosine", "val/top1", "val/top5", "val/top10", "val/mrr")
-"""The metrics a suite compares across experiments (final and best epoch)."""
+"""The retrieval metrics a suite compares across experiments (final and best epoch)."""
+
+SCREENING_METRICS: tuple[str, ...] = ("val/ef1", "val/ef5", "val/bedroc", "val/auroc")
+"""The virtual-screening metrics a suite compares (every pocket screens the validation ligands)."""
 
 
 def better(key: str) -> Literal["maximize", "minimize"]:
@@ -93,7 +102,7 @@ class DataSpec(_Strict):
 
     source: str = "synthetic"
     val_fraction: Fraction = 0.2
-    split: Literal["ligand", "random"] = "ligand"
+    split: Literal["ligand", "pocket", "random"] = "ligand"
     seed: int = 0
     synthetic: SyntheticSpec = SyntheticSpec()
 

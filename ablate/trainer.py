@@ -39,9 +39,9 @@ from ablate.data import PairedEmbeddings, load_split
 from ablate.devices import adamw, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
-from ablate.metrics import compute_retrieval_metrics
+from ablate.metrics import retrieval_by_member, screening_by_member
 from ablate.models import Fusion, MemberModels, build_model
-from ablate.specs import METRIC_KEYS, SHAPING_FIELDS, RunSpec, better
+from ablate.specs import METRIC_KEYS, SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
@@ -201,6 +201,8 @@ class Trainer:
                 groups.append({"params": extra, "weight_decay": 0.0, "member": m.index})
         self.optimizer = adamw(groups, lead.lr, self.device)
         self.train_unit = F.normalize(self.train.ligand, dim=1)
+        self.floors: dict[str, float] = {}
+        """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...), known after an epoch."""
         self.fallback = None if len(runs) == 1 else self.models.check_fusion(
             self.train.pocket[: min(2, len(self.train))].expand(len(runs), -1, -1))
 
@@ -469,10 +471,14 @@ class Trainer:
             chunked = (total / len(val)).tolist()
             for k in batched:
                 vloss[k] = chunked[k]
+        retrieval = retrieval_by_member(pred, val.ligand, val.ligand_id)
+        screening = screening_by_member(pred, val.ligand, val.pocket_id, val.ligand_id)
+        self.floors = {f"val/{key[len('random_'):]}": v for key, v in screening[0].items()
+                       if key.startswith("random_")}
         out = []
         for k in range(k_members):
-            r = compute_retrieval_metrics(pred[k], val.ligand, ligand_ids=val.ligand_id, reverse=False)
-            out.append({
+            r, sc = retrieval[k], screening[k]
+            metrics = {
                 "val/loss": float(vloss[k]),
                 "val/cosine": r["mean_cosine"],
                 "val/top1": r["top1_accuracy"],
@@ -483,7 +489,12 @@ class Trainer:
                 "val/alignment": r["alignment"],
                 "val/uniformity": r["uniformity"],
                 "val/spread": r["spread"],
-            })
+            }
+            for key in ("ef0.5", "ef1", "ef2", "ef5", "bedroc", "auroc"):
+                metrics[f"val/{key}"] = sc[key]
+            for key in SCREENING_METRICS:
+                metrics[f"{key}_median"] = sc[f"{key.removeprefix('val/')}_median"]
+            out.append(metrics)
         return out
 
     # ---------------------------------------------------------------- results

@@ -323,7 +323,8 @@ class _Objective:
 
     def _record(self, trial: optuna.Trial, outcome: RunOutcome) -> None:
         records.write_result(trial, final=outcome.final, best=outcome.best, best_epoch=outcome.best_run.epoch,
-                             epochs=len(outcome.history), diverged=outcome.diverged, stop=outcome.stopped)
+                             epochs=len(outcome.history), diverged=outcome.diverged, stop=outcome.stopped,
+                             floors=outcome.floors)
         if outcome.stopped is not None:
             self.ctx.tracker.set_tags(outcome.run_id, {
                 "ablate.pruned_by": outcome.stopped.rule,

@@ -434,3 +434,75 @@ def test_ligand_split_with_one_ligand_leaves_a_side_empty() -> None:
     data = PairedEmbeddings(torch.zeros(4, 2), torch.ones(4, 2), torch.zeros(4, dtype=torch.int64))
     with pytest.raises(AblateError, match="empty"):
         split(data, 0.5, by="ligand")
+
+
+# --------------------------------------------------------------------------------------
+# Pockets with several actives
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_pocket_ids_as_ints_or_strings_are_read(tmp_path: Path, fmt: str) -> None:
+    arrays = _arrays()
+    names = ["1abc", "2xyz", "1abc", "1abc", "3def", "2xyz"]
+    arrays["pocket_id"] = names  # type: ignore[assignment]  # a list of strings, as users save them
+    data = load_pairs(write(tmp_path / f"pairs.{fmt}", arrays))
+    assert _same_pattern(data.pocket_id.numpy()).tolist() == _same_pattern(np.array(names)).tolist()
+
+
+def test_without_pocket_id_identical_pocket_rows_share_an_id(tmp_path: Path) -> None:
+    arrays = _arrays()
+    arrays["pocket"][3] = arrays["pocket"][0]
+    data = load_pairs(write(tmp_path / "pairs.npz", arrays))
+    ids = data.pocket_id.numpy()
+    assert ids[0] == ids[3] and len(set(ids.tolist())) == 5
+
+
+@pytest.mark.parametrize(("bad", "message"), [
+    (np.array([0.5, 1, 2, 3, 4, 5]), "'pocket_id' must hold integers or strings"),
+    (np.array([1, 2, 3]), "'pocket_id' has 3 rows but 'pocket' has 6"),
+    (np.zeros((6, 2)), "'pocket_id' must be 1-D"),
+])
+def test_bad_pocket_ids_are_one_line_errors(tmp_path: Path, bad: np.ndarray, message: str) -> None:
+    arrays = {**_arrays(), "pocket_id": bad}
+    with pytest.raises(AblateError, match=message):
+        load_pairs(write(tmp_path / "pairs.npz", arrays))
+
+
+def test_pocket_split_keeps_every_pocket_on_one_side() -> None:
+    data = synthetic_pairs(SMALL)
+    train, val = split(data, 0.25, seed=3, by="pocket")
+    assert not set(train.pocket_id.tolist()) & set(val.pocket_id.tolist())
+    assert len(train) + len(val) == len(data)
+
+
+def test_synthetic_pockets_are_ligand_families_with_several_actives() -> None:
+    data = synthetic_pairs(SMALL)
+    actives = {}
+    for p, lig in zip(data.pocket_id.tolist(), data.ligand_id.tolist(), strict=True):
+        actives.setdefault(p, set()).add(lig)
+    assert max(len(a) for a in actives.values()) >= 3  # a pocket with several distinct actives
+    # a pocket's actives are one family: their embeddings are closer to each other than to other pockets'
+    unit = torch.nn.functional.normalize(data.ligand, dim=1)
+    cos = (unit @ unit.T).numpy()
+    same = _same_pattern(data.pocket_id.numpy()) & ~_same_pattern(data.ligand_id.numpy())
+    other = ~_same_pattern(data.pocket_id.numpy())
+    assert cos[same].mean() > cos[other].mean() + 0.2
+
+
+def test_bfloat16_pt_files_are_read_as_float32(tmp_path: Path) -> None:
+    arrays = _arrays()
+    torch.save({"pocket": torch.from_numpy(arrays["pocket"]).bfloat16(),
+                "ligand": torch.from_numpy(arrays["ligand"]).bfloat16()}, tmp_path / "pairs.pt")
+    data = load_pairs(tmp_path / "pairs.pt")
+    assert data.pocket.dtype == torch.float32
+    assert torch.allclose(data.pocket, torch.from_numpy(arrays["pocket"]).bfloat16().float())
+
+
+def test_finite_float64_values_beyond_float32_are_named_as_such(tmp_path: Path) -> None:
+    arrays = _arrays()
+    pocket = arrays["pocket"].astype(np.float64)
+    pocket[2, 1] = 1e300
+    arrays["pocket"] = pocket
+    with pytest.raises(AblateError, match=r"1 row\(s\) with values beyond float32's range \(first: 2\)"):
+        load_pairs(write(tmp_path / "pairs.npz", arrays))

@@ -19,6 +19,22 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     rich_markup_mode="rich",
 )
+def _version(value: bool) -> None:
+    if value:
+        from ablate import __version__
+
+        print(f"ablate {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+                                          help="Print the version and exit.")] = False,
+) -> None:
+    """Loss ablations and Optuna searches for pocket -> ligand embedding alignment, tracked in MLflow."""
+
+
 studies_app = typer.Typer(help="List, inspect and export studies.", no_args_is_help=True)
 app.add_typer(studies_app, name="studies")
 

@@ -45,7 +45,7 @@ def studies_list(storage: StorageOpt = None) -> None:
 
 @studies_app.command("show")
 def studies_show(
-    name: Annotated[str, typer.Argument(help="Study name (or spec name: its newest study).")],
+    name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
     storage: StorageOpt = None,
 ) -> None:
     """Trials, states, best parameters, importances, and the expected best value per budget."""
@@ -64,7 +64,7 @@ def show_study(session: StudySession) -> None:
 
 @studies_app.command("export")
 def studies_export(
-    name: Annotated[str, typer.Argument(help="Study name (or spec name: its newest study).")],
+    name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
     format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
     output: Annotated[Path | None, typer.Option("--output", "-o", help="File \\[default: stdout].")] = None,
     storage: StorageOpt = None,

@@ -67,7 +67,7 @@ def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, d
 def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None) -> None:
     """Train what the study has queued, with a live display; exit 130 when interrupted."""
     from ablate.launch import plan
-    from ablate.render import StudyDisplay
+    from ablate.render import LogLines, StudyDisplay
 
     pending = session.pending()
     if not pending:
@@ -77,9 +77,14 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
     console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
                   f"{where}")
     done, total = session.progress()
-    display = StudyDisplay(console, total, done)
-    with display.progress:
-        finished = session.run(jobs=p.workers, devices=p.devices, on_event=display, spawn_after=p.spawn_after,
+    if console.is_terminal:
+        display = StudyDisplay(console, total, done)
+        with display.progress:
+            finished = session.run(jobs=p.workers, devices=p.devices, on_event=display,
+                                   spawn_after=p.spawn_after, array=array)
+    else:  # a log: one plain line per trial event
+        lines = LogLines(lambda text: console.print(text, highlight=False), total, done)
+        finished = session.run(jobs=p.workers, devices=p.devices, on_event=lines, spawn_after=p.spawn_after,
                                array=array)
     if not finished:
         err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
@@ -89,7 +94,8 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
 
 @app.command("run-suite")
 def run_suite(
-    name: Annotated[str, typer.Argument(help="A study in studies/ (e.g. baseline-vs-multistage) or a .toml path.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A study in studies/ (e.g. baseline-vs-multistage) "
+                                        "or a .toml path.")],
     seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every experiment "
                                                "(multi-stage boundaries keep their proportions).")] = None,
@@ -126,8 +132,11 @@ def _report(session: StudySession, out: Path, finish: bool = False) -> None:
     from ablate.tracking import ui_hint
 
     report, files, rebuilt = session.report(out)
-    for table in render.suite_tables(report):
-        console.print(table)
+    if console.is_terminal:
+        for table in render.suite_tables(report):
+            console.print(table)
+    else:
+        console.print(render.suite_markdown(report), highlight=False)
     for line in render.verdict(report):
         console.print(f"• {line}")
     for r in report.trials:
@@ -148,7 +157,7 @@ def _report(session: StudySession, out: Path, finish: bool = False) -> None:
 
 @app.command()
 def report(
-    suite_run: Annotated[str, typer.Argument(help="The suite's study name (printed by run-suite), "
+    suite_run: Annotated[str, typer.Argument(metavar="STUDY", help="The suite's study name (printed by run-suite), "
                                              "or the suite name for its newest run.")],
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -162,7 +171,8 @@ def report(
 
 @app.command()
 def tune(
-    name: Annotated[str, typer.Argument(help="A search in studies/ (temperature, batch, weights) or a .toml path.")],
+    name: Annotated[str, typer.Argument(metavar="NAME", help="A search in studies/ (temperature, batch, weights) "
+                                        "or a .toml path.")],
     n_trials: Annotated[int | None, typer.Option(min=1, help="Trial budget, counting earlier "
                                                  "trials of the same study \\[default: the file's].")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every trial.")] = None,
@@ -203,7 +213,7 @@ def tune(
 
 @app.command()
 def worker(
-    name: Annotated[str, typer.Argument(help="Study name (or spec name: its newest study).")],
+    name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     devices: DevicesOpt = None,

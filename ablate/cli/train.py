@@ -30,7 +30,7 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------
 
 
-_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--num-epochs", "data.source": "--data"}
+_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--epochs", "data.source": "--data"}
 
 
 @app.command()
@@ -39,7 +39,9 @@ def train(
                                          "multistage | supcon")] = default_of("loss"),
     lr: Annotated[float | None, flag("Learning rate (multistage uses its stage rates)", "lr")] = None,
     batch_size: Annotated[int | None, flag("Pairs per forward pass", "batch_size")] = None,
-    num_epochs: Annotated[int | None, flag("Epochs", "epochs")] = None,
+    num_epochs: Annotated[int | None, typer.Option(
+        "--epochs", "--num-epochs",
+        help=f"Epochs (--num-epochs: the quick-start's name) \\[default: {default_of('epochs')}].")] = None,
     temperature: Annotated[float | None, flag("InfoNCE temperature", "temperature")] = None,
     alpha: Annotated[float | None, flag("Combined: InfoNCE weight", "alpha")] = None,
     beta: Annotated[float | None, flag("Combined: cosine weight", "beta")] = None,
