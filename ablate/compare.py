@@ -247,6 +247,7 @@ class TrialRow:
     value: float | None
     epochs: int
     note: str
+    params: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass
@@ -288,7 +289,7 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
         if rec.number in retried_as:
             note += f"; retried as #{retried_as[rec.number]}"
         rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != "FAIL" else None,
-                             rec.epochs, note))
+                             rec.epochs, note, dict(t.params)))
     complete = [r for r in rows if r.state == "COMPLETE" and r.value is not None]
     best = None
     if complete:

@@ -10,10 +10,13 @@ of study is one more class here and one more entry in ``KINDS``.
 from __future__ import annotations
 
 import abc
+import re
+import types
+import typing
 from collections.abc import Callable, Sequence
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
 
-from pydantic import AliasChoices, Field, ValidationError, model_validator
+from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
 from ablate.errors import AblateError
 from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
@@ -35,6 +38,16 @@ if TYPE_CHECKING:
 
 Direction = Literal["maximize", "minimize"]
 
+MAX_NAME_LENGTH = 64
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]*")
+NAME_RULE = (f"1 to {MAX_NAME_LENGTH} letters, digits, '.', '_' or '-', not starting with '.' or '-'")
+"""What a study or experiment name may be: it names folders, MLflow keys and the Optuna study."""
+
+
+def valid_study_name(name: str) -> bool:
+    """Whether ``name`` is a safe slug (NAME_RULE): no path separator, no leading dot, at most 64 characters."""
+    return len(name) <= MAX_NAME_LENGTH and _NAME.fullmatch(name) is not None
+
 
 class Assignment(NamedTuple):
     """What a trial trains: its RunSpec, the values that define it, and a short label for displays."""
@@ -54,6 +67,14 @@ class StudyDesign(_Strict):
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description"})
     """Top-level keys that change what is reported, not what is trained (left out of the identity)."""
+
+    @field_validator("name")
+    @classmethod
+    def _safe_name(cls, v: str) -> str:
+        if not valid_study_name(v):
+            raise ValueError(f"a study name is {NAME_RULE} (it names the report's folder); "
+                             'e.g. name = "my-study"')
+        return v
 
     @property
     def goal(self) -> Direction:
@@ -102,6 +123,10 @@ class StudyDesign(_Strict):
     def missing(self, finished: Sequence[FrozenTrial]) -> list[str]:
         """Labels of trials the study owes that have no result among ``finished``."""
         return []
+
+    def run_name(self, number: int, label: str) -> str:
+        """The MLflow run name of a trial: short, so a runs table reads at a glance."""
+        return f"{label} #{number}"
 
     @abc.abstractmethod
     def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
@@ -153,6 +178,11 @@ class SuiteSpec(StudyDesign):
 
     @model_validator(mode="after")
     def _check(self) -> SuiteSpec:
+        for name, run in self.experiments.items():
+            if not valid_study_name(name):
+                raise ValueError(f"experiments.{name}: an experiment name is {NAME_RULE} (it names MLflow "
+                                 "runs and metric keys); rename the table")
+            _check_model(run, f"experiments.{name}")
         for name in self.claims:
             if name not in self.experiments:
                 raise ValueError(
@@ -210,6 +240,10 @@ class SuiteSpec(StudyDesign):
         """Every experiment (a seed changes nothing that can fail)."""
         return list(self.experiments.items())
 
+    def run_name(self, number: int, label: str) -> str:
+        """'experiment sSEED': unique within the suite."""
+        return label
+
     def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
         """The queued (experiment, seed)'s run."""
         exp, seed = _experiment_seed(trial)
@@ -254,6 +288,8 @@ class SearchSpec(StudyDesign):
     def _check(self) -> SearchSpec:
         if not self.params:
             raise ValueError("a search needs at least one parameter under [params.NAME]")
+        _check_model(self.base, "base")
+        searched: dict[str, str] = {}
         for key, p in self.params.items():
             targets = p.names if p.type == "simplex" else [key]
             for t in targets or []:
@@ -262,6 +298,20 @@ class SearchSpec(StudyDesign):
                         f"params.{key}: {t!r} is not a run field; valid fields: "
                         f"{', '.join(sorted(RUN_FIELDS))}"
                     )
+                if t in searched:
+                    raise ValueError(f"params.{key}: {t!r} is already searched by params.{searched[t]}; "
+                                     "search each run field with one parameter")
+                searched[t] = key
+                if t.startswith("model.kwargs") and self.base.model.factory == "mlp":
+                    raise ValueError(f"params.{key}: {t} is an argument of a model factory, but the base run "
+                                     'uses the built-in head (model.factory = "mlp"), which takes none')
+                kind = _field_kind(t)
+                if p.type in ("float", "simplex") and kind in ("int", "bool"):
+                    raise ValueError(
+                        f"params.{key}: {t} takes {'whole numbers' if kind == 'int' else 'true or false'}, "
+                        f"but a {p.type} parameter draws fractions; use "
+                        + ('type = "int"' if kind == "int" else 'type = "categorical"')
+                        + (" or a simplex of float fields only" if p.type == "simplex" else ""))
         return self
 
     @property
@@ -384,6 +434,46 @@ class SearchSpec(StudyDesign):
             seeds=list(self.confirm_seeds),
             experiments=experiments,
         )
+
+
+def _check_model(run: RunSpec, where: str) -> None:
+    """The built-in head takes no keyword arguments (a user factory's are checked when it is called)."""
+    if run.model.factory == "mlp" and run.model.kwargs:
+        raise ValueError(
+            f"{where}.model.kwargs: the built-in head (model.factory = \"mlp\") takes no keyword arguments, got "
+            f"{', '.join(map(repr, run.model.kwargs))}; set its shape with model.hidden and model.dropout, or give "
+            "model.factory = \"package.module:factory\" for a model that takes them")
+
+
+def _field_kind(dotted: str) -> str | None:
+    """Whether a run field (dotted for nested ones) takes 'int', 'bool', 'float' or 'other' values (None: unknown)."""
+    model: Any = RunSpec
+    annotation: Any = None
+    for part in dotted.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _unwrap(annotation)
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else (annotation,)
+    kinds = {str(a.__name__) if a in (int, bool, float) else "other"
+             for a in map(_unwrap, arms) if a is not type(None)}
+    if "float" in kinds:
+        return "float"
+    return kinds.pop() if len(kinds) == 1 else "other"
+
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``; anything else as it is."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in _UNIONS:
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(arms) == 1:
+            return _unwrap(arms[0])
+    return annotation
 
 
 def _short(v: Any) -> str:

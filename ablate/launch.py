@@ -40,6 +40,7 @@ def execute(
     on_event: OnEvent | None = None,
     spawn_after: float = 0.0,
     array: int | None = 1,
+    keep_checkpoints: bool = False,
 ) -> bool:
     """Run the study's trials with ``jobs`` workers (one per device when devices are given).
 
@@ -52,7 +53,8 @@ def execute(
     n = max(1, len(devs) if devs else jobs)
     share = cpu_share(n)
     set_cpu_share(share)
-    group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event, array)
+    group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event,
+                     (array, keep_checkpoints))
     interrupted = False
     with sigterm_as_interrupt():
         try:
@@ -61,7 +63,8 @@ def execute(
                     deepcopy=False, states=(TrialState.WAITING,))))
             else:
                 group.start()
-            work(ctx, device=devs[0] if devs else None, on_event=on_event, array=array)
+            work(ctx, device=devs[0] if devs else None, on_event=on_event, array=array,
+                 keep_checkpoints=keep_checkpoints)
             group.join()
         except KeyboardInterrupt:
             interrupted = True
@@ -84,9 +87,9 @@ class _Workers:
     """The worker processes beside this one: started, relayed, joined and stopped together."""
 
     def __init__(self, name: str, stores: Stores, devices: list[str | None], threads: int,
-                 on_event: OnEvent | None, array: int | None):
+                 on_event: OnEvent | None, options: tuple[int | None, bool]):
         self.name, self.stores, self.devices, self.threads, self.on_event = name, stores, devices, threads, on_event
-        self.array = array
+        self.options = options
         self.procs: list[Any] = []
         self.errors: list[str] = []
         self._lock = threading.Lock()
@@ -107,7 +110,7 @@ class _Workers:
             self._reader.start()
             for device in self.devices:
                 p = mp_ctx.Process(target=_process_main, daemon=False,
-                                   args=(self.name, self.stores, device, self.threads, events, self.array))
+                                   args=(self.name, self.stores, device, self.threads, events, self.options))
                 p.start()
                 self.procs.append(p)
 
@@ -174,7 +177,7 @@ def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event, errors:
 
 
 def _process_main(name: str, stores: Stores, device: str | None, threads: int, events: Any,
-                  array: int | None) -> None:
+                  options: tuple[int | None, bool]) -> None:
     # Signals come from the parent only: its own process group keeps the terminal's Ctrl-C away
     # (the parent forwards one SIGTERM), and SIGINT works even where the parent ignored it.
     os.setpgrp()
@@ -183,8 +186,8 @@ def _process_main(name: str, stores: Stores, device: str | None, threads: int, e
     set_cpu_share(threads)
     try:
         with sigterm_as_interrupt():
-            work(Context.open(name, stores), device=device, on_event=events.put, array=array,
-                 keep_going=lambda: os.getppid() == parent)
+            work(Context.open(name, stores), device=device, on_event=events.put, array=options[0],
+                 keep_checkpoints=options[1], keep_going=lambda: os.getppid() == parent)
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except AblateError as e:

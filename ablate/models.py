@@ -38,26 +38,59 @@ class ProjectionHead(nn.Module):
 def build_model(spec: ModelSpec, in_dim: int, out_dim: int) -> nn.Module:
     """The built-in head for ``factory = "mlp"``, else ``factory(in_dim, out_dim, **kwargs)``."""
     if spec.factory == "mlp":
-        return ProjectionHead(in_dim, out_dim, spec.hidden, spec.dropout, **spec.kwargs)
-    module_name, _, attr = spec.factory.partition(":")
+        if spec.kwargs:
+            raise AblateError(
+                f"model.kwargs: the built-in head (model.factory = \"mlp\") takes no keyword arguments, got "
+                f"{', '.join(map(repr, spec.kwargs))}; set its shape with model.hidden and model.dropout, or give "
+                "model.factory = \"package.module:factory\" for a model that takes them")
+        return ProjectionHead(in_dim, out_dim, spec.hidden, spec.dropout)
+    factory = _import_factory(spec.factory)
+    shown = ", ".join([str(in_dim), str(out_dim), *(f"{k}={v!r}" for k, v in spec.kwargs.items())])
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as e:
+        model = factory(in_dim, out_dim, **spec.kwargs)
+    except AblateError:
+        raise
+    except Exception as e:
         raise AblateError(
-            f"model factory {spec.factory!r}: cannot import {module_name!r} ({e}); "
-            "is the package installed or on PYTHONPATH?"
+            f"model factory {spec.factory!r} failed when called as {spec.factory}({shown}): "
+            f"{type(e).__name__}: {_first_line(e)}; a factory takes (in_dim, out_dim, **model.kwargs) "
+            "and returns a torch.nn.Module"
         ) from None
-    factory: Any = module
-    for part in attr.split("."):
-        factory = getattr(factory, part, None)
-        if factory is None:
-            raise AblateError(f"model factory {spec.factory!r}: {module_name!r} has no {attr!r}")
-    model = factory(in_dim, out_dim, **spec.kwargs)
     if not isinstance(model, nn.Module):
         raise AblateError(
             f"model factory {spec.factory!r} returned {type(model).__name__}, not a torch.nn.Module"
         )
     return model
+
+
+def _import_factory(path: str) -> Any:
+    """The callable that an import path "package.module:factory" names; an AblateError otherwise."""
+    module_name, _, attr = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as e:
+        raise AblateError(
+            f"model factory {path!r}: cannot import {module_name!r} ({e}); "
+            "is the package installed or on PYTHONPATH?"
+        ) from None
+    except Exception as e:
+        raise AblateError(
+            f"model factory {path!r}: importing {module_name!r} failed: {type(e).__name__}: {_first_line(e)}"
+        ) from None
+    factory: Any = module
+    for part in attr.split("."):
+        factory = getattr(factory, part, None)
+        if factory is None:
+            raise AblateError(f"model factory {path!r}: {module_name!r} has no {attr!r}")
+    if not callable(factory):
+        raise AblateError(f"model factory {path!r} is a {type(factory).__name__}, not a function or class; "
+                          "name a callable that takes (in_dim, out_dim, **model.kwargs)")
+    return factory
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0] if text else "(no message)"
 
 
 # --------------------------------------------------------------------------------------

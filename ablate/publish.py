@@ -1,5 +1,5 @@
-"""Publishing a suite's comparison: per-epoch curves read back from MLflow, plots, report.md, and the
-aggregated numbers on the suite's MLflow parent run.
+"""Publishing results: a suite's per-epoch curves read back from MLflow, its plots, report.md and report.json,
+the comparison on the suite's MLflow parent run, and a search's plots.
 """
 
 from __future__ import annotations
@@ -11,16 +11,20 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from ablate import stats
-from ablate.compare import SuiteReport
+from ablate.compare import SearchSummary, SuiteReport
+from ablate.designs import SearchSpec
+from ablate.plots import search_plots, suite_curves
 from ablate.render import markdown, verdict
+from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
 from ablate.tracking import Tracker
 
-CURVE_KEYS = ("val/cosine", "val/top1")
+
+def curve_keys(report: SuiteReport) -> list[str]:
+    """The metrics drawn per epoch: the objective, the retrieval and screening metrics, the training loss."""
+    return list(dict.fromkeys([report.spec.objective, *SUMMARY_METRICS, *SCREENING_METRICS, "train/loss"]))
 
 
-def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str] = CURVE_KEYS
-           ) -> dict[str, dict[str, list[list[float]]]]:
+def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str]) -> dict[str, dict[str, list[list[float]]]]:
     """Per experiment and metric, one per-epoch series per seed, read back from MLflow."""
     out: dict[str, dict[str, list[list[float]]]] = {e: {} for e in report.spec.experiments}
     for r in report.trials:
@@ -34,37 +38,10 @@ def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str] = CURVE_KE
     return out
 
 
-def plot(series: dict[str, dict[str, list[list[float]]]], key: str, path: Path, title: str) -> Path:
-    """One line per experiment: the mean over seeds per epoch, with a 95 % CI band."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(8, 4.5), dpi=120)
-    for exp, by_key in series.items():  # in the suite's order of experiments
-        runs = by_key.get(key, [])
-        if not runs:
-            continue
-        length = max(len(s) for s in runs)  # a seed that stopped early leaves the later epochs
-        means, lows, highs = [], [], []
-        for i in range(length):
-            s = stats.summarize([run[i] for run in runs if len(run) > i])
-            means.append(s.mean)
-            lows.append(s.ci_low if math.isfinite(s.ci_low) else s.mean)
-            highs.append(s.ci_high if math.isfinite(s.ci_high) else s.mean)
-        epochs = list(range(1, length + 1))
-        (line,) = ax.plot(epochs, means, label=f"{exp} (n={len(runs)})", linewidth=1.4)
-        ax.fill_between(epochs, lows, highs, color=line.get_color(), alpha=0.2, linewidth=0)
-    ax.set_xlabel("epoch")
-    ax.set_ylabel(key)
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(loc="best", fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path)
-    plt.close(fig)
-    return path
+def stage_switches(report: SuiteReport) -> dict[str, list[int]]:
+    """The epochs where each multi-stage experiment switches its loss."""
+    return {e: sorted({run.stage1_epochs, run.stage3}) for e, run in report.spec.experiments.items()
+            if run.loss == "multistage"}
 
 
 REPORT_JSON = "report.json"
@@ -76,12 +53,8 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
     Returns the files written, report.md first.
     """
     out_dir.mkdir(parents=True, exist_ok=True)
-    series = curves(report, tracker)
-    plots = [
-        plot(series, key, out_dir / f"{key.replace('/', '_')}.png",
-             f"{report.study_name}: {key} per epoch (mean, 95 % CI)")
-        for key in CURVE_KEYS
-    ]
+    keys = curve_keys(report)
+    plots = suite_curves(curves(report, tracker, keys), keys, out_dir, report.study_name, stage_switches(report))
     md = out_dir / "report.md"
     md.write_text(markdown(report, [str(p) for p in plots]))
     data = out_dir / REPORT_JSON
@@ -137,3 +110,14 @@ def comparison_table(report: SuiteReport) -> dict[str, list[Any]]:
         for key, value in zip(columns, values, strict=True):
             columns[key].append(None if isinstance(value, float) and not math.isfinite(value) else value)
     return columns
+
+
+def search_report(summary: SearchSummary, spec: SearchSpec, out_dir: Path, title: str) -> list[Path]:
+    """A search's plots in out_dir: the objective against each parameter, the expected best per budget."""
+    trials = [{"state": t.state, "value": t.value, "params": t.params} for t in summary.trials]
+    logs = {}
+    for key, p in spec.params.items():
+        for name in p.distributions(key):
+            logs[name] = p.log
+    maximize = spec.goal == "maximize"
+    return search_plots(trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)

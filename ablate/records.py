@@ -33,6 +33,10 @@ SKIPPED = "ablate.skipped"
 LABEL, VALUES, RUN_ID = "label", "values", "mlflow_run_id"
 FINAL, BEST, BEST_EPOCH, EPOCHS = "final", "best", "best_epoch", "epochs_trained"
 PRUNED_BY, DIVERGED, ERROR = "pruned_by", "diverged", "error"
+CHECKPOINT = "checkpoint_epoch"
+"""The last epoch checkpointed into the trial's MLflow run (a failed trial with one can be resumed)."""
+RESUMES = "resumes_trial"
+"""On a queued trial: the number of the failed trial whose run and checkpoint it continues."""
 FLOORS = "random_floors"
 """What a random ranking scores on the trial's validation set (val/ef1 -> 1.0, ...)."""
 
@@ -121,6 +125,16 @@ def write_result(
         trial.set_user_attr(DIVERGED, True)
     if stop is not None:
         trial.set_user_attr(PRUNED_BY, {"rule": stop.rule, "message": stop.message, **stop.values})
+
+
+def write_checkpoint(trial: optuna.Trial, epoch: int) -> None:
+    """Record that the trial's run holds a checkpoint of ``epoch``."""
+    trial.set_user_attr(CHECKPOINT, epoch)
+
+
+def resumable(trial: FrozenTrial) -> bool:
+    """Whether a queued trial continues an earlier run from its checkpoint."""
+    return bool(trial.user_attrs.get(RUN_ID)) and trial.user_attrs.get(CHECKPOINT) is not None
 
 
 def write_error(trial: optuna.Trial, message: str) -> None:

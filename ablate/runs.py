@@ -8,13 +8,14 @@ each get their own MLflow run, metric history and end, exactly as a run trained 
 from __future__ import annotations
 
 import math
+import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ablate import stability
+from ablate import checkpoints, stability
 from ablate.data import split_fingerprint
 from ablate.specs import RunSpec, StabilitySpec
 from ablate.stability import Instability
@@ -106,17 +107,35 @@ def train_and_log_members(
     on_epoch: Callable[[int, EpochResult, list[dict[str, float]]], Instability | None] | None = None,
     on_end: Callable[[int, RunOutcome], None] | None = None,
     save_best: Sequence[str | Path | None] = (),
+    resume: dict[int, tuple[str, dict[str, Any]]] | None = None,
+    on_checkpoint: Callable[[int, int], None] | None = None,
+    keep_checkpoints: bool = False,
 ) -> list[RunOutcome]:
     """Train every member of ``trainer`` and log member k as the MLflow run ``run_names[k]``.
 
     A member's run ends FINISHED as soon as the member stops (its epochs done, stopped by
     ``on_epoch``, or diverged) and ``on_end`` is called for it then; on Ctrl-C or SIGTERM the runs
     still training end KILLED, on an error FAILED. NaN or inf never reaches MLflow.
+
+    With ``on_checkpoint`` the members are checkpointed into their runs' artifacts (see
+    ``ablate.checkpoints``; ``on_checkpoint(k, epoch)`` follows each write), also when stopped, and a
+    finished member's checkpoint is removed unless ``keep_checkpoints``. ``resume`` maps a member to
+    (its earlier MLflow run, a checkpoint): the member continues that run from the checkpoint's epoch.
     """
     members = trainer.every
+    resume = resume or {}
     fingerprint = split_fingerprint(trainer.spec.data)
     outcomes: list[RunOutcome] = []
+    logged: dict[int, int] = {}  # a resumed run's last epoch already in MLflow: it is not logged twice
     for k, member in enumerate(members):
+        if k in resume:
+            run_id, state = resume[k]
+            trainer.restore(k, state)
+            tracker.set_status(run_id, "RUNNING")
+            tracker.set_tags(run_id, {"ablate.resumed_from_epoch": trainer.start_epoch})
+            outcomes.append(RunOutcome(run_id, list(state["history"]), member))
+            logged[k] = max((m.step for m in tracker.client.get_metric_history(run_id, "train/loss")), default=-1)
+            continue
         run_tags = {
             "ablate.loss": member.spec.loss,
             "ablate.device": str(trainer.device),
@@ -132,13 +151,30 @@ def train_and_log_members(
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
     batches: dict[int, MetricBatch] = {}
     open_runs = set(range(len(members)))
+    clock = checkpoints.Clock()
+    snapshots: dict[int, dict[str, Any]] = {}  # each open member's state at its last finished epoch
+    written: dict[int, int] = {}
+
+    def write(ks: Sequence[int]) -> None:
+        start = time.monotonic()
+        for k in ks:
+            if k in snapshots and written.get(k) != snapshots[k]["epoch"]:
+                checkpoints.save(tracker, outcomes[k].run_id, snapshots[k])
+                written[k] = snapshots[k]["epoch"]
+                if on_checkpoint is not None:
+                    on_checkpoint(k, written[k])
+        clock.spent(time.monotonic() - start)
+
     try:
         for k, outcome in enumerate(outcomes):
-            spec = outcome.spec
-            tracker.log_params(outcome.run_id, {**spec.flat(), "train_pairs": len(trainer.train),
-                                                "val_pairs": len(trainer.val)})
-            tracker.log_dict(outcome.run_id, spec.model_dump(mode="json"), "spec.json")
+            if k not in resume:
+                spec = outcome.spec
+                tracker.log_params(outcome.run_id, {**spec.applicable(), "train_pairs": len(trainer.train),
+                                                    "val_pairs": len(trainer.val)})
+                tracker.log_dict(outcome.run_id, spec.model_dump(mode="json"), "spec.json")
             batches[k] = MetricBatch(tracker, outcome.run_id, background=writer)
+            for epoch in range(logged.get(k, -1) + 1, len(outcome.history) if k in resume else 0):
+                batches[k].add(outcome.history[epoch], step=epoch)  # epochs the stopped run had not sent yet
             if on_start is not None:
                 on_start(k, outcome.run_id)
         for results in trainer.array():
@@ -146,7 +182,8 @@ def train_and_log_members(
             for k, result in results.items():
                 outcome = outcomes[k]
                 outcome.history.append(result.metrics)
-                batches[k].add(result.metrics, step=result.epoch)
+                if result.epoch > logged.get(k, -1):  # the stopped run may have sent epochs it then lost
+                    batches[k].add(result.metrics, step=result.epoch)
                 if result.diverged:
                     outcome.stopped = stability.check(outcome.history, _NONFINITE_ONLY) or Instability(
                         "nonfinite", f"non-finite validation output at epoch {result.epoch}", {"epoch": result.epoch})
@@ -155,19 +192,28 @@ def train_and_log_members(
                 if outcome.stopped is not None or result.epoch == trainer.spec.epochs - 1:
                     trainer.stop(k)
                     ended.append(k)
+                elif on_checkpoint is not None:
+                    snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
             for k in ended:
                 outcomes[k].floors = dict(trainer.floors)
+                snapshots.pop(k, None)
                 _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer)
+                if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
+                    checkpoints.remove(tracker, outcomes[k].run_id)
                 tracker.end_run(outcomes[k].run_id, "FINISHED")
                 open_runs.discard(k)
                 if on_end is not None:
                     on_end(k, outcomes[k])
+            if snapshots and clock.due():
+                write(sorted(snapshots))
     except BaseException as e:
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
         for k in sorted(open_runs):
             try:
                 if k in batches:
                     _finish(tracker, outcomes[k], batches[k], None, trainer)
+                if isinstance(e, KeyboardInterrupt):
+                    write([k])  # the state of its last finished epoch: the next run continues from there
             finally:
                 tracker.end_run(outcomes[k].run_id, status)
         raise

@@ -21,9 +21,9 @@ from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.devices import resolve_device
 from ablate.errors import AblateError
 from ablate.launch import execute
-from ablate.publish import cached_report, publish, write_report
-from ablate.stores import Stores
-from ablate.studyfiles import spec_document
+from ablate.publish import cached_report, publish, search_report, write_report
+from ablate.stores import Stores, storage_exists
+from ablate.studyfiles import safe_folder, spec_document
 from ablate.tracking import Tracker, environment_tags
 from ablate.worker import Context, OnEvent, end_parent_if_done, end_stale_run
 
@@ -66,8 +66,11 @@ class StudySession:
         for device in devices:
             resolve_device(device)
         session = cls(stores)
-        if studies.owes_work(spec, session.storage, budget):
+        # A new store is created only after every check: a mistake leaves no file behind. An existing
+        # study with nothing left to train needs neither the checks nor MLflow (a re-run is quick).
+        if not storage_exists(stores.storage_url) or studies.owes_work(spec, session.storage, budget):
             preflight(spec)
+            session.tracker  # noqa: B018 - the MLflow store is checked (reached, writable) before the study exists
         session.attach(spec, budget)
         return session
 
@@ -159,7 +162,7 @@ class StudySession:
         return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
 
     def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None,
-            spawn_after: float = 0.0, array: int | None = 1) -> bool:
+            spawn_after: float = 0.0, array: int | None = 1, keep_checkpoints: bool = False) -> bool:
         """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED).
 
         With nothing waiting or running, it returns at once and starts no worker.
@@ -170,7 +173,7 @@ class StudySession:
         self.tracker.set_status(self.parent_run_id, "RUNNING")
         try:
             finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event,
-                               spawn_after=spawn_after, array=array)
+                               spawn_after=spawn_after, array=array, keep_checkpoints=keep_checkpoints)
         except BaseException:
             self.tracker.end_run(self.parent_run_id, "FAILED")
             raise
@@ -191,7 +194,7 @@ class StudySession:
         spec = self.spec
         if not isinstance(spec, SuiteSpec):
             raise AblateError(f"{self.name} is a search; see it with `ablate studies show {self.name}`")
-        folder = out / self.name
+        folder = safe_folder(out, self.name)
         report = collect(self.study, spec)
         cached = cached_report(report, folder)
         if cached is not None:
@@ -204,6 +207,16 @@ class StudySession:
     def summary(self) -> SearchSummary:
         """Trials, best trial, importances and expected best value per budget (any study)."""
         return search_summary(self.study, self.spec)
+
+    def search_plots(self, out: Path, summary: SearchSummary) -> list[Path]:
+        """A search's plots, written to ``out/STUDY`` and put on its parent run."""
+        spec = self.spec
+        if not isinstance(spec, SearchSpec):
+            raise AblateError(f"{self.name} is a suite; see it with `ablate report {self.name}`")
+        files = search_report(summary, spec, safe_folder(out, self.name), self.name)
+        for f in files:
+            self.tracker.log_artifact(self.parent_run_id, f, "plots")
+        return files
 
     def confirm(self, k: int) -> StudySession:
         """A new session (same stores) for a suite that re-trains this search's top ``k`` with fresh seeds."""

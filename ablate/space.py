@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
 from pydantic import Field, model_validator
 
@@ -11,35 +11,75 @@ from ablate.specs import _Strict
 if TYPE_CHECKING:
     import optuna
 
+FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
+
 
 class ParamSpec(_Strict):
     """One searched parameter: a float or int range, a set of choices, or weights on a simplex."""
 
     type: Literal["float", "int", "categorical", "simplex"]
-    low: float | None = None
-    high: float | None = None
+    low: FiniteFloat | None = None
+    high: FiniteFloat | None = None
     log: bool = False
-    step: float | None = None
+    step: FiniteFloat | None = None
     choices: list[Any] | None = None
     names: list[str] | None = None
 
+    KEYS: ClassVar[dict[str, frozenset[str]]] = {
+        "float": frozenset({"low", "high", "log", "step"}), "int": frozenset({"low", "high", "log", "step"}),
+        "categorical": frozenset({"choices"}), "simplex": frozenset({"names"}),
+    }
+    """The keys each type of parameter takes (besides ``type``)."""
+
     @model_validator(mode="after")
     def _check(self) -> ParamSpec:
+        fields = type(self).model_fields
+        stray = sorted(k for k in self.model_fields_set - {"type"}
+                       if k not in self.KEYS[self.type] and getattr(self, k) != fields[k].default)
+        if stray:
+            raise ValueError(f"a {self.type} parameter takes no {', '.join(stray)}; its keys are "
+                             f"{', '.join(sorted(self.KEYS[self.type]))}")
         if self.type in ("float", "int"):
-            if self.low is None or self.high is None:
-                raise ValueError(f"a {self.type} parameter needs low and high")
-            if not self.low < self.high:
-                raise ValueError(f"low ({self.low}) must be below high ({self.high})")
-            if self.log and self.low <= 0:
-                raise ValueError(f"a log-scale range needs low > 0, got {self.low}")
-            if self.log and self.step is not None:
-                raise ValueError("a parameter cannot have both log = true and a step")
+            self._check_range()
         elif self.type == "categorical":
             if not self.choices:
                 raise ValueError("a categorical parameter needs a non-empty list of choices")
-        elif not self.names or len(self.names) < 2:
-            raise ValueError("a simplex parameter needs names = [at least two run fields]")
+            seen = [repr(c) for c in self.choices]
+            if len(set(seen)) != len(seen):
+                raise ValueError(f"choices must be distinct, got {self.choices}")
+        else:
+            if not self.names or len(self.names) < 2:
+                raise ValueError("a simplex parameter needs names = [at least two run fields]")
+            doubled = sorted({n for n in self.names if self.names.count(n) > 1})
+            if doubled:
+                raise ValueError(f"names must be distinct run fields; {', '.join(doubled)} is named twice")
         return self
+
+    def _check_range(self) -> None:
+        low, high, step = self.low, self.high, self.step
+        if low is None or high is None:
+            raise ValueError(f"a {self.type} parameter needs low and high")
+        if not low < high:
+            raise ValueError(f"low ({low}) must be below high ({high})")
+        if self.log and low <= 0:
+            raise ValueError(f"a log-scale range needs low > 0, got {low}")
+        if self.log and step is not None:
+            raise ValueError("a parameter cannot have both log = true and a step")
+        if self.type == "int" and not (float(low).is_integer() and float(high).is_integer()):
+            raise ValueError(f"an int parameter needs whole-number low and high, got {low} and {high}")
+        if step is None:
+            return
+        if step <= 0 or (self.type == "int" and not float(step).is_integer()):
+            raise ValueError(f"step must be a {'whole number ' if self.type == 'int' else 'number '}above 0, "
+                             f"got {step}")
+        if step > high - low:
+            raise ValueError(f"step ({step}) is wider than the range {low}..{high}; "
+                             f"use a step of at most {high - low:g} or widen the range")
+        ratio = (high - low) / step
+        if abs(ratio - round(ratio)) > 1e-9 * max(1.0, ratio):
+            top = low + int(ratio) * step
+            raise ValueError(f"the range {low}..{high} is not a whole number of steps of {step}, so {high} "
+                             f"could never be drawn; set high = {top:g} (or a step that divides {high - low:g})")
 
     def suggest(self, trial: optuna.Trial, key: str) -> dict[str, Any]:
         """The run-field values this parameter takes in a trial."""

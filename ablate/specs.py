@@ -186,11 +186,32 @@ class RunSpec(_Strict):
         return {}
 
     def flat(self) -> dict[str, Any]:
-        """All fields as one flat dict with dotted keys (for MLflow params)."""
+        """All fields as one flat dict with dotted keys."""
         return flatten(self.model_dump(mode="json"))
+
+    def applicable(self) -> dict[str, Any]:
+        """The fields that matter for this run's loss and data, flat with dotted keys (its MLflow params)."""
+        unused = set(_LOSS_FIELDS) - set(_LOSS_FIELDS_USED.get(self.loss, ()))
+        if self.loss == "multistage":
+            unused.add("lr")  # each stage has its own (stage_lrs)
+        out = {k: v for k, v in self.flat().items() if k.split(".")[0] not in unused}
+        if self.data.source != "synthetic":
+            out = {k: v for k, v in out.items() if not k.startswith("data.synthetic.")}
+        return out
 
 
 RUN_FIELDS = frozenset(RunSpec.model_fields)
+
+_LOSS_FIELDS = ("temperature", "learnable_temperature", "symmetric", "mask_shared_ligands", "alpha", "beta", "gamma",
+                "supcon_threshold", "stage1_epochs", "stage2_epochs", "stage3_start", "stage_lrs")
+_CONTRASTIVE_FIELDS = ("temperature", "learnable_temperature", "symmetric", "mask_shared_ligands")
+_LOSS_FIELDS_USED: dict[str, tuple[str, ...]] = {
+    "infonce": _CONTRASTIVE_FIELDS,
+    "combined": (*_CONTRASTIVE_FIELDS, "alpha", "beta", "gamma"),
+    "multistage": (*_CONTRASTIVE_FIELDS, "alpha", "beta", "gamma", "stage1_epochs", "stage2_epochs",
+                   "stage3_start", "stage_lrs"),
+    "supcon": ("temperature", "mask_shared_ligands", "supcon_threshold"),
+}
 
 SHAPING_FIELDS = ("model", "batch_size", "accumulation_steps", "epochs", "data", "device", "amp")
 """The run fields that shape the computation: runs that agree on them can train as one array."""

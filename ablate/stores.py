@@ -10,6 +10,7 @@ import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
+from urllib.parse import quote, unquote
 
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow's store: a SQLite file in the working directory (MLFLOW_TRACKING_URI overrides it)."""
@@ -25,12 +26,27 @@ DEFAULT_MAX_RETRY = 2
 
 def resolve_tracking_uri(uri: str | None = None) -> str:
     """The MLflow tracking URI: the flag, else MLFLOW_TRACKING_URI, else ./mlflow.db."""
-    return _absolute_sqlite(uri or os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI)
+    return encode_userinfo(_absolute_sqlite(uri or os.environ.get(TRACKING_ENV) or DEFAULT_TRACKING_URI))
 
 
 def resolve_storage(url: str | None = None) -> str:
     """The Optuna storage URL: the flag, else ABLATE_STORAGE, else ./optuna.db."""
-    return _absolute_sqlite(url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE)
+    return encode_userinfo(_absolute_sqlite(url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE))
+
+
+def encode_userinfo(url: str) -> str:
+    """A URL whose password holds an unencoded '@' (user:tPw@rd@host), with user and password percent-encoded.
+
+    Database drivers split user info at the first '@' (and then name part of the password as the host in
+    their errors); the user meant the last one, as ``mask_url`` and ``split_credentials`` read it.
+    """
+    scheme, sep, rest = url.partition("://")
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    if not sep or rest[:cut].count("@") < 2:
+        return url
+    bare, user, password = split_credentials(url)
+    userinfo = quote(user or "", safe="") + (":" + quote(password, safe="") if password is not None else "")
+    return f"{scheme}://{userinfo}@{bare.partition('://')[2]}"
 
 
 def _absolute_sqlite(url: str) -> str:
@@ -41,13 +57,32 @@ def _absolute_sqlite(url: str) -> str:
     return url
 
 
-_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)[^@\s]+(?=@)")
+# The password runs up to the LAST '@' before the host: an unencoded '@' in it (tPw@rd) is masked too.
+_PASSWORD = re.compile(r"(?P<head>[A-Za-z][A-Za-z0-9+.\-]*://[^:/?#@\s]*:)[^\s?#]+(?=@)")
 _PASSWORD_PARAM = re.compile(r"(?P<head>[?&]password=)[^&\s]+", re.IGNORECASE)
 
 
 def mask_url(text: str) -> str:
     """Replace the password of every URL in a text with *** (user:password@ and ?password=)."""
     return _PASSWORD_PARAM.sub(r"\g<head>***", _PASSWORD.sub(r"\g<head>***", text))
+
+
+def split_credentials(url: str) -> tuple[str, str | None, str | None]:
+    """(the URL without user:password@, the user, the password), both percent-decoded; None when absent.
+
+    The user info ends at the last '@' of the authority, so an unencoded '@' in a password stays in it
+    (a '/', '?' or '#' in a password must be percent-encoded, as in any URL).
+    """
+    scheme, sep, rest = url.partition("://")
+    if not sep:
+        return url, None, None
+    cut = min((i for i in (rest.find(c) for c in "/?#") if i >= 0), default=len(rest))
+    userinfo, at, host = rest[:cut].rpartition("@")
+    if not at:
+        return url, None, None
+    user, has_password, password = userinfo.partition(":")
+    return (f"{scheme}://{host}{rest[cut:]}", unquote(user) or None,
+            unquote(password) if has_password else None)
 
 
 @dataclass(frozen=True)
@@ -67,3 +102,11 @@ class Stores:
     def shown_storage(self) -> str:
         """The Optuna storage URL with any password masked."""
         return mask_url(self.storage_url)
+
+
+def storage_exists(url: str) -> bool:
+    """Whether a storage already exists: a SQLite file on disk (a database server's storage always counts)."""
+    prefix = "sqlite:///"
+    if url.startswith(prefix) and not url.endswith(":memory:"):
+        return Path(url[len(prefix):].split("?", 1)[0]).exists()
+    return True

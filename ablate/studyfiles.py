@@ -18,7 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
-from ablate.designs import SearchSpec, StudySpec, SuiteSpec, from_document
+from ablate.designs import NAME_RULE, SearchSpec, StudySpec, SuiteSpec, from_document, valid_study_name
 from ablate.errors import AblateError
 from ablate.specs import RUN_FIELDS, RunSpec, set_path
 
@@ -61,9 +61,14 @@ def find_study(name: str) -> Path:
 def parse_value(text: str) -> Any:
     """A CLI value as TOML (numbers, booleans, lists, quoted strings), else the plain string."""
     try:
-        return tomllib.loads(f"v = {text}")["v"]
+        value = tomllib.loads(f"v = {text}")["v"]
     except tomllib.TOMLDecodeError:
         return text
+    except RecursionError:
+        raise AblateError(f"--set value {text[:40]!r}...: nested more than {MAX_NESTING} levels deep; "
+                          "give a flat value or a short list") from None
+    check_nesting(value, "--set value")
+    return value
 
 
 def parse_overrides(items: list[str]) -> dict[str, Any]:
@@ -89,12 +94,13 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
         head = key.split(".")[0]
         top_level = set(SuiteSpec.model_fields) | set(SearchSpec.model_fields)
         if head in RUN_FIELDS and head not in top_level:
-            set_path(doc.setdefault("base", {}), key, value)
-            for exp in doc.get("experiments", {}).values():
+            set_path(_table(doc, "base", f"--set {key}"), key, value)
+            for exp in _table(doc, "experiments", f"--set {key}", create=False).values():
                 if isinstance(exp, dict):
                     _drop_path(exp, key)
-            if key in doc.get("params", {}):
-                del doc["params"][key]
+            params = doc.get("params")
+            if isinstance(params, dict):
+                params.pop(key, None)
         else:
             parts = key.split(".")
             experiments = doc.get("experiments")
@@ -108,6 +114,15 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
                 )
             set_path(doc, key, value)
     return doc
+
+
+def _table(doc: dict[str, Any], key: str, what: str, create: bool = True) -> dict[str, Any]:
+    """``doc[key]`` (created empty when missing, or only returned so); an AblateError when it is a value."""
+    node = doc.setdefault(key, {}) if create else doc.get(key, {})
+    if not isinstance(node, dict):
+        raise AblateError(f"{what}: {key} is a value ({key} = {node!r}), not a table; "
+                          f"write it as a [{key}] table")
+    return node
 
 
 def _drop_path(doc: dict[str, Any], dotted: str) -> None:
@@ -127,20 +142,84 @@ def scale_epochs(doc: dict[str, Any], epochs: int) -> dict[str, Any]:
     Multi-stage boundaries keep their proportions: 50/100 of 300 epochs become 10/20 of 60.
     """
     doc = copy.deepcopy(doc)
-    base = doc.setdefault("base", {})
-    runs = [base] + [e for e in doc.get("experiments", {}).values() if isinstance(e, dict)]
+    base = _table(doc, "base", "--epochs")
+    runs = [base] + [e for e in _table(doc, "experiments", "--epochs", create=False).values() if isinstance(e, dict)]
     base_epochs = base.get("epochs", RunSpec.model_fields["epochs"].default)
     for run in runs:
         old = run.get("epochs", base_epochs)
         merged = {**base, **run}
-        if merged.get("loss") == "multistage" and isinstance(old, int) and old > 0:
+        if merged.get("loss") == "multistage" and _is_number(old) and old > 0:
             for key in ("stage1_epochs", "stage2_epochs", "stage3_start"):
                 value = merged.get(key, RunSpec.model_fields[key].default)
-                if value:  # a stage of 0 epochs stays 0
+                if _is_number(value) and value:  # a stage of 0 epochs stays 0; a wrong type is validated later
                     run[key] = max(1, round(value * epochs / old))
         run.pop("epochs", None)
     base["epochs"] = epochs
     return doc
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+MAX_STUDY_FILE_BYTES = 1024 * 1024
+"""A study file is a few kilobytes; a larger one is refused (its spec is copied into every store)."""
+
+MAX_NESTING = 32
+"""Tables and lists nest at most this deep in a study file or a --set value (a study needs about 5)."""
+
+TABLES = ("base", "experiments", "params", "claims", "sampler", "pruner", "stability", "lr_scaling")
+"""Top-level keys that must be tables when a study file gives them."""
+
+
+def read_document(path: Path) -> dict[str, Any]:
+    """A study file's TOML document; a file too large, not UTF-8, not TOML or nested too deep is an error."""
+    try:
+        size = path.stat().st_size
+        if size > MAX_STUDY_FILE_BYTES:
+            raise AblateError(
+                f"{path}: the study file has {size:,} bytes, more than the limit of {MAX_STUDY_FILE_BYTES:,} "
+                "(1 MiB); a study file holds settings only: keep data in a data file (data.source)")
+        raw = path.read_bytes()
+    except OSError as e:
+        raise AblateError(f"{path}: cannot read the study file ({e.strerror or e})") from None
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise AblateError(f"{path}: not UTF-8 text (byte 0x{raw[e.start]:02x} on line {line}); "
+                          "save the study file as UTF-8") from None
+    try:
+        doc = tomllib.loads(text)
+    except tomllib.TOMLDecodeError as e:
+        raise AblateError(f"{path}: not valid TOML ({e})") from None
+    except RecursionError:
+        raise AblateError(f"{path}: tables or lists nested more than {MAX_NESTING} levels deep; "
+                          "a study file needs only a few levels ([experiments.NAME.model])") from None
+    check_nesting(doc, str(path))
+    for key in TABLES:
+        if key in doc and not isinstance(doc[key], dict):
+            raise AblateError(f"{path}: {key} must be a table ([{key}]), got {key} = {doc[key]!r}")
+    experiments = doc.get("experiments", {})
+    for exp, table in experiments.items():
+        if not isinstance(table, dict):
+            raise AblateError(f"{path}: experiments.{exp} must be a table ([experiments.{exp}]), "
+                              f"got {table!r}")
+    return doc
+
+
+def check_nesting(value: Any, where: str) -> None:
+    """An AblateError when tables or lists in ``value`` nest deeper than MAX_NESTING (checked without recursion)."""
+    stack: list[tuple[Any, int]] = [(value, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if depth > MAX_NESTING:
+            raise AblateError(f"{where}: tables or lists nested more than {MAX_NESTING} levels deep; "
+                              "a study needs only a few levels ([experiments.NAME.model])")
+        if isinstance(node, dict):
+            stack.extend((v, depth + 1) for v in node.values())
+        elif isinstance(node, list):
+            stack.extend((v, depth + 1) for v in node)
 
 
 def load_study(
@@ -148,15 +227,32 @@ def load_study(
 ) -> StudySpec:
     """Read studies/NAME.toml (or a path), apply overrides, and validate it."""
     path = find_study(name)
-    try:
-        doc = tomllib.loads(path.read_text())
-    except tomllib.TOMLDecodeError as e:
-        raise AblateError(f"{path}: not valid TOML ({e})") from None
+    doc = read_document(path)
     if epochs is not None:
         doc = scale_epochs(doc, epochs)
     doc = apply_overrides(doc, overrides or {})
-    doc.setdefault("name", path.stem)
+    check_nesting(doc, str(path))
+    if "name" not in doc:
+        if not valid_study_name(path.stem):
+            raise AblateError(f"{path}: the file name {path.stem!r} is not a valid study name ({NAME_RULE}); "
+                              "rename the file or set name = \"...\" in it")
+        doc["name"] = path.stem
     return from_document(doc, source=str(path))
+
+
+def safe_folder(base: Path, name: str) -> Path:
+    """``base / name``, or an AblateError unless it is one plain name whose resolved path stays inside ``base``."""
+    parts = Path(name).parts
+    if (not name or "\0" in name or name in (".", "..") or len(parts) != 1 or parts[0] != name
+            or "/" in name or "\\" in name or Path(name).is_absolute()):
+        raise AblateError(f"{name!r} cannot name a folder inside {base}: it must be one plain file name, "
+                          "not a path (a study name is letters, digits, '.', '_' and '-')")
+    folder = base / name
+    root = base.resolve()
+    if not folder.resolve().is_relative_to(root):
+        raise AblateError(f"{name!r}: the folder {folder} resolves to {folder.resolve()}, outside {root}; "
+                          "remove that link or choose another --out folder")
+    return folder
 
 
 

@@ -203,6 +203,8 @@ class Trainer:
         self.train_unit = F.normalize(self.train.ligand, dim=1)
         self.floors: dict[str, float] = {}
         """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...), known after an epoch."""
+        self.start_epoch = 0
+        """The first epoch to train (after ``restore``, the one after the checkpoint's)."""
         self.fallback = None if len(runs) == 1 else self.models.check_fusion(
             self.train.pocket[: min(2, len(self.train))].expand(len(runs), -1, -1))
 
@@ -242,7 +244,7 @@ class Trainer:
     def array(self) -> Iterator[dict[int, EpochResult]]:
         """Train every member epoch by epoch; yields {member index: its epoch's result} for the members
         still training. A member stops after a diverged epoch, or when ``stop`` is called for it."""
-        for epoch in range(self.spec.epochs):
+        for epoch in range(self.start_epoch, self.spec.epochs):
             if not self.members:
                 return
             start = time.perf_counter()
@@ -497,6 +499,45 @@ class Trainer:
             out.append(metrics)
         return out
 
+    # ---------------------------------------------------------------- checkpoints
+
+    def checkpoint(self, index: int, epoch: int) -> dict[str, Any]:
+        """Everything member ``index`` needs to continue after ``epoch`` exactly as if never stopped: model,
+        optimizer and loss state (a learnable temperature), batch order and random state, best epoch."""
+        m = self.every[index]
+        return {
+            "format": CHECKPOINT_FORMAT,
+            "epoch": epoch,
+            "model": _cloned(m.model.state_dict()),
+            "criterion": _cloned(m.criterion.state_dict()),
+            "optimizer": [_cloned(self.optimizer.state.get(p, {})) for p in m.params],
+            "generator": m.generator.get_state(),
+            "rng": torch.get_rng_state(),
+            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
+            "best": {"values": dict(m.best.values), "epochs": dict(m.best.epochs), "state": m.best.state},
+            "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
+        }
+
+    def restore(self, index: int, state: dict[str, Any]) -> None:
+        """Continue member ``index`` from a checkpoint: training resumes at the epoch after the checkpoint's."""
+        if state.get("format") != CHECKPOINT_FORMAT:
+            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
+        m = self.every[index]
+        m.model.load_state_dict(state["model"])
+        m.criterion.load_state_dict(state["criterion"])
+        for p, saved in zip(m.params, state["optimizer"], strict=True):
+            if saved:
+                self.optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved.items()}
+        m.generator.set_state(state["generator"])
+        torch.set_rng_state(state["rng"])
+        if state.get("cuda_rng") is not None and self.device.type == "cuda":
+            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
+        best = state["best"]
+        m.best.values, m.best.epochs, m.best.state = dict(best["values"]), dict(best["epochs"]), best["state"]
+        if state.get("scaler") is not None and self.amp.scaler is not None:
+            self.amp.scaler.load_state_dict(state["scaler"])
+        self.start_epoch = int(state["epoch"]) + 1
+
     # ---------------------------------------------------------------- results
 
     def save_best(self, path: str | Path, index: int = 0) -> Path:
@@ -514,6 +555,14 @@ class Trainer:
 _ALWAYS = frozenset({"train/loss", "train/inbatch_top1", "grad_norm", "amp_skipped_steps"})
 """Per-member train metrics kept even when not finite (a divergence is seen in them); the loss parts
 of members whose loss has none are NaN and left out."""
+
+
+CHECKPOINT_FORMAT = 1
+
+
+def _cloned(state: Any) -> Any:
+    """A copy of a state dict (tensors cloned, on the CPU) that training can no longer change."""
+    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
 
 
 def _widen(x: Tensor) -> Tensor:

@@ -13,17 +13,18 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import records, stability, studies
+from ablate import checkpoints, records, stability, studies
 from ablate.designs import StudySpec
 from ablate.errors import AblateError
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
 from ablate.runs import EpochHook, RunOutcome, train_and_log_members
-from ablate.specs import RunSpec
+from ablate.specs import RunSpec, better
 from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
 from ablate.tracking import Tracker
@@ -77,6 +78,7 @@ def work(
     wait_for_running: bool = True,
     keep_going: Callable[[], bool] | None = None,
     array: int | None = 1,
+    keep_checkpoints: bool = False,
 ) -> None:
     """Take trials of the study until none is left to take, then return.
 
@@ -90,7 +92,7 @@ def work(
     its parent is gone). The worker that finds the study done ends its MLflow parent run.
     """
     emit = on_event or (lambda e: None)
-    objective = _Objective(ctx, device, emit)
+    objective = _Objective(ctx, device, emit, keep_checkpoints)
     study = ctx.study
     said: set[str] = set()
     while keep_going is None or keep_going():
@@ -134,9 +136,10 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
         run = spec.shape_of(t)
         return run.model_copy(update={"device": device}) if run is not None and device else run
 
-    first = shaped(waiting[0])
+    first = None if records.resumable(waiting[0]) else shaped(waiting[0])  # a resumed trial trains alone
     key = None if first is None else fusion_key(first)
-    alike = [t for t in waiting if key is not None and (run := shaped(t)) is not None and fusion_key(run) == key]
+    alike = [t for t in waiting if key is not None and not records.resumable(t)
+             and (run := shaped(t)) is not None and fusion_key(run) == key]
     limit = 1
     if first is not None and len(alike) > 1 and array != 1:
         choice = choose(first, len(alike), array)
@@ -224,8 +227,8 @@ def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:
 class _Objective:
     """Train a group of taken trials as one array: each its own MLflow run, pruner and end."""
 
-    def __init__(self, ctx: Context, device: str | None, emit: OnEvent):
-        self.ctx, self.device, self.emit = ctx, device, emit
+    def __init__(self, ctx: Context, device: str | None, emit: OnEvent, keep_checkpoints: bool = False):
+        self.ctx, self.device, self.emit, self.keep_checkpoints = ctx, device, emit, keep_checkpoints
 
     def __call__(self, trials: list[optuna.Trial]) -> None:
         ctx, spec = self.ctx, self.ctx.spec
@@ -269,18 +272,23 @@ class _Objective:
 
         try:
             trainer = Trainer.from_spec(runs)
+            resume = self._resume(trials)
             if trainer.fallback:
                 self.emit(Note(f"{runs[0].model.factory}: cannot run members vmapped ({trainer.fallback}); "
                                "they train one after another"))
             hooks = [self._hook(t, trainer.every[k].best) for k, t in enumerate(trials)]
+            for k, (_, state) in resume.items():  # the pruner sees what the trial reported before it stopped
+                self._report_history(trials[k], state["history"])
             train_and_log_members(
                 trainer, ctx.tracker, ctx.experiment_id,
-                [f"{ctx.name}#{t.number} {a.label}" for t, a in zip(trials, assignments, strict=True)],
+                [spec.run_name(t.number, a.label) for t, a in zip(trials, assignments, strict=True)],
                 tags=[{"ablate.study": ctx.name, "ablate.trial": t.number,
                        **{f"ablate.{k}": v for k, v in a.values.items()}}
                       for t, a in zip(trials, assignments, strict=True)],
                 parent_run_id=ctx.parent_run_id, on_start=on_start,
                 on_epoch=lambda k, result, history: hooks[k](result, history), on_end=on_end,
+                resume=resume, keep_checkpoints=self.keep_checkpoints,
+                on_checkpoint=lambda k, epoch: records.write_checkpoint(trials[k], epoch),
             )
         except KeyboardInterrupt:
             failed("interrupted (Ctrl-C or SIGTERM)")
@@ -292,6 +300,31 @@ class _Objective:
             reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
             failed(reason)
             raise TrialError(reason) from e
+
+    def _resume(self, trials: list[optuna.Trial]) -> dict[int, tuple[str, dict[str, Any]]]:
+        """The checkpoints of trials that continue an earlier run (by member), loaded from that run."""
+        out = {}
+        for k, t in enumerate(trials):
+            run_id = t.user_attrs.get(records.RUN_ID)
+            if run_id and t.user_attrs.get(records.CHECKPOINT) is not None:
+                state = checkpoints.load(self.ctx.tracker, str(run_id))
+                if state is not None:
+                    out[k] = (str(run_id), state)
+        return out
+
+    def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]]) -> None:
+        spec = self.ctx.spec
+        metric, interval = spec.objective, spec.report_interval
+        if interval is None:
+            return
+        best, maximize = float("nan"), better(metric) == "maximize"
+        for epoch, metrics in enumerate(history):
+            value = metrics.get(metric, float("nan"))
+            if math.isfinite(value) and (not math.isfinite(best) or (value > best if maximize else value < best)):
+                best = value
+            reported = best if spec.judged_at == "best" else value
+            if epoch % interval == 0 and math.isfinite(reported):
+                trial.report(reported, epoch)
 
     def _hook(self, trial: optuna.Trial, best: Best) -> EpochHook:
         spec = self.ctx.spec

@@ -156,3 +156,10 @@ def test_an_interrupted_array_leaves_each_member_fail_and_killed_and_resumes(wor
     assert code == 0, err
     complete = ref.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len({(t.params["experiment"], t.params["seed"]) for t in complete}) == 10
+    # each interrupted member continued its own run from the checkpoint it left (after epoch 1)
+    for t in failed:
+        (again,) = [c for c in complete if c.user_attrs.get(records.RESUMES) == t.number]
+        run = client.get_run(again.user_attrs[records.RUN_ID])
+        assert run.info.run_id == t.user_attrs[records.RUN_ID]
+        assert run.data.tags["ablate.resumed_from_epoch"] == "2"
+        assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1")) == [0, 1, 2, 3]

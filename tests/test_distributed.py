@@ -142,8 +142,12 @@ def test_a_killed_worker_s_trial_fails_by_heartbeat_and_is_retried(workdir, post
     assert retries[0].params == doomed.params
     complete = ref.study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))
     assert len(complete) == 4
-    # The dead worker's MLflow run was closed when its heartbeat ran out.
-    assert _mlflow(workdir).get_run(doomed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    # The retry continued the dead worker's MLflow run from its last checkpoint, to the end.
+    run = _mlflow(workdir).get_run(doomed.user_attrs["mlflow_run_id"])
+    assert retries[0].user_attrs["mlflow_run_id"] == run.info.run_id
+    assert run.info.status == "FINISHED"
+    assert 0 < int(run.data.tags["ablate.resumed_from_epoch"]) <= len(doomed.intermediate_values) * 5 + 5
+    assert sorted(m.step for m in _mlflow(workdir).get_metric_history(run.info.run_id, "val/mrr")) == list(range(120))
 
 
 def test_jobs_on_the_embedded_sqlite_store_run_without_lock_errors(workdir, monkeypatch, capsys):

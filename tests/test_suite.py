@@ -60,8 +60,9 @@ def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeyp
 
     # The table's numbers are the mean of the trials' final values.
     import json
+    from pathlib import Path
 
-    table = json.loads(open(client.download_artifacts(parent, "comparison.json", str(workdir))).read())
+    table = json.loads(Path(client.download_artifacts(parent, "comparison.json", str(workdir))).read_text())
     rows = [dict(zip(table["columns"], row, strict=True)) for row in table["data"]]
     cosine = next(r for r in rows if (r["experiment"], r["metric"], r["at"]) == ("infonce", "val/cosine", "final"))
     finals = [t.user_attrs["final"]["val/cosine"] for t in trials if t.params["experiment"] == "infonce"]
@@ -164,3 +165,23 @@ def test_epochs_shortcut_keeps_the_multistage_proportions():
     m = spec.experiments["multistage"]
     assert (m.epochs, m.stage1_epochs, m.stage2_epochs, m.stage3) == (60, 10, 20, 30)
     assert all(r.epochs == 60 for r in spec.experiments.values())
+
+
+@pytest.mark.slow
+def test_until_precise_adds_seeds_in_rounds_up_to_the_maximum(workdir, monkeypatch, capsys):
+    base = [a for a in SUITE if a not in ("--seeds", "0,1")]
+    code, out, err = run_cli([*base, "--seeds", "0,1", "--until-precise", "1e-9", "--max-seeds", "4"], monkeypatch,
+                             capsys)
+    assert code == 0, err + out
+    text = " ".join(out.split())
+    assert "2 seeds: the widest val/top1 interval is" in text and "adding seeds 2..3" in text
+    assert "4 seeds (--max-seeds): the widest val/top1 interval is still" in text
+    study, _ = _study(workdir)
+    assert sorted({t.params["seed"] for t in study.get_trials()}) == [0, 1, 2, 3]
+    assert len(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,))) == 20
+
+    # precise enough already: nothing is added
+    code, out, err = run_cli([*base, "--seeds", "0,1,2,3", "--until-precise", "100"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert "4 seeds: every val/top1 interval is within ± 100" in " ".join(out.split())
+    assert len(study.get_trials()) == 20

@@ -77,6 +77,10 @@ ArrayOpt = Annotated[
     str, typer.Option("--array", help="Compatible trials trained together as one array (each still its own "
                       "trial and MLflow run); auto: the size that measures fastest on this device; 1: one at a time.")
 ]
+KeepOpt = Annotated[
+    bool, typer.Option("--keep-checkpoints", help="Keep each finished trial's checkpoint in its MLflow run "
+                       "(by default only running and stopped trials keep one, to resume from).")
+]
 DevicesOpt = Annotated[
     str | None,
     typer.Option("--devices", help="Comma-separated devices, one worker process per device, "

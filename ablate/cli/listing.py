@@ -20,6 +20,7 @@ from ablate.cli.app import (
 from ablate.errors import AblateError
 
 if TYPE_CHECKING:
+    from ablate.compare import SearchSummary
     from ablate.session import StudySession
 
 
@@ -54,12 +55,14 @@ def studies_show(
     show_study(StudySession.open(name, stores_of(storage, None)))
 
 
-def show_study(session: StudySession) -> None:
-    """Print a study's trials, best trial, importances and expected best value."""
+def show_study(session: StudySession) -> SearchSummary:
+    """Print a study's trials, best trial, importances and expected best value; returns what it printed."""
     from ablate import render
 
-    for line in render.summary_lines(session.name, session.summary()):
+    summary = session.summary()
+    for line in render.summary_lines(session.name, summary):
         console.print(line)
+    return summary
 
 
 @studies_app.command("export")

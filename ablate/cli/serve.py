@@ -1,26 +1,42 @@
-"""`ablate ui`: the MLflow UI on the same store."""
+"""`ablate ui` and `ablate dashboard`: the MLflow UI and optuna-dashboard on ablate's stores."""
 
 from __future__ import annotations
 
-import os
-import signal
-import subprocess
-import sys
-from typing import TYPE_CHECKING, Annotated
+import json
+from pathlib import Path
+from typing import Annotated
 
 import typer
-from rich.text import Text
 
-from ablate import stores
-from ablate.cli.app import (
-    TrackingOpt,
-    app,
-    console,
-)
+from ablate import servers, stores
+from ablate.cli.app import StorageOpt, TrackingOpt, app, console, err_console
 from ablate.errors import AblateError
 
-if TYPE_CHECKING:
-    pass
+HostOpt = Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network, "
+                                      "without authentication.")]
+PortOpt = Annotated[int, typer.Option(help="Port; 0 picks a free one.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the server's own log lines here "
+                                          "instead of in a log file in the working folder (its path is printed).")]
+
+
+def _prepare(what: str, store: str, host: str, port: int, log_name: str, verbose: bool
+             ) -> tuple[int, str, Path | None]:
+    """Claim the port, warn when it is open to the network, say where the log goes: (port, base URL, log)."""
+    port = servers.claim_port(host, port)
+    log = None if verbose else servers.log_path(log_name)
+    warning = servers.exposure_warning(host, port, what)
+    if warning:
+        err_console.print(warning)
+    console.print(f"Starting {what} on {stores.mask_url(store)}" + (f" (server log: {log})" if log else "") + " ...")
+    return port, servers.base_url(host, port), log
+
+
+def _is_dashboard(body: bytes) -> bool:
+    """Whether an answer is optuna-dashboard's /api/meta."""
+    try:
+        return "artifact_is_available" in json.loads(body)
+    except (ValueError, TypeError):
+        return False
 
 
 # --------------------------------------------------------------------------------------
@@ -31,39 +47,56 @@ if TYPE_CHECKING:
 @app.command()
 def ui(
     tracking_uri: TrackingOpt = None,
-    host: Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes the UI to the network.")] = "127.0.0.1",
-    port: Annotated[int, typer.Option(help="Port.")] = 5000,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 5000,
+    verbose: VerboseOpt = False,
 ) -> None:
-    """Start the MLflow UI on the same store and print its URL (Ctrl-C stops it)."""
-    from ablate.launch import sigterm_as_interrupt
-    from ablate.tracking import Tracker, runs_url
-
+    """Start the MLflow UI on the same store and print its URL once it answers (Ctrl-C stops it)."""
     uri = stores.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
         return
-    base = f"http://{host}:{port}"
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", host, "--port", str(port), "--workers", "1"]
-    # The store's URL goes by environment (a password stays out of process listings). The job
-    # runner serves only MLflow's GenAI features; it costs seven processes.
-    env = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", **os.environ, "MLFLOW_BACKEND_STORE_URI": uri}
-    server = subprocess.Popen(cmd, env=env, start_new_session=True)
-    console.print(Text.assemble(f"MLflow UI on {stores.mask_url(uri)}: ", (base, "bold"), " (Ctrl-C stops it)"))
-    for name, exp_id in Tracker(uri).experiments():
-        console.print(f"  {name}: {runs_url(base, exp_id)}")
-    code = 0
-    with sigterm_as_interrupt():
-        try:
-            code = server.wait()
-        except KeyboardInterrupt:
-            pass
-        finally:
-            if server.poll() is None:
-                os.killpg(server.pid, signal.SIGTERM)
-                try:
-                    server.wait(timeout=15)
-                except subprocess.TimeoutExpired:
-                    os.killpg(server.pid, signal.SIGKILL)
-                    server.wait()
-    if code not in (0, -signal.SIGTERM, -signal.SIGINT):
-        raise AblateError(f"the MLflow UI exited with code {code}; is port {port} free? (try --port)")
+    port, base, log = _prepare("the MLflow UI", uri, host, port, "mlflow-ui.log", verbose)
+    command, env = servers.mlflow_command(host, port), servers.mlflow_env(uri)
+    with servers.running("the MLflow UI", command, env, log) as server:
+        from ablate.tracking import Tracker, runs_url  # imported while the server starts
+
+        servers.wait_ready(server, f"{base}/health", lambda body: body.strip() == b"OK")
+        experiments = Tracker(uri).experiments()
+        console.print(f"MLflow UI: {base} (Ctrl-C stops it)")
+        for name, exp_id in experiments:
+            console.print(f"  {name}: {runs_url(base, exp_id)}")
+        servers.serve(server)
+    console.print("MLflow UI stopped")
+
+
+# --------------------------------------------------------------------------------------
+# ablate dashboard
+# --------------------------------------------------------------------------------------
+
+
+@app.command()
+def dashboard(
+    name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
+    storage: StorageOpt = None,
+    host: HostOpt = "127.0.0.1",
+    port: PortOpt = 8080,
+    verbose: VerboseOpt = False,
+) -> None:
+    """Start optuna-dashboard on the study's storage and print the study's URL once it answers (Ctrl-C stops it)."""
+    if not servers.dashboard_installed():
+        raise AblateError(f"optuna-dashboard is not installed; install it with: {servers.DASHBOARD_INSTALL}")
+    from ablate import studies
+
+    url = stores.resolve_storage(storage)
+    optuna_storage = studies.open_storage(url, heartbeat_seconds=None)
+    study = studies.load(name, optuna_storage)
+    study_id = optuna_storage.get_study_id_from_name(study.name)
+    port, base, log = _prepare("optuna-dashboard", url, host, port, "optuna-dashboard.log", verbose)
+    command, env = servers.dashboard_command(host, port), servers.dashboard_env(url)
+    with servers.running("optuna-dashboard", command, env, log) as server:
+        servers.wait_ready(server, f"{base}/api/meta", _is_dashboard)
+        console.print(f"optuna-dashboard: {base} (Ctrl-C stops it)")
+        console.print(f"  study {study.name}: {base}/dashboard/studies/{study_id}")
+        servers.serve(server)
+    console.print("optuna-dashboard stopped")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -15,6 +16,7 @@ from ablate.cli.app import (
     DevicesOpt,
     HeartbeatOpt,
     JobsOpt,
+    KeepOpt,
     SetOpt,
     StorageOpt,
     TrackingOpt,
@@ -40,7 +42,7 @@ if TYPE_CHECKING:
 
 
 def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
-           array: int | None, budget: int | None = None) -> StudySession | None:
+           array: int | None, keep: bool = False, budget: int | None = None) -> StudySession | None:
     """Open the study and train its queued trials; None when only created (--jobs 0)."""
     from ablate.session import StudySession
 
@@ -60,11 +62,12 @@ def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, d
     if jobs == 0 and not devices:
         console.print(f"created; start workers with: ablate worker {session.name} --storage {store.shown_storage}")
         return None
-    _train(session, jobs=jobs, devices=devices, array=array)
+    _train(session, jobs=jobs, devices=devices, array=array, keep=keep)
     return session
 
 
-def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None) -> None:
+def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None,
+           keep: bool = False) -> None:
     """Train what the study has queued, with a live display; exit 130 when interrupted."""
     from ablate.launch import plan
     from ablate.render import LogLines, StudyDisplay
@@ -81,11 +84,11 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
         display = StudyDisplay(console, total, done)
         with display.progress:
             finished = session.run(jobs=p.workers, devices=p.devices, on_event=display,
-                                   spawn_after=p.spawn_after, array=array)
+                                   spawn_after=p.spawn_after, array=array, keep_checkpoints=keep)
     else:  # a log: one plain line per trial event
         lines = LogLines(lambda text: console.print(text, highlight=False), total, done)
         finished = session.run(jobs=p.workers, devices=p.devices, on_event=lines, spawn_after=p.spawn_after,
-                               array=array)
+                               array=array, keep_checkpoints=keep)
     if not finished:
         err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
                           f"run the same command again to resume study {session.name}")
@@ -107,11 +110,18 @@ def run_suite(
     array: ArrayOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+    keep_checkpoints: KeepOpt = False,
     out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
+    until_precise: Annotated[float | None, typer.Option(
+        min=1e-12, help="Add seeds in rounds until every comparison with the baseline (the "
+        "objective, final epoch) has a 95 % interval of at most ± this width.")] = None,
+    max_seeds: Annotated[int, typer.Option(min=2, help="With --until-precise: the most seeds per experiment.")] = 12,
 ) -> None:
     """Run an ablation suite (experiments x seeds) and compare every experiment with the baseline.
 
-    Re-running the same command resumes: finished trials are not trained again.
+    Re-running the same command resumes: finished trials are not trained again. More seeds extend
+    the same study; with --until-precise they are added until the answer is as precise as asked
+    (the rule looks at the intervals' widths only, never at significance).
     """
     overrides = studyfiles.parse_overrides(set_ or [])
     if seeds is not None:
@@ -121,10 +131,51 @@ def run_suite(
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SuiteSpec):
         raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
-    session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=parse_jobs(jobs),
-                     devices=parse_devices(devices), array=parse_array(array))
-    if session is not None:
-        _report(session, out, finish=True)
+    if until_precise is not None and len(spec.seeds) > max_seeds:
+        raise AblateError(f"--max-seeds {max_seeds} is below the study's {len(spec.seeds)} seeds; raise it")
+    n_jobs, devs, size = parse_jobs(jobs), parse_devices(devices), parse_array(array)
+    session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
+                     keep=keep_checkpoints)
+    if session is None:
+        return
+    while until_precise is not None:
+        more = _more_seeds(session, until_precise, max_seeds)
+        if not more:
+            break
+        grown = spec.model_copy(update={"seeds": [*spec.seeds, *more]})
+        assert isinstance(grown, designs.SuiteSpec)
+        spec = grown
+        session.attach(spec)
+        _train(session, jobs=n_jobs, devices=devs, array=size, keep=keep_checkpoints)
+    _report(session, out, finish=True)
+
+
+def _more_seeds(session: StudySession, target: float, max_seeds: int) -> list[int]:
+    """The seeds to add for the headline comparisons to reach ± target (none when precise or at the maximum)."""
+    from ablate.compare import build_report
+    from ablate.stats import precise_enough
+
+    spec = session.spec
+    assert isinstance(spec, designs.SuiteSpec)
+    report = build_report(session.study, spec)
+    comparisons = report.headline()
+    n = len(spec.seeds)
+    widest = max((c.half_width for c in comparisons if math.isfinite(c.half_width)), default=float("nan"))
+    if precise_enough(comparisons, target):
+        console.print(f"{n} seeds: every {spec.objective} interval is within ± {target:g} (widest ± {widest:.4g})")
+        return []
+    if n >= max_seeds:
+        console.print(f"{n} seeds (--max-seeds): the widest {spec.objective} interval is still ± {widest:.4g}, "
+                      f"not ± {target:g}")
+        return []
+    # an interval's width shrinks about as 1 / sqrt(n): aim at the seeds the widest one needs
+    wanted = n + 1 if not math.isfinite(widest) else math.ceil(n * (widest / target) ** 2)
+    count = min(max_seeds, max(n + 1, wanted)) - n
+    start = max(spec.seeds) + 1
+    added = list(range(start, start + count))
+    console.print(f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
+                  f"adding seeds {added[0]}..{added[-1]}")
+    return added
 
 
 def _report(session: StudySession, out: Path, finish: bool = False) -> None:
@@ -184,9 +235,11 @@ def tune(
     array: ArrayOpt = "auto",
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+    keep_checkpoints: KeepOpt = False,
     confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
                                          "fresh seeds and compare them (mean, CI).")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for the confirmation report.")] = Path("reports"),
+    out: Annotated[Path, typer.Option(help="Folder for the search's plots and the confirmation report.")]
+    = Path("reports"),
 ) -> None:
     """Run (or resume) an Optuna search; unstable runs are pruned early."""
     overrides = studyfiles.parse_overrides(set_ or [])
@@ -197,17 +250,21 @@ def tune(
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
     devs, n_jobs, size = parse_devices(devices), parse_jobs(jobs), parse_array(array)
     session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
-                     budget=n_trials)
+                     keep=keep_checkpoints, budget=n_trials)
     if session is None:
         return
-    show_study(session)
+    summary = show_study(session)
+    if session.trained:
+        files = session.search_plots(out, summary)
+        if files:
+            console.print(f"plots: {files[0].parent}")
     session.finish()
     if confirm:
         suite = session.confirm(confirm)
         assert isinstance(suite.spec, designs.SuiteSpec)
         console.print(f"\nconfirming the top {len(suite.spec.experiments)} configuration(s) with seeds "
                       f"{', '.join(map(str, suite.spec.seeds))}")
-        _train(suite, jobs=n_jobs, devices=devs, array=size)
+        _train(suite, jobs=n_jobs, devices=devs, array=size, keep=keep_checkpoints)
         _report(suite, out, finish=True)
 
 
@@ -221,6 +278,7 @@ def worker(
                                       "CUDA device, else one per CPU core.")] = "auto",
     array: ArrayOpt = "auto",
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
+    keep_checkpoints: KeepOpt = False,
 ) -> None:
     """Join an existing study: take its waiting trials until none is left, then exit."""
     from ablate import studies
@@ -228,5 +286,6 @@ def worker(
 
     session = StudySession.open(name, stores_of(storage, tracking_uri, heartbeat))
     console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))
-    _train(session, jobs=parse_jobs(jobs, minimum=1), devices=parse_devices(devices), array=parse_array(array))
+    _train(session, jobs=parse_jobs(jobs, minimum=1), devices=parse_devices(devices), array=parse_array(array),
+           keep=keep_checkpoints)
     console.print(f"study {session.name}: no trials left to take; {studies.counts(session.study)}")
