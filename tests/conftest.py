@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -11,13 +12,26 @@ from support import TINY
 from ablate.data import synthetic_pairs
 
 
+@pytest.fixture(scope="session")
+def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """An empty MLflow store, made once: creating one (its schema migrations) takes seconds."""
+    from ablate.tracking import Tracker
+
+    path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
+    Tracker(f"sqlite:///{path}")
+    return path
+
+
 @pytest.fixture
-def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
-    """An empty working directory with the tiny data in pairs.npz; the stores default to files in it."""
+def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.FixtureRequest) -> Path:
+    """A working directory with the tiny data in pairs.npz and an empty MLflow store (a copy of one made
+    once per session); the stores default to files in it. Tests marked ``bare`` get no store."""
     monkeypatch.chdir(tmp_path)
     for var in ("MLFLOW_TRACKING_URI", "ABLATE_STORAGE"):
         monkeypatch.delenv(var, raising=False)
     synthetic_pairs(TINY).save(tmp_path / "pairs.npz")
+    if request.node.get_closest_marker("bare") is None:
+        shutil.copy(request.getfixturevalue("mlflow_template"), tmp_path / "mlflow.db")
     return tmp_path
 
 

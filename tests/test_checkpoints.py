@@ -70,7 +70,7 @@ lr = 0.01
 
 @pytest.mark.slow
 def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(workdir, tmp_path):
-    epochs = 400
+    epochs = 150
     (workdir / "resume.toml").write_text(SUITE_FILE.format(epochs=epochs))
     args = ["run-suite", "resume.toml", "--jobs", "1", "--array", "1", "--heartbeat", "1"]
     proc = subprocess.Popen(ablate_command(*args), cwd=workdir, stdout=subprocess.DEVNULL,
@@ -83,7 +83,7 @@ def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never
             trials = studies.load("resume", storage).study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except Exception:
             continue
-        if trials and (checkpoint := trials[0].user_attrs.get(records.CHECKPOINT)) is not None and checkpoint >= 20:
+        if trials and (checkpoint := trials[0].user_attrs.get(records.CHECKPOINT)) is not None and checkpoint >= 10:
             break
     assert checkpoint is not None and proc.poll() is None, "no checkpoint was written while the trial ran"
     os.killpg(proc.pid, signal.SIGKILL)

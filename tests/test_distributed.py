@@ -250,6 +250,7 @@ def test_a_device_that_does_not_exist_is_one_line_before_any_trial(workdir, monk
     assert not (workdir / "optuna.db").exists()
 
 
+@pytest.mark.bare
 def test_workers_log_to_an_mlflow_tracking_server(workdir, monkeypatch, capsys):
     import socket
     import urllib.request

@@ -30,6 +30,8 @@ from ablate.stores import mask_url, split_credentials
 from ablate.studyfiles import MAX_NESTING, MAX_STUDY_FILE_BYTES, load_study, safe_folder
 from ablate.tracking import API_PROBE, Tracker, check_store
 
+pytestmark = pytest.mark.bare  # the tests check that no store is created
+
 SUITE = """\
 kind = "suite"
 {extra}
