@@ -13,20 +13,16 @@ dropped at the end of the epoch and never touches the others' numbers.
 
 Data stay on the device as tensors and batches are taken by index from a per-epoch permutation.
 With ``accumulation_steps > 1`` a batch is processed in micro-batches: per-sample losses (MSE,
-cosine) accumulate their gradients directly; contrastive losses use GradCache (Gao et al. 2021):
-representations of all micro-batches are computed without a graph, the loss and its gradient
-with respect to the representations are computed over the whole batch, then each micro-batch is
-re-run (with its dropout noise replayed) and back-propagated with its slice of that gradient. The
-parameter gradient then equals the one of a single large batch.
+cosine) accumulate their gradients directly; contrastive losses use GradCache (``ablate.gradcache``),
+so the parameter gradient equals the one of a single large batch.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
+from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -38,6 +34,7 @@ from torch import Tensor, nn
 from ablate.data import PairedEmbeddings, load_split
 from ablate.devices import adamw, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
+from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import retrieval_by_member, screening_by_member
 from ablate.models import Fusion, MemberModels, build_model
@@ -588,68 +585,6 @@ def _mean_norm(per_step: Tensor, skip_nonfinite: bool = False) -> tuple[Tensor, 
     count = finite.sum(0)
     mean = torch.where(count > 0, kept / count.clamp(min=1), torch.full_like(kept, float("nan")))
     return mean, (~finite).sum(0).float()
-
-
-def grad_cache(
-    model: Callable[[Tensor], Tensor],
-    criterion: Callable[[Tensor, Tensor, Tensor | None], Tensor],
-    x: Tensor,
-    y: Tensor,
-    ligand_ids: Tensor | None,
-    micro_batch: int,
-    *,
-    dim: int = 0,
-    autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
-    backward: Callable[[Tensor], None] = Tensor.backward,
-) -> tuple[Tensor, Tensor]:
-    """Accumulate the gradient of a batch-level loss over micro-batches (GradCache).
-
-    1. embed every micro-batch without a graph, keeping each one's RNG state (dropout);
-    2. compute the loss over the whole batch on the cached embeddings and back-propagate it to
-       them (and to the loss's own parameters, e.g. a learnable temperature);
-    3. re-embed each micro-batch with the same RNG state and back-propagate its slice of the
-       cached gradient. The parameter gradients equal those of one large batch.
-
-    ``dim`` is the batch dimension (1 for an array's [K, B, D]). Returns the loss (detached) and the
-    embeddings.
-    """
-    chunks = x.split(micro_batch, dim=dim)
-    device = x.device
-    states = []
-    reps = []
-    with torch.no_grad():
-        for xc in chunks:
-            states.append(_rng_state(device))
-            with autocast():
-                reps.append(model(xc))
-    cached = torch.cat(reps, dim=dim).to(torch.promote_types(reps[0].dtype, torch.float32)).requires_grad_()
-    loss = criterion(cached, y, ligand_ids)
-    backward(loss)
-    assert cached.grad is not None
-    for xc, state, grad in zip(chunks, states, cached.grad.split(micro_batch, dim=dim), strict=True):
-        _set_rng_state(device, state)
-        with autocast():
-            out = model(xc)
-        out.backward(grad.to(out.dtype))
-    return loss.detach(), cached.detach()
-
-
-def _rng_state(device: torch.device) -> tuple[Tensor, Tensor | None]:
-    dev = None
-    if device.type == "cuda":
-        dev = torch.cuda.get_rng_state(device)
-    elif device.type == "mps":
-        dev = torch.mps.get_rng_state()
-    return torch.get_rng_state(), dev
-
-
-def _set_rng_state(device: torch.device, state: tuple[Tensor, Tensor | None]) -> None:
-    torch.set_rng_state(state[0])
-    if state[1] is not None:
-        if device.type == "cuda":
-            torch.cuda.set_rng_state(state[1], device)
-        else:
-            torch.mps.set_rng_state(state[1])
 
 
 def time_steps(specs: Sequence[RunSpec], train: PairedEmbeddings, val: PairedEmbeddings, steps: int = 6) -> float:

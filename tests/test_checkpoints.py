@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -69,7 +70,8 @@ lr = 0.01
 
 
 @pytest.mark.slow
-def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(workdir, tmp_path):
+def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(workdir, tmp_path,
+                                                                                          mlflow_template):
     epochs = 150
     (workdir / "resume.toml").write_text(SUITE_FILE.format(epochs=epochs))
     args = ["run-suite", "resume.toml", "--jobs", "1", "--array", "1", "--heartbeat", "1"]
@@ -104,6 +106,7 @@ def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never
     # the same suite, never stopped, in another folder
     other = tmp_path / "straight"
     other.mkdir()
+    shutil.copy(mlflow_template, other / "mlflow.db")
     suite = SUITE_FILE.format(epochs=epochs).replace("pairs.npz", str(workdir / "pairs.npz"))
     (other / "resume.toml").write_text(suite)
     done = subprocess.run(ablate_command(*args), cwd=other, capture_output=True, text=True, timeout=600)

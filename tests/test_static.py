@@ -1,7 +1,8 @@
-"""The code base stays ruff- and mypy-clean (the README's test command checks it)."""
+"""The code base stays ruff- and mypy-clean and layered as docs/architecture.md says."""
 
 from __future__ import annotations
 
+import ast
 import re
 import subprocess
 import sys
@@ -22,6 +23,35 @@ def test_ruff_is_clean():
 def test_mypy_is_clean():
     proc = _run("mypy", "ablate")
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def _layers() -> dict[str, int]:
+    """Each module's row in the module map of docs/architecture.md (modules on one row share it)."""
+    block = (ROOT / "docs" / "architecture.md").read_text().split("```\n")[1]
+    rows = [line for line in block.splitlines() if line and not line.startswith(" ")]
+    return {name: i for i, row in enumerate(rows)
+            for name in re.findall(r"[a-z_]+", re.sub(r"\(.*?\)", "", re.split(r"\s{2,}", row)[0]))}
+
+
+def test_every_module_imports_only_modules_below_it_in_the_architecture_map():
+    layer = _layers()
+    upward = []
+    for path in sorted((ROOT / "ablate").rglob("*.py")):
+        module = path.relative_to(ROOT / "ablate").parts[0].removesuffix(".py")
+        if module in ("__init__", "__main__"):
+            continue
+        assert module in layer, f"{module} is missing from the module map in docs/architecture.md"
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.split(".")[0] == "ablate":
+                parts = node.module.split(".")
+                names = [parts[1]] if len(parts) > 1 else [a.name for a in node.names]
+            elif isinstance(node, ast.Import):
+                names = [a.name.split(".")[1] for a in node.names if a.name.startswith("ablate.")]
+            else:
+                continue
+            upward += [f"{path.relative_to(ROOT)} imports {n}" for n in names
+                       if n in layer and n != module and layer[n] < layer[module]]
+    assert not upward, upward
 
 
 def test_ci_runs_the_readme_test_command():

@@ -11,11 +11,12 @@ from support import tiny_run
 from ablate.data import load_split
 from ablate.devices import resolve_device
 from ablate.errors import AblateError
+from ablate.gradcache import grad_cache
 from ablate.losses import CombinedLoss, InfoNCELoss, SupervisedContrastiveLoss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import ProjectionHead
 from ablate.specs import METRIC_KEYS
-from ablate.trainer import Trainer, grad_cache
+from ablate.trainer import Trainer
 
 
 def _history(spec):
