@@ -6,8 +6,9 @@ actives per pocket, one row per pair). Printed: wall time against the chunked si
 of the whole [pockets x ligands] float32 score matrix, which it never holds.
 (b) The default suite's validation set with random predicted embeddings: compute_screening_metrics
 against compute_retrieval_metrics(reverse=False) on the same inputs, as a ratio.
+(c) (b)'s time as a share of one training epoch (validation included) of each default-suite experiment.
 
-    python benchmarks/screening_metrics.py [--pockets 1000] [--ligands 100000] [--dim 128] [--repeats 3]
+    python benchmarks/screening_metrics.py [--pockets 1000] [--ligands 100000] [--dim 128] [--repeats 3] [--epochs 8]
 """
 
 from __future__ import annotations
@@ -23,8 +24,11 @@ import torch
 import torch.nn.functional as F
 
 from ablate.data import load_split
+from ablate.designs import SuiteSpec
 from ablate.metrics import CHUNK_ELEMENTS, compute_retrieval_metrics, compute_screening_metrics
 from ablate.specs import DataSpec
+from ablate.studyfiles import load_study
+from ablate.trainer import Trainer
 
 
 def _status_kib(field: str) -> int | None:
@@ -83,6 +87,7 @@ def main() -> None:
     ap.add_argument("--dim", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--val-repeats", type=int, default=50)
+    ap.add_argument("--epochs", type=int, default=8, help="epochs per experiment for (c)")
     args = ap.parse_args()
     torch.set_num_threads(1)
     g = torch.Generator().manual_seed(0)
@@ -132,6 +137,15 @@ def main() -> None:
     print(f"  compute_screening_metrics:                 {1e3 * c:8.2f} ms")
     print(f"  compute_retrieval_metrics(reverse=False):  {1e3 * d:8.2f} ms")
     print(f"  ratio screening / retrieval:               {c / d:8.2f}x")
+
+    # (c) against a whole epoch of each experiment of the default suite (which includes the screening)
+    suite = load_study("baseline-vs-multistage")
+    assert isinstance(suite, SuiteSpec)
+    print(f"(c) screening's share of an epoch of the default suite ({args.epochs} epochs each, median epoch_seconds)")
+    for name in suite.experiments:
+        run = suite.run(name, 0).model_copy(update={"epochs": args.epochs})
+        seconds = statistics.median(r.metrics["epoch_seconds"] for r in Trainer.from_spec(run).epochs())
+        print(f"  {name:<12} epoch {1e3 * seconds:7.1f} ms; screening {1e3 * c:5.2f} ms = {100 * c / seconds:4.1f} %")
 
 
 if __name__ == "__main__":
