@@ -7,12 +7,14 @@ from __future__ import annotations
 import json
 import math
 import warnings
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 from ablate.compare import SearchSummary, SuiteReport
 from ablate.designs import SearchSpec
+from ablate.errors import AblateError
 from ablate.plots import search_plots, suite_curves
 from ablate.render import markdown, verdict
 from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
@@ -52,16 +54,29 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
 
     Returns the files written, report.md first.
     """
-    out_dir.mkdir(parents=True, exist_ok=True)
     keys = curve_keys(report)
-    plots = suite_curves(curves(report, tracker, keys), keys, out_dir, report.study_name, stage_switches(report))
-    md = out_dir / "report.md"
-    md.write_text(markdown(report, [str(p) for p in plots]))
-    data = out_dir / REPORT_JSON
-    data.write_text(json.dumps({"study": report.study_name, "stamp": report.stamp(),
-                                "files": [md.name, *(p.name for p in plots)], "rows": report.rows_document()},
-                               indent=1))
+    series = curves(report, tracker, keys)
+    with _writing(f"the report to {out_dir}", f"fix that and run `ablate report {report.study_name} --out "
+                  f"{out_dir.parent}` to write it again"):
+        out_dir.mkdir(parents=True, exist_ok=True)
+        plots = suite_curves(series, keys, out_dir, report.study_name, stage_switches(report))
+        md = out_dir / "report.md"
+        md.write_text(markdown(report, [str(p) for p in plots]))
+        data = out_dir / REPORT_JSON
+        data.write_text(json.dumps({"study": report.study_name, "stamp": report.stamp(),
+                                    "files": [md.name, *(p.name for p in plots)], "rows": report.rows_document()},
+                                   indent=1))
     return [md, data, *plots]
+
+
+@contextmanager
+def _writing(what: str, then: str) -> Iterator[None]:
+    """A failed write (a full disk, a folder taken away) as one line: the trained results stay in the study."""
+    try:
+        yield
+    except OSError as e:
+        raise AblateError(f"could not write {what}: {e.strerror or e}; the trained results stay in the "
+                          f"study: {then}") from None
 
 
 def cached_report(report: SuiteReport, out_dir: Path) -> list[Path] | None:
@@ -120,4 +135,5 @@ def search_report(summary: SearchSummary, spec: SearchSpec, out_dir: Path, title
         for name in p.distributions(key):
             logs[name] = p.log
     maximize = spec.goal == "maximize"
-    return search_plots(trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)
+    with _writing(f"the search's plots to {out_dir}", f"see them with `ablate studies show {title}`"):
+        return search_plots(trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)

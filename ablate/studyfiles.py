@@ -255,6 +255,29 @@ def safe_folder(base: Path, name: str) -> Path:
     return folder
 
 
+def writable_folder(folder: Path, option: str, *, create: bool = True) -> Path:
+    """``folder``, or an AblateError starting with ``option`` (the flag and its value) unless it is (or,
+    with ``create``, can be made) a folder this process can write in. Checked before any work, leaving
+    nothing behind: a probe file is made and removed in the folder, or in the nearest folder above it."""
+    import tempfile
+
+    existing = folder
+    while not existing.exists() and not existing.is_symlink() and existing != existing.parent:
+        existing = existing.parent
+    if existing != folder and not create:
+        raise AblateError(f"{option}: the folder {folder} does not exist; create it first or choose "
+                          "another path")
+    if not existing.is_dir():
+        what = "a file, not a folder" if existing.is_file() else "not a folder"
+        raise AblateError(f"{option}: {existing} is {what}; choose another path")
+    try:
+        with tempfile.NamedTemporaryFile(dir=existing, prefix=".ablate-write-check-"):
+            pass
+    except OSError as e:
+        raise AblateError(f"{option}: cannot write in {existing} ({e.strerror or e}); "
+                          "choose another path") from None
+    return folder
+
 
 # --------------------------------------------------------------------------------------
 # Identity of a study

@@ -11,7 +11,7 @@ import os
 import threading
 import time
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -89,12 +89,14 @@ def work(
     the grace period and put back in the queue. A trial that fails on an error is recorded and the
     worker goes on; a user's mistake (AblateError: a device that does not exist, a batch larger
     than the data) stops it. ``keep_going`` is asked before each array (a worker process stops when
-    its parent is gone). The worker that finds the study done ends its MLflow parent run.
+    its parent is gone). The worker that finds the study done ends its MLflow parent run. First, the
+    MLflow runs an earlier worker left RUNNING (a second Ctrl-C) are ended KILLED.
     """
     emit = on_event or (lambda e: None)
     objective = _Objective(ctx, device, emit, keep_checkpoints)
     study = ctx.study
     said: set[str] = set()
+    end_abandoned_runs(ctx)
     while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
         group = take(ctx, array, device, say=lambda text: _say_once(emit, said, text))
@@ -173,19 +175,29 @@ def _run(ctx: Context, group: list[optuna.Trial], objective: Callable[[list[optu
 
 @contextmanager
 def _heartbeat(ctx: Context, numbers: list[int]) -> Iterator[None]:
-    """Record the trials' heartbeats every ``heartbeat_seconds`` while they run."""
+    """Record the trials' heartbeats every ``heartbeat_seconds`` while they run.
+
+    Once per grace period (3 heartbeats) the same thread also fails other workers' stale trials (which
+    re-queues them), so a dead worker's trial is retried while every live worker is busy training.
+    """
     if not ctx.heartbeat_seconds:
         yield
         return
     storage, interval = ctx.storage, ctx.heartbeat_seconds
+    grace = storage.grace_period or 2 * interval  # as Optuna decides a trial is stale
     study_id = storage.get_study_id_from_name(ctx.study.study_name)
     ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
     stop = threading.Event()
 
     def beat() -> None:
+        checked = time.monotonic()
         while True:
             for trial_id in ids:
                 storage.record_heartbeat(trial_id)
+            if time.monotonic() - checked >= grace:
+                checked = time.monotonic()
+                with suppress(Exception):  # a storage hiccup: the next check (or a worker between trials) does it
+                    optuna.storages.fail_stale_trials(ctx.study)
             if stop.wait(interval):
                 return
 
@@ -209,6 +221,21 @@ def end_parent_if_done(ctx: Context) -> bool:
     if ctx.tracker.client.get_run(ctx.parent_run_id).info.status != status:
         ctx.tracker.end_run(ctx.parent_run_id, status)
     return True
+
+
+def end_abandoned_runs(ctx: Context) -> None:
+    """End KILLED the MLflow runs still RUNNING of trials that failed or wait to be retried: their
+    worker was stopped before it could end them (a second Ctrl-C). A run a running trial continues is
+    left alone."""
+    trials = ctx.study.get_trials(deepcopy=False)
+    live = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state == TrialState.RUNNING}
+    ended = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state in (TrialState.FAIL, TrialState.WAITING)}
+    for run_id in sorted(str(r) for r in ended - live if r):
+        try:
+            if ctx.tracker.client.get_run(run_id).info.status == "RUNNING":
+                ctx.tracker.end_run(run_id, "KILLED")
+        except Exception:  # the run lives in another MLflow store
+            continue
 
 
 def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:

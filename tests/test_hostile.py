@@ -600,3 +600,166 @@ def test_a_study_file_over_the_size_limit_is_refused_before_any_store(workdir, m
                     f"more than the limit of {MAX_STUDY_FILE_BYTES:,} (1 MiB)")
     (workdir / path).write_text(SUITE.format(extra='name = "probe"') + "# padding\n" * 1000)
     assert load_study(path).name == "probe"
+
+
+# --------------------------------------------------------------------------------------
+# 5. Output paths, a full disk, dead workers and runs left RUNNING
+# --------------------------------------------------------------------------------------
+
+TINY_SEARCH = ["--set", "data.source=pairs.npz", "--set", "model.hidden=[16]", "--set", "model.dropout=0.0",
+               "--set", "batch_size=16"]
+
+
+@pytest.mark.parametrize("out", ["afile", "afile/sub"])
+@pytest.mark.parametrize("command", ["run-suite", "tune", "report"])
+def test_an_out_folder_that_cannot_be_made_is_one_line_before_any_training(workdir, monkeypatch, capsys, command,
+                                                                           out):
+    (workdir / "afile").write_text("not a folder\n")
+    args = {"run-suite": ["run-suite", _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))],
+            "tune": ["tune", "temperature", *TINY_SEARCH], "report": ["report", "nope"]}[command]
+    _one_line_error(workdir, [*args, "--out", out], monkeypatch, capsys,
+                    f"--out {out}: afile is a file, not a folder")
+    assert (workdir / "afile").read_text() == "not a folder\n"
+    assert sorted(p.name for p in workdir.iterdir()) == ["afile", "pairs.npz", "probe.toml"]
+
+
+@pytest.mark.parametrize(("target", "expected"), [
+    ("afile/x.pt", "--save-best afile/x.pt: afile is a file, not a folder"),
+    ("adir", "--save-best adir: that is a folder"),
+])
+def test_a_save_best_path_that_cannot_be_written_is_one_line_before_training(workdir, monkeypatch, capsys, target,
+                                                                              expected):
+    (workdir / "afile").write_text("not a folder\n")
+    (workdir / "adir").mkdir()
+    _one_line_error(workdir, ["train", "--data", "pairs.npz", "--loss-fn", "mse", "--epochs", "1", "--save-best",
+                              target], monkeypatch, capsys, expected)
+
+
+def test_a_save_best_folder_that_cannot_be_written_is_one_line(tmp_path, make_readonly):
+    from ablate.studyfiles import writable_folder
+
+    (tmp_path / "ro").mkdir()
+    folder = make_readonly(tmp_path / "ro")
+    with pytest.raises(AblateError, match=r"--save-best x: cannot write in .*ro \(.*(denied|not permitted)"):
+        writable_folder(folder / "models", "--save-best x")
+    assert list(folder.iterdir()) == []
+    assert writable_folder(tmp_path / "new" / "deeper", "--out x") == tmp_path / "new" / "deeper"
+    assert not (tmp_path / "new").exists()  # the check leaves nothing behind
+
+
+def test_an_export_into_a_missing_folder_is_one_line_before_the_study_is_read(workdir, monkeypatch, capsys):
+    _one_line_error(workdir, ["studies", "export", "nope", "-o", "missing/dir/x.csv"], monkeypatch, capsys,
+                    "--output missing/dir/x.csv: the folder missing/dir does not exist")
+    (workdir / "afile").touch()
+    _one_line_error(workdir, ["studies", "export", "nope", "-o", "afile/x.csv"], monkeypatch, capsys,
+                    "afile is a file, not a folder")
+
+
+def test_a_full_disk_while_writing_the_report_is_one_line_and_the_results_stay(workdir, mlflow_template, monkeypatch,
+                                                                                capsys):
+    import errno
+
+    from ablate import publish, studies
+
+    shutil.copy(mlflow_template, workdir / "mlflow.db")
+    path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))
+    real = publish.suite_curves
+
+    def full_disk(*args: Any, **kwargs: Any) -> Any:
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(publish, "suite_curves", full_disk)
+    code, out, err = run_cli(["run-suite", path, "--jobs", "1", "--array", "1", "--epochs", "1"], monkeypatch, capsys)
+    name = studies.load("probe", studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}")).name
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert code == 2, err + out
+    assert len(lines) == 1, err
+    assert lines[0].startswith(f"error: could not write the report to {Path('reports') / name}: "
+                               "No space left on device; the trained results stay in the study"), lines[0]
+    assert f"`ablate report {name} --out reports`" in lines[0]
+    assert "Traceback" not in err + out
+
+    monkeypatch.setattr(publish, "suite_curves", real)
+    code, out, err = run_cli(["report", name], monkeypatch, capsys)
+    assert code == 0, err
+    assert "training" not in out
+    assert (workdir / "reports" / name / "report.md").is_file()
+
+
+@pytest.mark.slow
+def test_a_dead_worker_s_trial_is_failed_within_the_grace_period_while_the_others_train(
+        workdir, mlflow_template, postgres_url, monkeypatch, capsys):
+    import optuna
+    from mlflow import MlflowClient
+    from support import ablate_command
+
+    from ablate import studies
+
+    shutil.copy(mlflow_template, workdir / "mlflow.db")
+    code, _, err = run_cli(["tune", "temperature", "--n-trials", "4", "--jobs", "0", "--storage", postgres_url,
+                            "--set", "epochs=100000", "--set", "pruner.type=none", *TINY_SEARCH], monkeypatch, capsys)
+    assert code == 0, err
+    study = studies.load("temperature", studies.open_storage(postgres_url)).study
+    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    victim, survivor = workers = [
+        subprocess.Popen(ablate_command("worker", study.study_name, "--storage", postgres_url, "--heartbeat", "1",
+                                        "--array", "1", "--jobs", "1"), cwd=workdir, env=env,
+                         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+        for _ in range(2)]
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    try:
+        deadline, owners = time.time() + 120, {}
+        while len(owners) < 2 and time.time() < deadline:
+            time.sleep(0.3)
+            for t in study.get_trials(states=(optuna.trial.TrialState.RUNNING,)):
+                run = t.user_attrs.get("mlflow_run_id")
+                if run and t.intermediate_values:
+                    owners[int(client.get_run(run).data.tags["pid"])] = t
+        assert set(owners) == {victim.pid, survivor.pid}, owners
+        doomed, busy = owners[victim.pid], owners[survivor.pid]
+        os.killpg(victim.pid, signal.SIGKILL)
+        victim.wait(timeout=30)
+        killed = time.time()
+        while study.get_trials()[doomed.number].state == optuna.trial.TrialState.RUNNING and time.time() < killed + 10:
+            time.sleep(0.2)
+        # stale after 3 missed heartbeats (3 s), found by the survivor's next check (at most 3 s later)
+        assert study.get_trials()[doomed.number].state == optuna.trial.TrialState.FAIL
+        assert time.time() - killed < 10
+        trials = study.get_trials()
+        assert trials[busy.number].state == optuna.trial.TrialState.RUNNING  # the survivor is still mid-trial
+        retries = [t for t in trials
+                   if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == doomed.number]
+        assert [(t.state, t.params) for t in retries] == [(optuna.trial.TrialState.WAITING, doomed.params)]
+        assert client.get_run(doomed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    finally:
+        for p in workers:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+            p.wait(timeout=30)
+
+
+def test_a_rerun_ends_the_mlflow_runs_a_second_ctrl_c_left_running(workdir, mlflow_template, monkeypatch, capsys):
+    from optuna.trial import TrialState
+
+    from ablate import records, worker
+    from ablate.session import StudySession
+    from ablate.stores import Stores
+
+    shutil.copy(mlflow_template, workdir / "mlflow.db")
+    path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))
+    args = ["run-suite", path, "--array", "1", "--epochs", "1"]
+    code, _, err = run_cli([*args, "--jobs", "0"], monkeypatch, capsys)  # the study and its parent run (RUNNING)
+    assert code == 0, err
+    # A worker took a trial and started its MLflow run, then a second Ctrl-C stopped it before it ended the run.
+    ctx = StudySession.open("probe", Stores()).context()
+    (trial,) = worker.take(ctx)
+    run_id = ctx.tracker.start_run(ctx.experiment_id, "abandoned", {}, ctx.parent_run_id)
+    records.write_run(trial, run_id)
+    ctx.study.tell(trial, state=TrialState.FAIL)
+    client = ctx.tracker.client
+    assert client.get_run(run_id).info.status == client.get_run(ctx.parent_run_id).info.status == "RUNNING"
+
+    code, out, err = run_cli([*args, "--jobs", "1"], monkeypatch, capsys)
+    assert code == 0, err + out
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(ctx.parent_run_id).info.status == "FINISHED"

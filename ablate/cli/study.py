@@ -134,6 +134,7 @@ def run_suite(
     if until_precise is not None and len(spec.seeds) > max_seeds:
         raise AblateError(f"--max-seeds {max_seeds} is below the study's {len(spec.seeds)} seeds; raise it")
     n_jobs, devs, size = parse_jobs(jobs), parse_devices(devices), parse_array(array)
+    studyfiles.writable_folder(out, f"--out {out}")
     session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
                      keep=keep_checkpoints)
     if session is None:
@@ -217,6 +218,7 @@ def report(
     """Re-create a suite's comparison from the stores, without training."""
     from ablate.session import StudySession
 
+    studyfiles.writable_folder(out, f"--out {out}")
     _report(StudySession.open(suite_run, stores_of(storage, tracking_uri)), out)
 
 
@@ -249,6 +251,7 @@ def tune(
     if not isinstance(spec, designs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")
     devs, n_jobs, size = parse_devices(devices), parse_jobs(jobs), parse_array(array)
+    studyfiles.writable_folder(out, f"--out {out}")
     session = _start(spec, stores_of(storage, tracking_uri, heartbeat), jobs=n_jobs, devices=devs, array=size,
                      keep=keep_checkpoints, budget=n_trials)
     if session is None:

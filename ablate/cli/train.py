@@ -20,6 +20,7 @@ from ablate.cli.app import (
     err_console,
     flag,
 )
+from ablate.errors import AblateError
 
 if TYPE_CHECKING:
     pass
@@ -70,6 +71,11 @@ def train(
     overrides = studyfiles.parse_overrides(set_ or [])
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
     run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
+    if save_best is not None:
+        if save_best.is_dir():
+            raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
+                              f"{save_best / 'best.pt'}")
+        studyfiles.writable_folder(save_best.parent, f"--save-best {save_best}")
     from ablate.launch import sigterm_as_interrupt
     from ablate.runs import train_and_log
     from ablate.tracking import Tracker, ui_hint
