@@ -387,14 +387,10 @@ def fmt(v: float | None) -> str:
     return "" if v is None or not math.isfinite(v) else f"{v:.4f}"
 
 
-def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
-    """`studies show`: the trials table, counts by state, the best trial, importances, expected best."""
-    table = Table(title=f"{name}: trials")
-    for col in ("#", "state", "configuration", "value", "epochs", "note"):
-        table.add_column(col, justify="right" if col in ("#", "value", "epochs") else "left")
-    for t in summary.trials:
-        table.add_row(str(t.number), t.state, t.label, fmt(t.value), str(t.epochs), t.note)
-    out: list[Table | str] = [table]
+def _facts(summary: SearchSummary) -> list[str]:
+    """What `studies show` says below its trials: waiting trials, counts by state, the best trial,
+    importances, the expected best value per budget."""
+    out: list[str] = []
     if summary.waiting:
         out.append(f"{summary.waiting} trial(s) waiting in the queue")
     out.append("trials by state: " + ", ".join(f"{k} {v}" for k, v in summary.states.items()))
@@ -411,6 +407,43 @@ def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
         out.append(f"expected best {summary.metric} with n trials (Dodge et al. 2019; a pruned trial "
                    "counts with the value it had reached): " + ", ".join(cells))
     return out
+
+
+def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
+    """`studies show` for a terminal, in 80 columns: the trials table, why trials stopped (by trial
+    number, below the table rather than in a column of it), then the facts (lines to word-wrap)."""
+    table = Table(title=f"{name}: trials", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
+                  padding=(0, 1), pad_edge=False)
+    table.add_column("#", justify="right", no_wrap=True)
+    table.add_column("state", no_wrap=True)
+    table.add_column("configuration", overflow="fold")
+    table.add_column(summary.metric, justify="right", no_wrap=True)
+    table.add_column("epochs", justify="right", no_wrap=True)
+    for t in summary.trials:
+        table.add_row(str(t.number), t.state, t.label, fmt(t.value), str(t.epochs))
+    out: list[Table | str] = [table]
+    noted = [t for t in summary.trials if t.note]
+    if noted:
+        notes = Table(title="notes", title_justify="left", box=None, show_header=False, padding=(0, 1),
+                      pad_edge=False)
+        notes.add_column(no_wrap=True)
+        notes.add_column(overflow="fold")
+        for t in noted:
+            notes.add_row(f"#{t.number} {t.state}", t.note)
+        out.append(notes)
+    return out + _facts(summary)
+
+
+def summary_markdown(name: str, summary: SearchSummary) -> str:
+    """`studies show` for a log: the trials as a full-width Markdown table, then the facts."""
+    def escaped(text: str) -> str:
+        return text.replace("|", "\\|")
+
+    lines = [f"**{escaped(name)}: trials**", "", f"| # | state | configuration | `{summary.metric}` | epochs | note |",
+             "|---:|---|---|---:|---:|---|"]
+    lines += [f"| {t.number} | {t.state} | {escaped(t.label)} | {fmt(t.value)} | {t.epochs} | {escaped(t.note)} |"
+              for t in summary.trials]
+    return "\n".join([*lines, "", *_facts(summary)])
 
 
 def export(study: optuna.Study, kind: str) -> str:

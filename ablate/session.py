@@ -132,7 +132,7 @@ class StudySession:
                 pass
         parent = tracker.start_run(self.experiment_id, study.study_name,
                                    {"ablate.study": study.study_name, "ablate.kind": spec.kind,
-                                    **environment_tags()})
+                                    **environment_tags()}, start_ms=studies.span_ms(study)[0])
         tracker.log_dict(parent, spec_document(spec), "study_spec.json")
         study.set_user_attr(records.PARENT_RUN, parent)
         return str(parent)
@@ -182,8 +182,18 @@ class StudySession:
         return finished
 
     def finish(self) -> bool:
-        """End the parent run when no trial is waiting or running; returns whether the study is done."""
-        return end_parent_if_done(self.context())
+        """End the parent run when no trial is waiting or running; returns whether the study is done.
+
+        The run ends when the study's last trial did, not when this command (a report, a re-run) ends it.
+        """
+        ctx = self.context()
+        if not end_parent_if_done(ctx):
+            return False
+        end = studies.span_ms(self.study)[1]
+        run = self.tracker.client.get_run(ctx.parent_run_id).info
+        if end is not None and run.end_time != end:
+            self.tracker.end_run(ctx.parent_run_id, run.status, end)
+        return True
 
     def report(self, out: Path) -> tuple[SuiteReport, list[Path], bool]:
         """A suite's comparison, written to ``out/STUDY`` and published on the parent run.

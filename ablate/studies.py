@@ -247,3 +247,13 @@ def counts(study: optuna.Study) -> dict[str, int]:
         if not t.user_attrs.get(records.SKIPPED):
             out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
+
+
+def span_ms(study: optuna.Study) -> tuple[int | None, int | None]:
+    """The study's own time span, in ms since the epoch, for its MLflow parent run: from its first trial's
+    start (else its creation) to the completion of its last finished trial; None where not known."""
+    trials = [t for t in study.get_trials(deepcopy=False) if not t.user_attrs.get(records.SKIPPED)]
+    starts = [t.datetime_start.timestamp() for t in trials if t.datetime_start is not None]
+    ends = [t.datetime_complete.timestamp() for t in trials if t.datetime_complete is not None]
+    start = min(starts) if starts else study.user_attrs.get(records.CREATED)
+    return (round(start * 1000) if start else None), (round(max(ends) * 1000) if ends else None)

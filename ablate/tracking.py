@@ -92,12 +92,14 @@ class Tracker:
         name: str,
         tags: Mapping[str, Any] | None = None,
         parent_run_id: str | None = None,
+        start_ms: int | None = None,
     ) -> str:
-        """Create a RUNNING run (a child when a parent is given) and return its id."""
+        """Create a RUNNING run (a child when a parent is given) and return its id. ``start_ms`` (ms since
+        the epoch, default now) can only be given here: MLflow has no call that changes a run's start."""
         all_tags = {k: str(v) for k, v in (tags or {}).items()}
         if parent_run_id:
             all_tags["mlflow.parentRunId"] = parent_run_id
-        run = self.client.create_run(experiment_id, run_name=name, tags=all_tags)
+        run = self.client.create_run(experiment_id, start_time=start_ms, run_name=name, tags=all_tags)
         return str(run.info.run_id)
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
@@ -133,9 +135,9 @@ class Tracker:
         """Store a file as an artifact."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def end_run(self, run_id: str, status: str = "FINISHED") -> None:
-        """Set a run's final status: FINISHED, FAILED or KILLED."""
-        self.client.set_terminated(run_id, status=status)
+    def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
+        """Set a run's final status (FINISHED, FAILED or KILLED) and its end: ``end_ms`` (ms since the epoch) or now."""
+        self.client.set_terminated(run_id, status=status, end_time=end_ms)
 
     def set_status(self, run_id: str, status: str) -> None:
         """Set a run's status without ending it (RUNNING when a suite resumes)."""

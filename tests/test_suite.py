@@ -185,3 +185,41 @@ def test_until_precise_adds_seeds_in_rounds_up_to_the_maximum(workdir, monkeypat
     assert code == 0, err + out
     assert "4 seeds: every val/top1 interval is within ± 100" in " ".join(out.split())
     assert len(study.get_trials()) == 20
+
+
+@pytest.mark.slow
+def test_the_parent_run_spans_the_study_not_the_command_that_ends_it(workdir, monkeypatch, capsys):
+    import time
+
+    code, out, err = run_cli([*SUITE, "--seeds", "0", "--epochs", "2", "--jobs", "1", "--array", "1"],
+                             monkeypatch, capsys)
+    assert code == 0, err + out
+    study = optuna.load_study(study_name=re.search(r"study (\S+) in", out)[1],
+                              storage=f"sqlite:///{workdir / 'optuna.db'}")
+    trials = study.get_trials()
+    first = min(t.datetime_start for t in trials).timestamp() * 1000
+    last = max(t.datetime_complete for t in trials).timestamp() * 1000
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    parent = study.user_attrs[records.PARENT_RUN]
+    assert abs(client.get_run(parent).info.end_time - last) < 1000
+
+    # A command stopped after the last trial but before it ended the parent run leaves it RUNNING;
+    # a later report ends it, at the study's end, not its own.
+    client.update_run(parent, "RUNNING")
+    time.sleep(2)
+    code, out, err = run_cli(["report", study.study_name, "--out", "again"], monkeypatch, capsys)
+    assert code == 0, err + out
+    run = client.get_run(parent).info
+    assert run.status == "FINISHED"
+    assert abs(run.end_time - last) < 1000
+
+    # A report into another MLflow store makes the parent run there: it starts and ends with the study.
+    time.sleep(1)
+    moved = f"sqlite:///{workdir / 'moved.db'}"
+    code, out, err = run_cli(["report", study.study_name, "--out", "moved", "--tracking-uri", moved],
+                             monkeypatch, capsys)
+    assert code == 0, err + out
+    study = optuna.load_study(study_name=study.study_name, storage=f"sqlite:///{workdir / 'optuna.db'}")
+    run = MlflowClient(moved).get_run(study.user_attrs[records.PARENT_RUN]).info
+    assert run.status == "FINISHED"
+    assert abs(run.start_time - first) < 1000 and abs(run.end_time - last) < 1000

@@ -29,7 +29,7 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _options(
-    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True,
+    version: Annotated[bool, typer.Option("--version", callback=_version, is_eager=True, metavar="",
                                           help="Print the version and exit.")] = False,
 ) -> None:
     """Loss ablations and Optuna searches for pocket -> ligand embedding alignment, tracked in MLflow."""
@@ -55,39 +55,40 @@ def default_of(field: str) -> str:
 
 StorageOpt = Annotated[
     str | None,
-    typer.Option("--storage", help="Optuna storage URL \\[default: $ABLATE_STORAGE or sqlite:///optuna.db]; "
-                 "postgresql://... for many machines."),
+    typer.Option("--storage", metavar="URL", help="Optuna storage URL \\[default: $ABLATE_STORAGE or "
+                 "sqlite:///optuna.db]; postgresql://... for many machines."),
 ]
 TrackingOpt = Annotated[
     str | None,
-    typer.Option("--tracking-uri", help="MLflow tracking URI \\[default: $MLFLOW_TRACKING_URI or "
+    typer.Option("--tracking-uri", metavar="URI", help="MLflow tracking URI \\[default: $MLFLOW_TRACKING_URI or "
                  "sqlite:///mlflow.db]; http://host:5000 for a tracking server."),
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", help="Override a field: KEY=VALUE, e.g. --set lr=5e-4 or "
-                 "--set experiments.infonce.temperature=0.1 (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a field, e.g. lr=5e-4 or model.dropout=0.1; in a "
+                 "suite, prefix KEY with experiments.NAME. for one experiment only (repeatable)."),
 ]
 JobsOpt = Annotated[
-    str, typer.Option("--jobs", "-j", help="Trials trained in parallel on this machine, one process each; "
+    str, typer.Option("--jobs", "-j", metavar="N", help="Trials trained in parallel on this machine, one process each; "
                       "auto: one per CUDA device, else one per CPU core (each on one thread); "
                       "0: only create the study, for remote workers.")
 ]
 ArrayOpt = Annotated[
-    str, typer.Option("--array", help="Compatible trials trained together as one array (each still its own "
-                      "trial and MLflow run); auto: the size that measures fastest on this device; 1: one at a time.")
+    str, typer.Option("--array", metavar="N", help="Compatible trials trained together as one array (each still "
+                      "its own trial and MLflow run); auto: the size that measures fastest on this device; "
+                      "1: one at a time.")
 ]
 KeepOpt = Annotated[
-    bool, typer.Option("--keep-checkpoints", help="Keep each finished trial's checkpoint in its MLflow run "
+    bool, typer.Option("--keep-checkpoints", metavar="", help="Keep each finished trial's checkpoint in its MLflow run "
                        "(by default only running and stopped trials keep one, to resume from).")
 ]
 DevicesOpt = Annotated[
     str | None,
-    typer.Option("--devices", help="Comma-separated devices, one worker process per device, "
+    typer.Option("--devices", metavar="DEVICES", help="Comma-separated devices, one worker process per device, "
                  "e.g. cuda:0,cuda:1; 'all' for every CUDA device."),
 ]
 HeartbeatOpt = Annotated[
-    int, typer.Option("--heartbeat", min=1, help="Seconds between worker heartbeats; a trial "
+    int, typer.Option("--heartbeat", min=1, metavar="SECONDS", help="Seconds between worker heartbeats; a trial "
                       "whose worker is silent for 3 heartbeats is failed and re-queued.")
 ]
 

@@ -8,6 +8,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from ablate import stores
@@ -35,12 +36,14 @@ def studies_list(storage: StorageOpt = None) -> None:
     from ablate import studies
 
     rows = studies.list_studies(studies.open_storage(storage))
-    table = Table(title=f"studies in {stores.mask_url(stores.resolve_storage(storage))}")
-    for col in ("name", "spec", "kind", "finished", "failed", "created"):
-        table.add_column(col, justify="right" if col in ("finished", "failed") else "left")
+    table = Table(title=f"studies in {stores.mask_url(stores.resolve_storage(storage))}", title_justify="left",
+                  box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False)
+    table.add_column("study (spec-hash)", overflow="fold")  # never cut: it is what the other commands take
+    for col in ("kind", "finished", "failed", "created"):
+        table.add_column(col, justify="right" if col in ("finished", "failed") else "left", no_wrap=True)
     for r in rows:
         created = time.strftime("%Y-%m-%d %H:%M", time.localtime(r["created"])) if r["created"] else ""
-        table.add_row(r["name"], r["spec"], r["kind"], f"{r['finished']}/{r['owed']}", str(r["failed"]), created)
+        table.add_row(r["name"], r["kind"], f"{r['finished']}/{r['owed']}", str(r["failed"]), created)
     console.print(table)
 
 
@@ -49,7 +52,7 @@ def studies_show(
     name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
     storage: StorageOpt = None,
 ) -> None:
-    """Trials, states, best parameters, importances, and the expected best value per budget."""
+    """A study's trials and why any stopped early, the best trial, importances, the expected best per budget."""
     from ablate.session import StudySession
 
     show_study(StudySession.open(name, stores_of(storage, None)))
@@ -60,8 +63,11 @@ def show_study(session: StudySession) -> SearchSummary:
     from ablate import render
 
     summary = session.summary()
-    for line in render.summary_lines(session.name, summary):
-        console.print(line)
+    if console.is_terminal:  # fits the terminal: lines word-wrap, the table is made for 80 columns
+        for item in render.summary_lines(session.name, summary):
+            console.print(item, soft_wrap=False)
+    else:  # a log: nothing is cut or wrapped
+        console.print(render.summary_markdown(session.name, summary), highlight=False)
     return summary
 
 
@@ -73,15 +79,22 @@ def studies_export(
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""
-    from ablate import render
+    from ablate import render, studyfiles
     from ablate.session import StudySession
 
     if format not in ("csv", "json"):
         raise AblateError(f"--format {format!r}: use csv or json")
+    if output is not None:  # checked before the study is read
+        if output.is_dir():
+            raise AblateError(f"--output {output}: that is a folder; give a file name, e.g. {output / 'trials.csv'}")
+        studyfiles.writable_folder(output.parent, f"--output {output}", create=False)
     session = StudySession.open(name, stores_of(storage, None))
     text = render.export(session.study, format)
     if output is None:
         sys.stdout.write(text)
-    else:
+        return
+    try:
         output.write_text(text)
-        console.print(f"wrote {output}")
+    except OSError as e:
+        raise AblateError(f"--output {output}: cannot write it ({e.strerror or e})") from None
+    console.print(f"wrote {output}")

@@ -12,10 +12,10 @@ from ablate import servers, stores
 from ablate.cli.app import StorageOpt, TrackingOpt, app, console, err_console
 from ablate.errors import AblateError
 
-HostOpt = Annotated[str, typer.Option(help="Interface to bind; 0.0.0.0 exposes it to the network, "
+HostOpt = Annotated[str, typer.Option(metavar="HOST", help="Interface to bind; 0.0.0.0 exposes it to the network, "
                                       "without authentication.")]
-PortOpt = Annotated[int, typer.Option(help="Port; 0 picks a free one.")]
-VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", help="Show the server's own log lines here "
+PortOpt = Annotated[int, typer.Option(metavar="PORT", help="Port; 0 picks a free one.")]
+VerboseOpt = Annotated[bool, typer.Option("--verbose", "-v", metavar="", help="Show the server's own log lines here "
                                           "instead of in a log file in the working folder (its path is printed).")]
 
 
@@ -51,7 +51,7 @@ def ui(
     port: PortOpt = 5000,
     verbose: VerboseOpt = False,
 ) -> None:
-    """Start the MLflow UI on the same store and print its URL once it answers (Ctrl-C stops it)."""
+    """Start the MLflow UI on the store that run-suite, tune and train log to; print its URL (Ctrl-C stops it)."""
     uri = stores.resolve_tracking_uri(tracking_uri)
     if uri.startswith(("http://", "https://")):
         console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
