@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import math
-import warnings
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
@@ -98,9 +97,7 @@ def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Se
     metric per experiment (the objective's final mean), so the charts stay readable."""
     for f in files:
         tracker.log_artifact(parent_run_id, f, "report")
-    with warnings.catch_warnings():  # MLflow's own use of pandas warns about a future pandas change
-        warnings.filterwarnings("ignore", message=".*select_dtypes.*")
-        tracker.client.log_table(parent_run_id, comparison_table(report), "comparison.json")
+    tracker.log_table(parent_run_id, comparison_table(report), "comparison.json")
     objective = report.spec.objective
     tracker.log_metrics(parent_run_id, {f"{e}/{objective}": report.row(e, objective).summary.mean
                                         for e in report.spec.experiments})

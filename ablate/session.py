@@ -8,6 +8,7 @@ processes open their own stores from the study's name (``worker.Context.open``).
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -15,7 +16,7 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from ablate import records, studies, trainer
+from ablate import records, stats, studies, trainer
 from ablate.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
 from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.devices import resolve_device
@@ -186,14 +187,29 @@ class StudySession:
 
         The run ends when the study's last trial did, not when this command (a report, a re-run) ends it.
         """
-        ctx = self.context()
-        if not end_parent_if_done(ctx):
-            return False
-        end = studies.span_ms(self.study)[1]
-        run = self.tracker.client.get_run(ctx.parent_run_id).info
-        if end is not None and run.end_time != end:
-            self.tracker.end_run(ctx.parent_run_id, run.status, end)
-        return True
+        return end_parent_if_done(self.context())
+
+    def seeds_to_add(self, target: float, max_seeds: int) -> tuple[list[int], str]:
+        """The seeds a suite adds next for every headline interval to reach ± ``target`` (none when they
+        all have, or at ``max_seeds``), and a sentence that says why. The rule looks at the intervals'
+        widths only, never at significance."""
+        spec = self.spec
+        if not isinstance(spec, SuiteSpec):
+            raise AblateError(f"{self.name} is a search: only a suite adds seeds")
+        comparisons = build_report(self.study, spec).headline()
+        n = len(spec.seeds)
+        widest = max((c.half_width for c in comparisons if math.isfinite(c.half_width)), default=float("nan"))
+        if stats.precise_enough(comparisons, target):
+            return [], f"{n} seeds: every {spec.objective} interval is within ± {target:g} (widest ± {widest:.4g})"
+        if n >= max_seeds:
+            return [], (f"{n} seeds (--max-seeds): the widest {spec.objective} interval is still ± {widest:.4g}, "
+                        f"not ± {target:g}")
+        # an interval's width shrinks about as 1 / sqrt(n): aim at the seeds the widest one needs
+        wanted = n + 1 if not math.isfinite(widest) else math.ceil(n * (widest / target) ** 2)
+        start = max(spec.seeds) + 1
+        added = list(range(start, start + min(max_seeds, max(n + 1, wanted)) - n))
+        return added, (f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
+                       f"adding seeds {added[0]}..{added[-1]}")
 
     def report(self, out: Path) -> tuple[SuiteReport, list[Path], bool]:
         """A suite's comparison, written to ``out/STUDY`` and published on the parent run.

@@ -14,7 +14,7 @@ import math
 import os
 import subprocess
 import time
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from pathlib import Path
@@ -26,8 +26,12 @@ from ablate.stores import mask_url, resolve_tracking_uri, split_credentials
 # MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
 # on machines without internet access; a run's tracking needs no telemetry.
 os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+# a progress bar per artifact download (a checkpoint to resume from) is noise in a terminal and a log
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARAM_VALUE_LIMIT = 6000
+_LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
+"""The run tag through which the MLflow UI finds table artifacts."""
 BATCH_LIMIT = 1000
 
 
@@ -130,6 +134,17 @@ class Tracker:
     def log_dict(self, run_id: str, obj: Any, artifact_file: str) -> None:
         """Store a JSON artifact."""
         self.client.log_dict(run_id, obj, artifact_file)
+
+    def log_table(self, run_id: str, columns: Mapping[str, Sequence[Any]], artifact_file: str) -> None:
+        """Store a table artifact the MLflow UI shows as a table, replacing any earlier one of that name
+        (``MlflowClient.log_table`` appends to it instead)."""
+        names = list(columns)
+        rows = [list(r) for r in zip(*(columns[n] for n in names), strict=True)]
+        self.client.log_dict(run_id, {"columns": names, "data": rows}, artifact_file)  # pandas' "split" layout
+        logged = json.loads(self.client.get_run(run_id).data.tags.get(_LOGGED_ARTIFACTS, "[]"))
+        entry = {"path": artifact_file, "type": "table"}
+        if entry not in logged:
+            self.client.set_tag(run_id, _LOGGED_ARTIFACTS, json.dumps([*logged, entry]))
 
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Store a file as an artifact."""

@@ -212,14 +212,17 @@ def _heartbeat(ctx: Context, numbers: list[int]) -> Iterator[None]:
 
 def end_parent_if_done(ctx: Context) -> bool:
     """End the MLflow parent run once no trial is waiting or running: FINISHED, or FAILED when the
-    study owes trials without a result; returns whether the study is done."""
+    study owes trials without a result, at the time the study's last trial ended; returns whether
+    the study is done."""
     trials = ctx.study.get_trials(deepcopy=False)
     if any(t.state in studies.OPEN for t in trials):
         return False
     finished = [t for t in trials if t.state in studies.FINISHED and not t.user_attrs.get(records.SKIPPED)]
     status = "FAILED" if ctx.spec.missing(finished) else "FINISHED"
-    if ctx.tracker.client.get_run(ctx.parent_run_id).info.status != status:
-        ctx.tracker.end_run(ctx.parent_run_id, status)
+    end = studies.span_ms(ctx.study)[1]  # the study's end, not the moment this worker noticed it
+    run = ctx.tracker.client.get_run(ctx.parent_run_id).info
+    if run.status != status or (end is not None and run.end_time != end):
+        ctx.tracker.end_run(ctx.parent_run_id, status, end)
     return True
 
 

@@ -4,6 +4,7 @@ one MLflow child run per trial under one parent, a report with honest statistics
 from __future__ import annotations
 
 import re
+import shutil
 
 import optuna
 import pytest
@@ -97,6 +98,13 @@ def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeyp
     assert code == 0, err
     assert (workdir / "reports" / study.study_name / "report.md").read_text() == report_md
     assert len(_child_runs(workdir, parent)) == 15
+    # Published four times, the table on the parent holds one comparison, not four appended.
+    again = workdir / "again"
+    table = json.loads(Path(client.download_artifacts(parent, "comparison.json", str(again))).read_text())
+    keys = [tuple(row[:3]) for row in table["data"]]
+    assert len(keys) == len(set(keys)) and ("infonce", "val/top1", "final") in keys
+    tables = json.loads(client.get_run(parent).data.tags["mlflow.loggedArtifacts"])
+    assert tables == [{"path": "comparison.json", "type": "table"}]
 
 
 @pytest.mark.slow
@@ -188,7 +196,7 @@ def test_until_precise_adds_seeds_in_rounds_up_to_the_maximum(workdir, monkeypat
 
 
 @pytest.mark.slow
-def test_the_parent_run_spans_the_study_not_the_command_that_ends_it(workdir, monkeypatch, capsys):
+def test_the_parent_run_spans_the_study_not_the_command_that_ends_it(workdir, monkeypatch, capsys, mlflow_template):
     import time
 
     code, out, err = run_cli([*SUITE, "--seeds", "0", "--epochs", "2", "--jobs", "1", "--array", "1"],
@@ -215,6 +223,7 @@ def test_the_parent_run_spans_the_study_not_the_command_that_ends_it(workdir, mo
 
     # A report into another MLflow store makes the parent run there: it starts and ends with the study.
     time.sleep(1)
+    shutil.copy(mlflow_template, workdir / "moved.db")
     moved = f"sqlite:///{workdir / 'moved.db'}"
     code, out, err = run_cli(["report", study.study_name, "--out", "moved", "--tracking-uri", moved],
                              monkeypatch, capsys)

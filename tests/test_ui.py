@@ -599,12 +599,13 @@ TUNE_ARGS = [
 
 
 @pytest.fixture(scope="module")
-def tuned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+def tuned(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
     """A folder with a three-trial search on the tiny data in its ./optuna.db."""
     from ablate.data import synthetic_pairs
 
     work = tmp_path_factory.mktemp("tune")
     synthetic_pairs(TINY).save(work / "pairs.npz")
+    shutil.copy(mlflow_template, work / "mlflow.db")
     done = subprocess.run(ablate_command(*TUNE_ARGS), cwd=work, env=_env(), capture_output=True, text=True,
                           timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

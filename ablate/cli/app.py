@@ -93,9 +93,10 @@ HeartbeatOpt = Annotated[
 ]
 
 
-def flag(text: str, field: str | None = None) -> Any:
-    """An option whose help shows the run field's default."""
-    return typer.Option(help=text + (f" \\[default: {default_of(field)}]" if field else "") + ".")
+def flag(text: str, field: str | None = None, metavar: str | None = None) -> Any:
+    """An option whose help shows the run field's default (its placeholder: N for a whole number, X otherwise)."""
+    shown = metavar or ("N" if field and default_of(field).lstrip("-").isdigit() else "X")
+    return typer.Option(metavar=shown, help=text + (f" \\[default: {default_of(field)}]" if field else "") + ".")
 
 
 def parse_devices(devices: str | None) -> list[str]:

@@ -74,8 +74,9 @@ def show_study(session: StudySession) -> SearchSummary:
 @studies_app.command("export")
 def studies_export(
     name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
-    format: Annotated[str, typer.Option("--format", help="csv or json.")] = "csv",
-    output: Annotated[Path | None, typer.Option("--output", "-o", help="File \\[default: stdout].")] = None,
+    format: Annotated[str, typer.Option("--format", metavar="FORMAT", help="csv or json.")] = "csv",
+    output: Annotated[Path | None, typer.Option("--output", "-o", metavar="FILE",
+                                                   help="File \\[default: stdout].")] = None,
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""

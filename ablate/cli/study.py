@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated
@@ -95,14 +94,19 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
         raise typer.Exit(130)
 
 
-@app.command("run-suite")
+@app.command("run-suite", help=(
+    "Run an ablation suite (experiments x seeds) and compare every experiment with the baseline.\n\n"
+    "Re-running the same command resumes: finished trials are not trained again. More seeds extend the same "
+    "study; with --until-precise they are added until the answer is as precise as asked (the rule looks at the "
+    "intervals' widths only, never at significance)."))
 def run_suite(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A study in studies/ (e.g. baseline-vs-multistage) "
                                         "or a .toml path.")],
-    seeds: Annotated[str | None, typer.Option(help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every experiment "
+    seeds: Annotated[str | None, typer.Option(metavar="SEEDS", help="Comma-separated seeds, e.g. 0,1,2,3,4.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, metavar="N", help="Epochs of every experiment "
                                                "(multi-stage boundaries keep their proportions).")] = None,
-    data: Annotated[str | None, typer.Option(help="Data file or 'synthetic' for every experiment.")] = None,
+    data: Annotated[str | None, typer.Option(metavar="FILE",
+                                             help="Data file or 'synthetic' for every experiment.")] = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -111,18 +115,14 @@ def run_suite(
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     keep_checkpoints: KeepOpt = False,
-    out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
+    out: Annotated[Path, typer.Option(metavar="FOLDER", help="Folder for report.md and the plots.")] = Path("reports"),
     until_precise: Annotated[float | None, typer.Option(
-        min=1e-12, help="Add seeds in rounds until every comparison with the baseline (the "
+        min=1e-12, metavar="X", help="Add seeds in rounds until every comparison with the baseline (the "
         "objective, final epoch) has a 95 % interval of at most ± this width.")] = None,
-    max_seeds: Annotated[int, typer.Option(min=2, help="With --until-precise: the most seeds per experiment.")] = 12,
+    max_seeds: Annotated[int, typer.Option(min=2, metavar="N",
+                                           help="With --until-precise: the most seeds per experiment.")] = 12,
 ) -> None:
-    """Run an ablation suite (experiments x seeds) and compare every experiment with the baseline.
-
-    Re-running the same command resumes: finished trials are not trained again. More seeds extend
-    the same study; with --until-precise they are added until the answer is as precise as asked
-    (the rule looks at the intervals' widths only, never at significance).
-    """
+    """Run an ablation suite (experiments x seeds) and compare every experiment with the baseline."""
     overrides = studyfiles.parse_overrides(set_ or [])
     if seeds is not None:
         overrides["seeds"] = parse_seeds(seeds)
@@ -140,7 +140,8 @@ def run_suite(
     if session is None:
         return
     while until_precise is not None:
-        more = _more_seeds(session, until_precise, max_seeds)
+        more, said = session.seeds_to_add(until_precise, max_seeds)
+        console.print(said)
         if not more:
             break
         grown = spec.model_copy(update={"seeds": [*spec.seeds, *more]})
@@ -149,34 +150,6 @@ def run_suite(
         session.attach(spec)
         _train(session, jobs=n_jobs, devices=devs, array=size, keep=keep_checkpoints)
     _report(session, out, finish=True)
-
-
-def _more_seeds(session: StudySession, target: float, max_seeds: int) -> list[int]:
-    """The seeds to add for the headline comparisons to reach ± target (none when precise or at the maximum)."""
-    from ablate.compare import build_report
-    from ablate.stats import precise_enough
-
-    spec = session.spec
-    assert isinstance(spec, designs.SuiteSpec)
-    report = build_report(session.study, spec)
-    comparisons = report.headline()
-    n = len(spec.seeds)
-    widest = max((c.half_width for c in comparisons if math.isfinite(c.half_width)), default=float("nan"))
-    if precise_enough(comparisons, target):
-        console.print(f"{n} seeds: every {spec.objective} interval is within ± {target:g} (widest ± {widest:.4g})")
-        return []
-    if n >= max_seeds:
-        console.print(f"{n} seeds (--max-seeds): the widest {spec.objective} interval is still ± {widest:.4g}, "
-                      f"not ± {target:g}")
-        return []
-    # an interval's width shrinks about as 1 / sqrt(n): aim at the seeds the widest one needs
-    wanted = n + 1 if not math.isfinite(widest) else math.ceil(n * (widest / target) ** 2)
-    count = min(max_seeds, max(n + 1, wanted)) - n
-    start = max(spec.seeds) + 1
-    added = list(range(start, start + count))
-    console.print(f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
-                  f"adding seeds {added[0]}..{added[-1]}")
-    return added
 
 
 def _report(session: StudySession, out: Path, finish: bool = False) -> None:
@@ -213,7 +186,7 @@ def report(
                                              "or the suite name for its newest run.")],
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
-    out: Annotated[Path, typer.Option(help="Folder for report.md and the plots.")] = Path("reports"),
+    out: Annotated[Path, typer.Option(metavar="FOLDER", help="Folder for report.md and the plots.")] = Path("reports"),
 ) -> None:
     """Re-create a suite's comparison from the stores, without training."""
     from ablate.session import StudySession
@@ -226,10 +199,10 @@ def report(
 def tune(
     name: Annotated[str, typer.Argument(metavar="NAME", help="A search in studies/ (temperature, batch, weights) "
                                         "or a .toml path.")],
-    n_trials: Annotated[int | None, typer.Option(min=1, help="Trial budget, counting earlier "
+    n_trials: Annotated[int | None, typer.Option(min=1, metavar="N", help="Trial budget, counting earlier "
                                                  "trials of the same study \\[default: the file's].")] = None,
-    epochs: Annotated[int | None, typer.Option(min=1, help="Epochs of every trial.")] = None,
-    data: Annotated[str | None, typer.Option(help="Data file or 'synthetic' for every trial.")] = None,
+    epochs: Annotated[int | None, typer.Option(min=1, metavar="N", help="Epochs of every trial.")] = None,
+    data: Annotated[str | None, typer.Option(metavar="FILE", help="Data file or 'synthetic' for every trial.")] = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -238,9 +211,10 @@ def tune(
     devices: DevicesOpt = None,
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,
     keep_checkpoints: KeepOpt = False,
-    confirm: Annotated[int, typer.Option(min=0, help="Re-train the top K configurations with "
+    confirm: Annotated[int, typer.Option(min=0, metavar="K", help="Re-train the top K configurations with "
                                          "fresh seeds and compare them (mean, CI).")] = 0,
-    out: Annotated[Path, typer.Option(help="Folder for the search's plots and the confirmation report.")]
+    out: Annotated[Path, typer.Option(metavar="FOLDER",
+                                      help="Folder for the search's plots and the confirmation report.")]
     = Path("reports"),
 ) -> None:
     """Run (or resume) an Optuna search; unstable runs are pruned early."""
@@ -277,7 +251,8 @@ def worker(
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
     devices: DevicesOpt = None,
-    jobs: Annotated[str, typer.Option("--jobs", "-j", help="Worker processes on this machine; auto: one per "
+    jobs: Annotated[str, typer.Option("--jobs", "-j", metavar="N",
+                                      help="Worker processes on this machine; auto: one per "
                                       "CUDA device, else one per CPU core.")] = "auto",
     array: ArrayOpt = "auto",
     heartbeat: HeartbeatOpt = stores.DEFAULT_HEARTBEAT_SECONDS,

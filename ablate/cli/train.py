@@ -36,12 +36,12 @@ _TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--epochs", "data.source": "--dat
 
 @app.command()
 def train(
-    loss_fn: Annotated[str, typer.Option("--loss-fn", help="mse | cosine | infonce | combined | "
+    loss_fn: Annotated[str, typer.Option("--loss-fn", metavar="LOSS", help="mse | cosine | infonce | combined | "
                                          "multistage | supcon")] = default_of("loss"),
     lr: Annotated[float | None, flag("Learning rate (multistage uses its stage rates)", "lr")] = None,
     batch_size: Annotated[int | None, flag("Pairs per forward pass", "batch_size")] = None,
     num_epochs: Annotated[int | None, typer.Option(
-        "--epochs", "--num-epochs",
+        "--epochs", "--num-epochs", metavar="N",
         help=f"Epochs (--num-epochs: the quick-start's name) \\[default: {default_of('epochs')}].")] = None,
     temperature: Annotated[float | None, flag("InfoNCE temperature", "temperature")] = None,
     alpha: Annotated[float | None, flag("Combined: InfoNCE weight", "alpha")] = None,
@@ -50,15 +50,18 @@ def train(
     stage1_epochs: Annotated[int | None, flag("Multistage: MSE warm-up epochs", "stage1_epochs")] = None,
     stage2_epochs: Annotated[int | None, flag("Multistage: InfoNCE epochs", "stage2_epochs")] = None,
     data: Annotated[str | None, flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
-                                      "or 'synthetic' (the built-in benchmark)", "data.source")] = None,
+                                      "or 'synthetic' (the built-in benchmark)", "data.source", "FILE")] = None,
     seed: Annotated[int | None, flag("Seed of initialisation and batch order", "seed")] = None,
-    device: Annotated[str | None, flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device")] = None,
-    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", help="Mixed precision \\[default: on for CUDA]")] = None,
+    device: Annotated[str | None, flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device",
+                                       "DEVICE")] = None,
+    amp: Annotated[bool | None, typer.Option("--amp/--no-amp", metavar="",
+                                             help="Mixed precision \\[default: on for CUDA]")] = None,
     accumulation_steps: Annotated[int | None, flag("Micro-batches per optimizer step (GradCache for "
                                                     "contrastive losses)", "accumulation_steps")] = None,
-    experiment_name: Annotated[str, typer.Option(help="MLflow experiment.")] = specs.DEFAULT_EXPERIMENT,
+    experiment_name: Annotated[str, typer.Option(metavar="NAME", help="MLflow experiment.")] = specs.DEFAULT_EXPERIMENT,
     tracking_uri: TrackingOpt = None,
-    save_best: Annotated[Path | None, typer.Option(help="Write the best epoch's model state here.")] = None,
+    save_best: Annotated[Path | None, typer.Option(metavar="FILE",
+                                                   help="Write the best epoch's model state here.")] = None,
     set_: SetOpt = None,
 ) -> None:
     """Train one model and log it to MLflow (the quick-start's experiments, one at a time)."""
