@@ -338,12 +338,15 @@ class MemberLosses(nn.Module):
         self.masking = list(mask_shared_ligands)
         self.current: list[nn.Module] = list(criteria)
         self.stages: list[str | None] = [None] * len(criteria)
+        self._plans: dict[tuple[torch.device, torch.dtype], dict[str, Any]] = {}
+        """Per device and dtype, the tensors ``forward`` needs that change only with the members' losses."""
 
     def set_epoch(self, epoch: int) -> list[str | None]:
         """Switch each member to its loss for ``epoch``; returns each member's stage name (None without stages)."""
         for k, criterion in enumerate(self.criteria):
             if isinstance(criterion, MultiStageScheduler):
                 self.current[k], self.stages[k] = criterion.get_loss(epoch)
+        self._plans = {}
         return list(self.stages)
 
     def keep(self, members: list[int]) -> None:
@@ -352,6 +355,7 @@ class MemberLosses(nn.Module):
         self.masking = [self.masking[k] for k in members]
         self.current = [self.current[k] for k in members]
         self.stages = [self.stages[k] for k in members]
+        self._plans = {}
 
     def contrastive(self, k: int) -> bool:
         """Whether member k's loss this epoch depends on the rest of its batch."""
@@ -378,41 +382,65 @@ class MemberLosses(nn.Module):
     def forward(self, pred: Tensor, target: Tensor, ligand_ids: Tensor | None = None
                 ) -> tuple[Tensor, dict[str, Tensor]]:
         """Each member's loss [K] and the unweighted parts [K] of the combined ones (NaN for the others)."""
-        k_members = len(self.current)
         dtype = _upcast(pred).dtype
-        weights = torch.tensor([_weights(c) for c in self.current], dtype=dtype, device=pred.device)  # [K, 3]
+        plan = self._plan(pred.device, dtype)
+        weights, zero = plan["weights"], plan["zero"]
         parts: dict[str, Tensor] = {}
-        if bool((weights[:, 0] > 0).any()):
-            infonces = [_infonce_of(c) or _UNIT for c in self.current]
-            scales = torch.stack([(c._scale() if c.learnable else torch.tensor(1.0 / c.temperature_value))
-                                  .to(pred.device, dtype) for c in infonces])
-            symmetric = torch.tensor([c.symmetric for c in infonces], device=pred.device)
+        if plan["infonce"]:
+            infonces = plan["infonces"]
+            scales = plan["scales"]
+            if plan["learnable"]:  # a learnable temperature changes every step
+                scales = torch.stack([(c._scale() if c.learnable else torch.tensor(1.0 / c.temperature_value))
+                                      .to(pred.device, dtype) for c in infonces])
             mask = None
             if ligand_ids is not None:
-                on = torch.tensor([self.masks(k) for k in range(k_members)], device=pred.device)
-                mask = shared_ligand_mask(ligand_ids) & on[:, None, None]
-            parts["infonce"] = info_nce(pred, target, scales, mask, symmetric)
-        if bool((weights[:, 1] > 0).any()):
+                mask = shared_ligand_mask(ligand_ids) & plan["on"][:, None, None]
+            parts["infonce"] = info_nce(pred, target, scales, mask, plan["symmetric"])
+        if plan["cosine"]:
             parts["cosine"] = cosine(pred, target)
-        if bool((weights[:, 2] > 0).any()):
+        if plan["mse"]:
             parts["mse"] = mse(pred, target)
-        zero = torch.zeros(k_members, dtype=dtype, device=pred.device)
         loss = zero
         for j, name in enumerate(("infonce", "cosine", "mse")):
             if name in parts:
                 w = weights[:, j]
                 loss = loss + torch.where(w > 0, w * parts[name], zero)
-        supcon = [k for k, c in enumerate(self.current) if isinstance(c, SupervisedContrastiveLoss)]
-        if supcon:
+        if plan["supcon"]:
             values = list(loss.unbind())
-            for k in supcon:
+            for k in plan["supcon"]:
                 ids = None if ligand_ids is None or not self.masks(k) else ligand_ids[k]
                 values[k] = self.current[k](pred[k], target[k], ids)
             loss = torch.stack(values)
-        logged = torch.tensor([self.logs_components(k) for k in range(k_members)], device=pred.device)
-        nan = torch.full_like(zero, float("nan"))
+        logged, nan = plan["logged"], plan["nan"]
         components = {name: torch.where(logged, v.detach(), nan) for name, v in parts.items()}
         return loss, components
+
+    def _plan(self, device: torch.device, dtype: torch.dtype) -> dict[str, Any]:
+        """The members' weights, temperatures and flags as tensors, made once per epoch (not per step)."""
+        key = (device, dtype)
+        if key not in self._plans:
+            k_members = len(self.current)
+            raw = [_weights(c) for c in self.current]
+            infonces = [_infonce_of(c) or _UNIT for c in self.current]
+            learnable = any(c.learnable for c in infonces)
+            zero = torch.zeros(k_members, dtype=dtype, device=device)
+            self._plans[key] = {
+                "weights": torch.tensor(raw, dtype=dtype, device=device),  # [K, 3]
+                "infonce": any(w[0] > 0 for w in raw),
+                "cosine": any(w[1] > 0 for w in raw),
+                "mse": any(w[2] > 0 for w in raw),
+                "infonces": infonces,
+                "learnable": learnable,
+                "scales": None if learnable else torch.stack(
+                    [torch.tensor(1.0 / c.temperature_value).to(device, dtype) for c in infonces]),
+                "symmetric": torch.tensor([c.symmetric for c in infonces], device=device),
+                "on": torch.tensor([self.masks(k) for k in range(k_members)], device=device),
+                "supcon": [k for k, c in enumerate(self.current) if isinstance(c, SupervisedContrastiveLoss)],
+                "logged": torch.tensor([self.logs_components(k) for k in range(k_members)], device=device),
+                "zero": zero,
+                "nan": torch.full_like(zero, float("nan")),
+            }
+        return self._plans[key]
 
 
 _UNIT = InfoNCELoss(1.0)

@@ -130,6 +130,8 @@ class MemberModels:
             return self._stacked(x)
         if self.fusion == "vmap":
             return self._vmapped(x)
+        if len(self.modules) == 1:
+            return self.modules[0](x[0]).unsqueeze(0)
         return torch.stack([m(xk) for m, xk in zip(self.modules, x.unbind(0), strict=True)])
 
     def _stacked(self, x: Tensor) -> Tensor:

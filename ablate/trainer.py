@@ -136,11 +136,9 @@ class Member:
         self.generator = torch.Generator().manual_seed(spec.seed)
         self.best = Best(spec.select_metric)
         self.stopped = False
-
-    @property
-    def params(self) -> list[nn.Parameter]:
+        self.params: list[nn.Parameter] = [
+            p for p in [*self.model.parameters(), *self.criterion.parameters()] if p.requires_grad]
         """Every trained parameter of the member: its model's, then its loss's (a learnable temperature)."""
-        return [p for p in [*self.model.parameters(), *self.criterion.parameters()] if p.requires_grad]
 
 
 class Trainer:
@@ -189,14 +187,16 @@ class Trainer:
         self.amp = amp_for(self.device, lead.amp)
         if self.amp.scaler is not None and len(runs) > 1:
             raise ValueError("float16 with a gradient scaler skips steps for the whole array: train such runs alone")
-        groups = []
+        self._sets: list[tuple[int, list[nn.Parameter], float]] = []
+        """What the optimizer's groups are made of: (member index, parameters, weight decay)."""
         for m in self.members:
-            groups.append({"params": list(m.model.parameters()), "weight_decay": m.spec.weight_decay,
-                           "member": m.index})
+            self._sets.append((m.index, list(m.model.parameters()), m.spec.weight_decay))
             extra = [p for p in m.criterion.parameters() if p.requires_grad]
             if extra:
-                groups.append({"params": extra, "weight_decay": 0.0, "member": m.index})
-        self.optimizer = adamw(groups, lead.lr, self.device)
+                self._sets.append((m.index, extra, 0.0))
+        self._grouping: tuple[tuple[int, ...], ...] = ()
+        self._owners: tuple[tuple[int, ...], Tensor] = ((), torch.zeros(0))
+        self.optimizer = adamw([{"params": [p for _, ps, _ in self._sets for p in ps]}], lead.lr, self.device)
         self.train_unit = F.normalize(self.train.ligand, dim=1)
         self.floors: dict[str, float] = {}
         """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...), known after an epoch."""
@@ -279,10 +279,10 @@ class Trainer:
         if len(keep) == len(self.members):
             return
         gone = {m.index for m in self.members if m.stopped}
-        dropped = [p for g in self.optimizer.param_groups if g["member"] in gone for p in g["params"]]
-        self.optimizer.param_groups = [g for g in self.optimizer.param_groups if g["member"] not in gone]
-        for p in dropped:
+        for p in (p for index, ps, _ in self._sets if index in gone for p in ps):
             self.optimizer.state.pop(p, None)
+        self._sets = [entry for entry in self._sets if entry[0] not in gone]
+        self._regroup({m.index: 0.0 for m in self.members if not m.stopped})  # the next epoch sets the rates
         self.members = [self.members[k] for k in keep]
         self.models.keep(keep)
         self.losses.keep(keep)
@@ -298,10 +298,25 @@ class Trainer:
                 span = max(1, s.epochs - s.warmup_epochs)
                 factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
             lrs.append(self.losses.lr(k, s.lr) * factor)
-        by_member = {m.index: lr for m, lr in zip(self.members, lrs, strict=True)}
-        for group in self.optimizer.param_groups:
-            group["lr"] = by_member[group["member"]]
+        self._regroup({m.index: lr for m, lr in zip(self.members, lrs, strict=True)})
         return lrs
+
+    def _regroup(self, lr_of: dict[int, float]) -> None:
+        """One optimizer group per distinct (learning rate, weight decay) among the members, so fused
+        AdamW runs once per group rather than once per member; every parameter's update is the same."""
+        keyed: dict[tuple[float, float], list[int]] = {}
+        for i, (index, _, wd) in enumerate(self._sets):
+            keyed.setdefault((lr_of[index], wd), []).append(i)
+        grouping = tuple(tuple(v) for v in keyed.values())
+        if grouping == self._grouping:
+            for group, (lr, _) in zip(self.optimizer.param_groups, keyed, strict=True):
+                group["lr"] = lr
+            return
+        defaults = self.optimizer.defaults
+        self.optimizer.param_groups = [
+            {**defaults, "params": [p for i in sets for p in self._sets[i][1]], "lr": lr, "weight_decay": wd}
+            for (lr, wd), sets in keyed.items()]
+        self._grouping = grouping
 
     # ---------------------------------------------------------------- training
 
@@ -374,9 +389,12 @@ class Trainer:
         by_member = [[p.grad for p in m.params if p.grad is not None] for m in self.members]
         grads = [g for mine in by_member for g in mine]
         per_tensor = torch.stack(torch._foreach_norm(grads))
-        owners = torch.tensor([k for k, mine in enumerate(by_member) for _ in mine], device=per_tensor.device)
+        counts = tuple(len(mine) for mine in by_member)
+        if counts != self._owners[0]:  # which member each gradient belongs to, kept while it holds
+            self._owners = counts, torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(
+                per_tensor.device)
         total = torch.zeros(len(by_member), dtype=per_tensor.dtype, device=per_tensor.device)
-        total = total.index_add_(0, owners, per_tensor.pow(2)).sqrt()
+        total = total.index_add_(0, self._owners[1], per_tensor.pow(2)).sqrt()
         for k, m in enumerate(self.members):
             if m.spec.grad_clip is not None and by_member[k]:
                 coef = torch.clamp(m.spec.grad_clip / (total[k] + 1e-6), max=1.0)
