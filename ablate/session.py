@@ -204,10 +204,12 @@ class StudySession:
         if n >= max_seeds:
             return [], (f"{n} seeds (--max-seeds): the widest {spec.objective} interval is still ± {widest:.4g}, "
                         f"not ± {target:g}")
-        # an interval's width shrinks about as 1 / sqrt(n): aim at the seeds the widest one needs
-        wanted = n + 1 if not math.isfinite(widest) else math.ceil(n * (widest / target) ** 2)
+        # aim at what the widest interval needs at its current spread, but at most double the seeds per
+        # round: a spread read from few seeds is itself uncertain, and the next round measures it again
+        wanted = max((stats.seeds_for_half_width(c.half_width, c.n, target, most=max_seeds) for c in comparisons
+                      if math.isfinite(c.half_width)), default=n + 1)
         start = max(spec.seeds) + 1
-        added = list(range(start, start + min(max_seeds, max(n + 1, wanted)) - n))
+        added = list(range(start, start + min(max_seeds, 2 * n, max(n + 1, wanted)) - n))
         return added, (f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
                        f"adding seeds {added[0]}..{added[-1]}")
 

@@ -313,3 +313,24 @@ def precise_enough(comparisons: Sequence[Comparison], target: float) -> bool:
     below 5 %. A NaN half-width (n < 2, zero spread) is not precise; an empty sequence is (nothing to measure).
     """
     return all(math.isfinite(c.half_width) and c.half_width <= target for c in comparisons)
+
+
+def seeds_for_half_width(half_width: float, n: int, target: float, confidence: float = 0.95,
+                         most: int = 10_000) -> int:
+    """The seeds a t interval of ``half_width`` at ``n`` seeds needs to narrow to ``target``, at the same spread.
+
+    The spread is read back from the interval (sd = half_width * sqrt(n) / t(n-1)); the answer is the smallest
+    m with t(m-1) * sd / sqrt(m) <= target, so it counts that the t quantile, not only 1/sqrt(m), shrinks.
+    ``n`` when already there; ``most`` caps it (also for a NaN half-width, which says nothing)."""
+    if not math.isfinite(half_width) or n < 2:
+        return most
+    if half_width <= target:
+        return n
+    from scipy import stats as sps  # imported on use: it takes seconds
+
+    q = 0.5 + confidence / 2
+    sd = half_width * math.sqrt(n) / float(sps.t.ppf(q, n - 1))
+    m = n + 1
+    while m < most and float(sps.t.ppf(q, m - 1)) * sd / math.sqrt(m) > target:
+        m += 1
+    return m

@@ -18,6 +18,7 @@ from ablate.stats import (
     precise_enough,
     relative_change,
     sd_for_power,
+    seeds_for_half_width,
     seeds_for_power,
     summarize,
     t_test_power,
@@ -250,3 +251,17 @@ def test_precise_enough_looks_at_half_widths_only():
     assert precise_enough([narrow_null, wide_significant], target=0.25)
     assert not precise_enough([_comparison(float("nan"), float("nan"), float("nan"))], target=1e9)
     assert precise_enough([], target=0.01)
+
+
+def test_seeds_for_half_width_counts_the_t_quantile_shrinking_too():
+    from scipy import stats as sps
+
+    # sd 1 at 3 seeds: half-width t(0.975, 2) / sqrt(3) = 2.484; +/- 0.5 needs 18 seeds
+    # (t(0.975, 17) / sqrt(18) = 0.497, t(0.975, 16) / sqrt(17) = 0.514), where 1 / sqrt(n) alone says 75
+    hw = float(sps.t.ppf(0.975, 2)) / math.sqrt(3)
+    assert seeds_for_half_width(hw, 3, 0.5) == 18
+    assert math.ceil(3 * (hw / 0.5) ** 2) == 75
+    assert seeds_for_half_width(0.4, 6, 0.5) == 6  # already there
+    assert seeds_for_half_width(hw, 3, 1e-6, most=12) == 12  # capped
+    assert seeds_for_half_width(float("nan"), 3, 0.5, most=12) == 12
+
