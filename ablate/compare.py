@@ -296,7 +296,7 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
         best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0)
     finished = [r.value for r in rows if r.state in ("COMPLETE", "PRUNED") and r.value is not None]
     return SearchSummary(
-        metric, rows, studies.counts(study), best, _importances(study),
+        metric, rows, studies.counts(study), best, _importances(study) if spec.searches else {},
         stats.expected_max([v for v in finished if v is not None], maximize), waiting,
     )
 

@@ -87,6 +87,11 @@ class StudyDesign(_Strict):
         return "final"
 
     @property
+    def searches(self) -> bool:
+        """Whether the trials sample a space of parameters (so parameter importances mean something)."""
+        return False
+
+    @property
     def report_interval(self) -> int | None:
         """Trials report their objective to Optuna every this many epochs (None: never)."""
         return None
@@ -324,6 +329,11 @@ class SearchSpec(StudyDesign):
         """The objective at each trial's best epoch (early stopping) or at its last one."""
         return self.objective_at
 
+
+    @property
+    def searches(self) -> bool:
+        """A search samples its space."""
+        return True
     @property
     def report_interval(self) -> int | None:
         """Every ``pruner.interval_steps`` epochs (also with pruning off: ``studies show`` reads them)."""
