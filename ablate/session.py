@@ -112,8 +112,12 @@ class StudySession:
 
     @functools.cached_property
     def experiment_id(self) -> str:
-        """The study's MLflow experiment (named after its spec), created on first use."""
-        return self.tracker.experiment_id(self.spec.name)
+        """The study's MLflow experiment (named after its spec), created on first use; a suite's gets the
+        view that groups its runs by experiment."""
+        exp = self.tracker.experiment_id(self.spec.name)
+        if not self.spec.searches:
+            self.tracker.share_grouped_view(exp)
+        return exp
 
     @property
     def parent_run_id(self) -> str:
@@ -210,8 +214,9 @@ class StudySession:
                       if math.isfinite(c.half_width)), default=n + 1)
         start = max(spec.seeds) + 1
         added = list(range(start, start + min(max_seeds, 2 * n, max(n + 1, wanted)) - n))
+        which = f"seed {added[0]}" if len(added) == 1 else f"seeds {added[0]}..{added[-1]}"
         return added, (f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
-                       f"adding seeds {added[0]}..{added[-1]}")
+                       f"adding {which}")
 
     def report(self, out: Path) -> tuple[SuiteReport, list[Path], bool]:
         """A suite's comparison, written to ``out/STUDY`` and published on the parent run.

@@ -30,6 +30,9 @@ os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 
 PARAM_VALUE_LIMIT = 6000
+GROUPED_VIEW = "ablate-by-experiment"
+"""The key of the shared MLflow UI view of a suite's runs grouped by experiment."""
+_GROUPED_VIEW_TAG = f"mlflow.sharedViewState.{GROUPED_VIEW}"
 _LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 """The run tag through which the MLflow UI finds table artifacts."""
 BATCH_LIMIT = 1000
@@ -86,9 +89,17 @@ class Tracker:
                 f"cannot reach the MLflow store {self.shown_uri}: {mask_url(str(e)).splitlines()[0]}"
             ) from None
 
-    def experiments(self) -> list[tuple[str, str]]:
-        """(name, id) of every experiment in the store."""
-        return [(e.name, str(e.experiment_id)) for e in self.client.search_experiments()]
+    def experiments(self) -> list[tuple[str, str, bool]]:
+        """(name, id, whether it has the grouped view) of every experiment in the store."""
+        return [(e.name, str(e.experiment_id), _GROUPED_VIEW_TAG in e.tags) for e in self.client.search_experiments()]
+
+    def share_grouped_view(self, experiment_id: str) -> None:
+        """Keep in the experiment the MLflow UI view that groups its runs by the ``ablate.experiment`` tag (each
+        experiment one line, the mean over seeds, with its band); ``grouped_url`` opens it."""
+        exp = self.client.get_experiment(experiment_id)
+        if _GROUPED_VIEW_TAG not in exp.tags:
+            self.client.set_experiment_tag(experiment_id, _GROUPED_VIEW_TAG, json.dumps({"groupBy": {
+                "aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.experiment"}]}}))
 
     def start_run(
         self,
@@ -466,6 +477,11 @@ def git_commit(path: str | Path = ".") -> str | None:
 def runs_url(base: str, experiment_id: str) -> str:
     """The MLflow UI page of an experiment's runs table (MLflow 3 opens its GenAI view otherwise)."""
     return f"{base}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def grouped_url(base: str, experiment_id: str) -> str:
+    """The MLflow UI's charts of a suite's runs grouped by experiment (the view ``share_grouped_view`` keeps)."""
+    return f"{runs_url(base, experiment_id)}&viewStateShareKey={GROUPED_VIEW}&compareRunsMode=CHART"
 
 
 def ui_hint(uri: str) -> str:

@@ -393,7 +393,7 @@ def test_an_existing_store_in_a_read_only_folder_can_still_be_read(tmp_path, mak
     with pytest.raises(AblateError, match="cannot write in its folder"):
         Tracker(uri)
     reader = Tracker(uri, writable=False)
-    assert "kept" in [name for name, _ in reader.experiments()]
+    assert "kept" in [name for name, _, _ in reader.experiments()]
 
 
 def test_a_fresh_sqlite_store_opens_and_leaves_only_its_own_files(tmp_path, retries):

@@ -561,13 +561,11 @@ def test_ui_groups_the_suites_runs_by_experiment_with_per_epoch_charts(suite_ui:
     with one line per group (its mean over seeds; here the one seed's values in the store)."""
     s = suite_ui
     # MLflow 3 keeps "group by" in the page's view state, not in its URL; a shared view (what its Share
-    # button makes) is that state in an experiment tag, opened by its key.
-    group_by = {"aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.experiment"}]}
-    key = "ablate-by-experiment"
-    s.client.set_experiment_tag(s.experiment.experiment_id, f"mlflow.sharedViewState.{key}",
-                                json.dumps({"groupBy": group_by}))
-    browser.open(f"{s.base}/#/experiments/{s.experiment.experiment_id}/runs?viewStateShareKey={key}"
-                 f"&compareRunsMode=CHART&{ML_VIEW}")
+    # button makes) is that state in an experiment tag, opened by its key. The suite keeps one, and
+    # `ablate ui` prints the link that opens it.
+    (link,) = re.findall(r"grouped by experiment: (\S+)", s.ui_log.read_text())
+    assert link.startswith(f"{s.base}/#/experiments/{s.experiment.experiment_id}/runs?")
+    browser.open(link)
     groups = browser.wait(GROUPS, len(EXPERIMENTS), what="five groups, one per experiment")
     assert sorted(groups) == sorted(EXPERIMENTS)
 

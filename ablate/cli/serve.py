@@ -59,13 +59,15 @@ def ui(
     port, base, log = _prepare("the MLflow UI", uri, host, port, "mlflow-ui.log", verbose)
     command, env = servers.mlflow_command(host, port), servers.mlflow_env(uri)
     with servers.running("the MLflow UI", command, env, log) as server:
-        from ablate.tracking import Tracker, runs_url  # imported while the server starts
+        from ablate.tracking import Tracker, grouped_url, runs_url  # imported while the server starts
 
         servers.wait_ready(server, f"{base}/health", lambda body: body.strip() == b"OK")
         experiments = Tracker(uri).experiments()
         console.print(f"MLflow UI: {base} (Ctrl-C stops it)")
-        for name, exp_id in experiments:
+        for name, exp_id, grouped in experiments:
             console.print(f"  {name}: {runs_url(base, exp_id)}")
+            if grouped:
+                console.print(f"    grouped by experiment: {grouped_url(base, exp_id)}")
         servers.serve(server)
     console.print("MLflow UI stopped")
 
