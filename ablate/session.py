@@ -16,12 +16,10 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from ablate import records, stats, studies, trainer
+from ablate import records, stats, studies
 from ablate.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
 from ablate.designs import SearchSpec, StudySpec, SuiteSpec
-from ablate.devices import resolve_device
 from ablate.errors import AblateError
-from ablate.launch import execute
 from ablate.publish import cached_report, publish, search_report, write_report
 from ablate.stores import Stores, storage_exists
 from ablate.studyfiles import safe_folder, spec_document
@@ -65,6 +63,8 @@ class StudySession:
               devices: Sequence[str] = ()) -> StudySession:
         """Create or resume the study; every input is checked first unless the study has nothing left to train."""
         for device in devices:
+            from ablate.devices import resolve_device  # torch loads where a command trains
+
             resolve_device(device)
         session = cls(stores)
         # A new store is created only after every check: a mistake leaves no file behind. An existing
@@ -177,6 +177,8 @@ class StudySession:
         self.trained = True
         self.tracker.set_status(self.parent_run_id, "RUNNING")
         try:
+            from ablate.launch import execute
+
             finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event,
                                spawn_after=spawn_after, array=array, keep_checkpoints=keep_checkpoints)
         except BaseException:
@@ -273,6 +275,8 @@ def preflight(spec: StudySpec) -> None:
     """Every run of the study checked (data, batch, device, model) before any trial starts."""
     for label, run in spec.preflight_runs():
         try:
+            from ablate import trainer
+
             trainer.check(run)
         except AblateError as e:
             raise AblateError(f"{spec.name}: {label}: {e}") from None

@@ -13,22 +13,24 @@ import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import checkpoints, records, stability, studies
+from ablate import records, stability, studies
 from ablate.designs import StudySpec
 from ablate.errors import AblateError
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
-from ablate.runs import EpochHook, RunOutcome, train_and_log_members
 from ablate.specs import RunSpec, better
 from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
 from ablate.tracking import Tracker
-from ablate.trainer import Best, EpochResult, Trainer
+
+if TYPE_CHECKING:  # the trainer (and torch) load only where a trial trains: `studies show` needs neither
+    from ablate.runs import EpochHook, RunOutcome
+    from ablate.trainer import Best, EpochResult
 
 OnEvent = Callable[[Event], None]
 
@@ -301,6 +303,9 @@ class _Objective:
                     end(k, "FAIL", reason)
 
         try:
+            from ablate.runs import train_and_log_members
+            from ablate.trainer import Trainer
+
             trainer = Trainer.from_spec(runs)
             resume = self._resume(trials)
             if trainer.fallback:
@@ -337,6 +342,8 @@ class _Objective:
         for k, t in enumerate(trials):
             run_id = t.user_attrs.get(records.RUN_ID)
             if run_id and t.user_attrs.get(records.CHECKPOINT) is not None:
+                from ablate import checkpoints
+
                 state = checkpoints.load(self.ctx.tracker, str(run_id))
                 if state is not None:
                     out[k] = (str(run_id), state)
