@@ -27,6 +27,8 @@ from ablate.stores import Stores
 from ablate.worker import Context, OnEvent, work
 
 SPAWN_AFTER_SECONDS = 3.0
+WORK_FOR_ALL = 1000
+"""Trial-epochs queued from which every worker process starts at once (seconds of work even for the smallest head)."""
 """With --jobs auto, more worker processes start only once this process has trained for this long with
 trials still waiting: starting one costs seconds (it imports torch and MLflow), more than a small study."""
 
@@ -222,13 +224,14 @@ class Plan:
     spawn_after: float = 0.0
 
 
-def plan(jobs: int | None, devices: Sequence[str], pending: int) -> Plan:
-    """The plan for ``jobs`` (None: auto) workers and ``pending`` trials.
+def plan(jobs: int | None, devices: Sequence[str], pending: int, epochs: int = 0) -> Plan:
+    """The plan for ``jobs`` (None: auto) workers and ``pending`` trials of up to ``epochs`` epochs.
 
     Auto is one worker per CUDA device where there are any, else one per CPU this process may use
     (each on one thread): projection heads are too small for a second intra-op thread to pay, and
     workers on separate trials scale almost linearly. Never more workers than trials; on the CPU the
-    extra processes start only if the study lasts longer than SPAWN_AFTER_SECONDS.
+    extra processes start at once when the queue holds at least WORK_FOR_ALL trial-epochs, else only
+    if the study lasts longer than SPAWN_AFTER_SECONDS (a short command pays for one process).
     """
     devs = list(devices)
     if devs:
@@ -241,4 +244,4 @@ def plan(jobs: int | None, devices: Sequence[str], pending: int) -> Plan:
         cuda = [f"cuda:{i}" for i in range(torch.cuda.device_count())][: max(1, pending)]
         return Plan(len(cuda), cuda, cpu_share(len(cuda)))
     n = 1 if torch.backends.mps.is_available() else min(available_cpus(), max(1, pending))
-    return Plan(n, [], cpu_share(n), SPAWN_AFTER_SECONDS if n > 1 else 0.0)
+    return Plan(n, [], cpu_share(n), SPAWN_AFTER_SECONDS if n > 1 and pending * epochs < WORK_FOR_ALL else 0.0)

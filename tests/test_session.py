@@ -58,3 +58,17 @@ def test_run_suite_report_and_tune_confirm_open_each_store_once(workdir, monkeyp
     code, out, err = run_cli(["studies", "show", "weights"], monkeypatch, capsys)
     assert code == 0, err + out
     assert opened == {"storage": 1}  # showing a study never needs MLflow
+
+
+def test_auto_jobs_start_every_worker_at_once_only_when_the_queue_holds_real_work():
+    from ablate.devices import available_cpus
+    from ablate.launch import SPAWN_AFTER_SECONDS, plan
+
+    if available_cpus() < 2:
+        pytest.skip("needs 2 CPUs")
+    suite = plan(None, [], pending=15, epochs=300)  # the README suite: minutes of work
+    assert suite.workers == 2 and suite.spawn_after == 0.0
+    quick = plan(None, [], pending=4, epochs=3)  # seconds: a second process would cost more than it saves
+    assert quick.workers == 2 and quick.spawn_after == SPAWN_AFTER_SECONDS
+    assert plan(None, [], pending=1, epochs=300).workers == 1
+    assert plan(2, [], pending=15, epochs=300).spawn_after == 0.0  # an explicit --jobs starts all at once
