@@ -27,10 +27,10 @@ from ablate.stores import Stores
 from ablate.worker import Context, OnEvent, work
 
 SPAWN_AFTER_SECONDS = 3.0
-WORK_FOR_ALL = 1000
-"""Trial-epochs queued from which every worker process starts at once (seconds of work even for the smallest head)."""
 """With --jobs auto, more worker processes start only once this process has trained for this long with
 trials still waiting: starting one costs seconds (it imports torch and MLflow), more than a small study."""
+WORK_FOR_ALL = 1000
+"""Trial-epochs queued from which every worker process starts at once (seconds of work even for the smallest head)."""
 
 
 def execute(

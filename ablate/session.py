@@ -205,17 +205,14 @@ class StudySession:
         comparisons = build_report(self.study, spec).headline()
         n = len(spec.seeds)
         widest = max((c.half_width for c in comparisons if math.isfinite(c.half_width)), default=float("nan"))
-        if stats.precise_enough(comparisons, target):
+        more = stats.next_seed_count(comparisons, n, target, max_seeds) - n
+        if more == 0 and stats.precise_enough(comparisons, target):
             return [], f"{n} seeds: every {spec.objective} interval is within ± {target:g} (widest ± {widest:.4g})"
-        if n >= max_seeds:
+        if more == 0:
             return [], (f"{n} seeds (--max-seeds): the widest {spec.objective} interval is still ± {widest:.4g}, "
                         f"not ± {target:g}")
-        # aim at what the widest interval needs at its current spread, but at most double the seeds per
-        # round: a spread read from few seeds is itself uncertain, and the next round measures it again
-        wanted = max((stats.seeds_for_half_width(c.half_width, c.n, target, most=max_seeds) for c in comparisons
-                      if math.isfinite(c.half_width)), default=n + 1)
         start = max(spec.seeds) + 1
-        added = list(range(start, start + min(max_seeds, 2 * n, max(n + 1, wanted)) - n))
+        added = list(range(start, start + more))
         which = f"seed {added[0]}" if len(added) == 1 else f"seeds {added[0]}..{added[-1]}"
         return added, (f"{n} seeds: the widest {spec.objective} interval is ± {widest:.4g} > ± {target:g}; "
                        f"adding {which}")

@@ -315,13 +315,14 @@ def precise_enough(comparisons: Sequence[Comparison], target: float) -> bool:
     return all(math.isfinite(c.half_width) and c.half_width <= target for c in comparisons)
 
 
-def seeds_for_half_width(half_width: float, n: int, target: float, confidence: float = 0.95,
-                         most: int = 10_000) -> int:
+def seeds_for_half_width(half_width: float, n: int, target: float, *, paired: bool = True,
+                         confidence: float = 0.95, most: int = 10_000) -> int:
     """The seeds a t interval of ``half_width`` at ``n`` seeds needs to narrow to ``target``, at the same spread.
 
-    The spread is read back from the interval (sd = half_width * sqrt(n) / t(n-1)); the answer is the smallest
-    m with t(m-1) * sd / sqrt(m) <= target, so it counts that the t quantile, not only 1/sqrt(m), shrinks.
-    ``n`` when already there; ``most`` caps it (also for a NaN half-width, which says nothing)."""
+    The spread is read back from the interval (sd = half_width * sqrt(n) / t(df(n))); the answer is the smallest
+    m with t(df(m)) * sd / sqrt(m) <= target, so it counts that the t quantile, not only 1/sqrt(m), shrinks. df is
+    n - 1 for a paired interval and 2n - 2 (equal spreads) for Welch's. ``n`` when already there; ``most`` caps it
+    (also for a NaN half-width, which says nothing)."""
     if not math.isfinite(half_width) or n < 2:
         return most
     if half_width <= target:
@@ -329,8 +330,27 @@ def seeds_for_half_width(half_width: float, n: int, target: float, confidence: f
     from scipy import stats as sps  # imported on use: it takes seconds
 
     q = 0.5 + confidence / 2
-    sd = half_width * math.sqrt(n) / float(sps.t.ppf(q, n - 1))
+
+    def df(m: int) -> int:
+        return m - 1 if paired else 2 * m - 2
+
+    sd = half_width * math.sqrt(n) / float(sps.t.ppf(q, df(n)))
     m = n + 1
-    while m < most and float(sps.t.ppf(q, m - 1)) * sd / math.sqrt(m) > target:
+    while m < most and float(sps.t.ppf(q, df(m))) * sd / math.sqrt(m) > target:
         m += 1
     return m
+
+
+def next_seed_count(comparisons: Sequence[Comparison], n: int, target: float, max_seeds: int) -> int:
+    """Seeds per experiment after the next round of adding seeds until every interval is within ± ``target``.
+
+    ``n`` (stop) when every half-width is there or ``n`` is ``max_seeds``; else what the widest interval needs at
+    its current spread (``seeds_for_half_width``, shifted by any seeds a comparison lacks), at least one more and
+    at most twice ``n``: a spread read from few seeds is itself uncertain, and the next round measures it again.
+    The rule reads the widths only, never a p-value.
+    """
+    if precise_enough(comparisons, target) or n >= max_seeds:
+        return n
+    wanted = max((seeds_for_half_width(c.half_width, c.n, target, paired=c.paired, most=max_seeds) + (n - c.n)
+                  for c in comparisons if math.isfinite(c.half_width)), default=n + 1)
+    return min(max_seeds, 2 * n, max(n + 1, wanted))

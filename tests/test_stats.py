@@ -265,3 +265,13 @@ def test_seeds_for_half_width_counts_the_t_quantile_shrinking_too():
     assert seeds_for_half_width(hw, 3, 1e-6, most=12) == 12  # capped
     assert seeds_for_half_width(float("nan"), 3, 0.5, most=12) == 12
 
+
+
+def test_seeds_for_half_width_reads_a_welch_interval_with_its_degrees_of_freedom():
+    from scipy import stats as sps
+
+    # Welch with equal spreads has 2n - 2 degrees of freedom: sd 1 per arm at 3 seeds is a half-width of
+    # t(0.975, 4) * sqrt(2 / 3); +/- 0.5 then needs 32 seeds per arm (t(0.975, 62) * sqrt(2 / 32) = 0.4997,
+    # t(0.975, 60) * sqrt(2 / 31) = 0.508)
+    hw = float(sps.t.ppf(0.975, 4)) * math.sqrt(2 / 3)
+    assert seeds_for_half_width(hw, 3, 0.5, paired=False) == 32

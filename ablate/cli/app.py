@@ -89,7 +89,7 @@ DevicesOpt = Annotated[
 ]
 HeartbeatOpt = Annotated[
     int, typer.Option("--heartbeat", min=1, metavar="SECONDS", help="Seconds between worker heartbeats; a trial "
-                      "whose worker is silent for 3 heartbeats is failed and re-queued.")
+                      "whose worker is silent for 3 heartbeats is failed and re-queued (within 6).")
 ]
 
 
