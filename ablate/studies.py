@@ -50,9 +50,11 @@ def open_storage(
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
     def stale(study: optuna.Study, trial: FrozenTrial) -> None:
-        if on_stale is not None:
-            on_stale(trial)
-        retry(study, trial)
+        try:
+            if on_stale is not None:
+                on_stale(trial)
+        finally:  # the trial is re-queued even when its MLflow run cannot be ended
+            retry(study, trial)
 
     url = resolve_storage(url)
     engine_kwargs: dict[str, Any] = (

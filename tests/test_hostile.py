@@ -727,8 +727,14 @@ def test_a_dead_worker_s_trial_is_failed_within_the_grace_period_while_the_other
         assert time.time() - killed < 10
         trials = study.get_trials()
         assert trials[busy.number].state == optuna.trial.TrialState.RUNNING  # the survivor is still mid-trial
-        retries = [t for t in trials
-                   if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == doomed.number]
+
+        def retries_of_doomed() -> list:
+            return [t for t in study.get_trials()
+                    if optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number(t) == doomed.number]
+
+        # Optuna fails the trial, then its retry callback queues the copy: allow for the moment in between
+        while not (retries := retries_of_doomed()) and time.time() < killed + 15:
+            time.sleep(0.2)
         assert [(t.state, t.params) for t in retries] == [(optuna.trial.TrialState.WAITING, doomed.params)]
         assert client.get_run(doomed.user_attrs["mlflow_run_id"]).info.status == "FAILED"
     finally:
