@@ -2,7 +2,16 @@
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
 import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -89,3 +98,32 @@ class DataDependent(nn.Module):
 def data_dependent(in_dim: int, out_dim: int) -> nn.Module:
     """Factory for DataDependent (import path "support:data_dependent")."""
     return DataDependent(in_dim, out_dim)
+
+
+@contextmanager
+def mlflow_server(folder: Path) -> Iterator[str]:
+    """An MLflow tracking server on a free local port, its store in ``folder``; yields its URL once /health
+    answers and stops its process group on exit."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
+           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{folder / 'server.db'}"}
+    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+                               "--workers", "1"], cwd=folder, env=env, stdout=subprocess.DEVNULL,
+                              stderr=subprocess.STDOUT, start_new_session=True)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + 120
+        while True:
+            try:
+                with urllib.request.urlopen(f"{url}/health", timeout=2):
+                    break
+            except OSError:
+                assert time.time() < deadline and server.poll() is None, "the MLflow server did not answer"
+                time.sleep(0.5)
+        yield url
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+

@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 import threading
 import time
 from collections import Counter
@@ -252,26 +251,9 @@ def test_a_device_that_does_not_exist_is_one_line_before_any_trial(workdir, monk
 
 @pytest.mark.bare
 def test_workers_log_to_an_mlflow_tracking_server(workdir, monkeypatch, capsys):
-    import socket
-    import urllib.request
+    from support import mlflow_server
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{workdir / 'server.db'}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], cwd=workdir, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while time.time() < deadline:
-            try:
-                with urllib.request.urlopen(f"{url}/health", timeout=2):
-                    break
-            except OSError:
-                time.sleep(0.5)
+    with mlflow_server(workdir) as url:
         code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "2",
                                   "--seeds", "0", "--tracking-uri", url, *TINY_RUN], monkeypatch, capsys)
         assert code == 0, err + out
@@ -282,6 +264,3 @@ def test_workers_log_to_an_mlflow_tracking_server(workdir, monkeypatch, capsys):
         assert len(children) == 5
         assert all(len(client.get_metric_history(r.info.run_id, "val/mrr")) == 2 for r in children)
         assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)

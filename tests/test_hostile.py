@@ -9,7 +9,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import threading
@@ -544,28 +543,11 @@ def test_an_unreachable_server_with_credentials_is_one_line_masked(workdir, monk
 
 @pytest.mark.slow
 def test_a_real_mlflow_server_passes_the_check(tmp_path, no_mlflow_credentials):
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false",
-           "MLFLOW_BACKEND_STORE_URI": f"sqlite:///{tmp_path / 'server.db'}"}
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-                               "--workers", "1"], cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
-                              stderr=subprocess.STDOUT, start_new_session=True)
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 120
-        while True:
-            try:
-                tracker = Tracker(url)
-                break
-            except AblateError as e:
-                assert "cannot reach" in str(e) and time.time() < deadline, e
-                time.sleep(0.5)
+    from support import mlflow_server
+
+    with mlflow_server(tmp_path) as url:
+        tracker = Tracker(url)
         assert tracker.client.get_experiment(tracker.experiment_id("probe")).name == "probe"
-    finally:
-        os.killpg(server.pid, signal.SIGTERM)
-        server.wait(timeout=30)
 
 
 # --------------------------------------------------------------------------------------
