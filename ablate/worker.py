@@ -23,7 +23,7 @@ from ablate import records, stability, studies
 from ablate.designs import StudySpec
 from ablate.errors import AblateError
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
-from ablate.specs import RunSpec, better
+from ablate.specs import RunSpec
 from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
 from ablate.tracking import Tracker
@@ -350,18 +350,27 @@ class _Objective:
         return out
 
     def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]]) -> None:
-        spec = self.ctx.spec
-        metric, interval = spec.objective, spec.report_interval
+        """Report again what a resumed trial reported before it stopped, replayed through a fresh ``Best``."""
+        from ablate.trainer import Best
+
+        interval = self.ctx.spec.report_interval
         if interval is None:
             return
-        best, maximize = float("nan"), better(metric) == "maximize"
+        best = Best(self.ctx.spec.objective)
         for epoch, metrics in enumerate(history):
-            value = metrics.get(metric, float("nan"))
-            if math.isfinite(value) and (not math.isfinite(best) or (value > best if maximize else value < best)):
-                best = value
-            reported = best if spec.judged_at == "best" else value
+            best.update(epoch, metrics)
+            reported = self._reported(best, metrics)
             if epoch % interval == 0 and math.isfinite(reported):
                 trial.report(reported, epoch)
+
+    def _reported(self, best: Best, metrics: dict[str, float]) -> float:
+        """The value a trial reports to the pruner at an epoch. Optuna compares intermediate values at the
+        same step; when a trial is judged by its best epoch, that is the best so far (its objective if it
+        stopped here), else the epoch's own value."""
+        metric = self.ctx.spec.objective
+        if self.ctx.spec.judged_at == "best":
+            return best.values.get(metric, float("nan"))
+        return metrics.get(metric, float("nan"))
 
     def _hook(self, trial: optuna.Trial, best: Best) -> EpochHook:
         spec = self.ctx.spec
@@ -374,9 +383,7 @@ class _Objective:
                 return found
             if interval is None or result.epoch % interval:
                 return None
-            # Optuna compares intermediate values at the same step. When a trial is judged by its
-            # best epoch, the value at epoch e is the best so far: the objective if it stopped here.
-            reported = best.values.get(metric, float("nan")) if spec.judged_at == "best" else value
+            reported = self._reported(best, result.metrics)
             if not math.isfinite(reported):
                 return None
             trial.report(reported, result.epoch)
