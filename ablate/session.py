@@ -24,7 +24,7 @@ from ablate.publish import cached_report, publish, search_report, write_report
 from ablate.stores import Stores, storage_exists
 from ablate.studyfiles import safe_folder, spec_document
 from ablate.tracking import Tracker, environment_tags
-from ablate.worker import Context, OnEvent, end_parent_if_done, end_stale_run
+from ablate.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
 
 
 class StudySession:
@@ -176,6 +176,7 @@ class StudySession:
             return True
         self.trained = True
         self.tracker.set_status(self.parent_run_id, "RUNNING")
+        end_abandoned_runs(self.context())  # once per command, before any worker starts
         try:
             from ablate.launch import execute
 

@@ -91,14 +91,12 @@ def work(
     the grace period and put back in the queue. A trial that fails on an error is recorded and the
     worker goes on; a user's mistake (AblateError: a device that does not exist, a batch larger
     than the data) stops it. ``keep_going`` is asked before each array (a worker process stops when
-    its parent is gone). The worker that finds the study done ends its MLflow parent run. First, the
-    MLflow runs an earlier worker left RUNNING (a second Ctrl-C) are ended KILLED.
+    its parent is gone). The worker that finds the study done ends its MLflow parent run.
     """
     emit = on_event or (lambda e: None)
     objective = _Objective(ctx, device, emit, keep_checkpoints)
     study = ctx.study
     said: set[str] = set()
-    end_abandoned_runs(ctx)
     while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
         group = take(ctx, array, device, say=lambda text: _say_once(emit, said, text))
