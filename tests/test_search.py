@@ -190,7 +190,7 @@ def test_parallel_and_resumed_searches_never_train_a_configuration_twice(workdir
 
     from support import ablate_command
 
-    args = ["tune", "temperature", "--n-trials", "12", "--jobs", "2", *TINY_SEARCH, "--epochs", "30"]
+    args = ["tune", "temperature", "--n-trials", "12", "--jobs", "2", "--array", "1", *TINY_SEARCH, "--epochs", "30"]
     proc = subprocess.Popen(ablate_command(*args), cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
     storage = studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}")
