@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+from torch import Tensor
 
 from ablate.errors import AblateError
 
@@ -75,13 +76,80 @@ def amp_for(device: torch.device, requested: bool | None) -> Amp:
     return Amp(True, torch.bfloat16, None, device.type)
 
 
-def adamw(groups: list[dict[str, Any]], lr: float, device: torch.device) -> torch.optim.Optimizer:
-    """AdamW, fused where the device supports it."""
-    try:
-        return torch.optim.AdamW(groups, lr=lr, fused=device.type in ("cpu", "cuda", "mps"))
-    except (RuntimeError, ValueError):
-        return torch.optim.AdamW(groups, lr=lr)
+class AdamW:
+    """AdamW (Loshchilov & Hutter, decoupled weight decay), computed by the same kernels as
+    ``torch.optim.AdamW(fused=True)``: ``torch._fused_adamw_`` where the device has it, else the same
+    update in ``torch._foreach_*`` operations (as ``foreach=True``).
 
+    ``torch.optim`` imports the TorchDynamo compiler on an optimizer's first use (about a second
+    per process, a quarter of a worker's start-up) and pays Python bookkeeping on every step; this
+    class keeps the interface the trainer and ``torch.amp.GradScaler`` use (``param_groups``,
+    ``defaults``, ``state``, ``step``, ``zero_grad``) and torch's state layout (``step``,
+    ``exp_avg``, ``exp_avg_sq`` per parameter), so checkpoints are those of ``torch.optim.AdamW``.
+    """
+
+    def __init__(self, groups: list[dict[str, Any]], lr: float, device: torch.device, *,
+                 betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8, weight_decay: float = 1e-2):
+        self.defaults: dict[str, Any] = {"lr": lr, "betas": betas, "eps": eps, "weight_decay": weight_decay}
+        self.param_groups: list[dict[str, Any]] = [{**self.defaults, **g, "params": list(g["params"])}
+                                                   for g in groups]
+        self.state: dict[Tensor, dict[str, Tensor]] = {}
+        self.fused = device.type in ("cpu", "cuda", "mps")
+
+    @torch.no_grad()
+    def step(self) -> None:
+        """One update of every parameter that has a gradient."""
+        for group in self.param_groups:
+            params = [p for p in group["params"] if p.grad is not None]
+            if not params:
+                continue
+            for p in params:
+                if p not in self.state:
+                    self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+            states = [self.state[p] for p in params]
+            grads = [p.grad for p in params]
+            steps = [s["step"] for s in states]
+            exp_avgs = [s["exp_avg"] for s in states]
+            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+            beta1, beta2 = group["betas"]
+            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+            torch._foreach_add_(steps, 1)
+            if self.fused:
+                try:
+                    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                        lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+                                        maximize=False, grad_scale=None, found_inf=None)
+                    continue
+                except (RuntimeError, NotImplementedError):  # a device or dtype without the fused kernel
+                    self.fused = False
+            _foreach_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps)
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        """Forget every parameter's gradient."""
+        for group in self.param_groups:
+            for p in group["params"]:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+
+
+def _foreach_adamw(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                   steps: list[Tensor], lr: float, beta1: float, beta2: float, wd: float, eps: float) -> None:
+    """The AdamW update of ``torch.optim.AdamW(foreach=True)`` (steps already counted)."""
+    torch._foreach_mul_(params, 1 - lr * wd)
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+    counts = [float(s) for s in steps]
+    step_sizes = [lr / (1 - beta1 ** n) for n in counts]
+    root_corrections = [(1 - beta2 ** n) ** 0.5 for n in counts]
+    denom = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denom, root_corrections)
+    torch._foreach_add_(denom, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denom, [-s for s in step_sizes])
 
 
 # --------------------------------------------------------------------------------------

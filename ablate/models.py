@@ -106,8 +106,11 @@ class MemberModels:
     Every member keeps its own module (its parameters are its own leaves, so optimizer, clipping
     and checkpoints stay per member). How they run together:
 
-    - ``stacked``: the built-in MLP as batched matrix products (``baddbmm``) over the members'
-      weights, stacked at each forward pass;
+    - ``stacked``: the built-in MLP as batched matrix products (``baddbmm``). Each layer's weights
+      and biases live in one [K, ...] tensor that the members' parameters are views of, so a
+      forward pass copies nothing and backward writes one gradient per layer, which
+      ``collect_grads`` hands to the members as views (the optimizer updates the members'
+      parameters, and so the stacked tensors, in place);
     - ``vmap``: any module through ``torch.func.functional_call`` under ``vmap`` (dropout draws
       differ per member, ``randomness="different"``);
     - ``loop``: one member after another (K = 1, or a model that cannot be vmapped).
@@ -116,6 +119,40 @@ class MemberModels:
     def __init__(self, modules: list[nn.Module], fusion: Fusion | None = None):
         self.modules = modules
         self.fusion: Fusion = fusion or self._choose()
+        self._stacks: list[tuple[list[nn.Linear], Tensor, Tensor]] = []
+        """Per Linear layer of the stacked MLP: the members' layers, the stacked weights and biases."""
+        self._stack()
+
+    def _stack(self) -> None:
+        """Move the members' Linear parameters into stacked [K, ...] tensors they are views of."""
+        self._stacks = []
+        if self.fusion != "stacked":
+            return
+        template = self.modules[0]
+        assert isinstance(template, ProjectionHead)
+        for i, layer in enumerate(template.net):
+            if isinstance(layer, nn.Linear):
+                linears = [_layer(m, i) for m in self.modules]
+                w = torch.stack([lin.weight.detach() for lin in linears]).requires_grad_(True)
+                b = torch.stack([lin.bias.detach() for lin in linears]).requires_grad_(True)
+                for k, lin in enumerate(linears):
+                    lin.weight.data = w.detach()[k]
+                    lin.bias.data = b.detach()[k]
+                self._stacks.append((linears, w, b))
+
+    def collect_grads(self) -> None:
+        """Give each member's parameters their slice of the stacked gradients (after backward)."""
+        for linears, w, b in self._stacks:
+            for stacked, name in ((w, "weight"), (b, "bias")):
+                grad = stacked.grad
+                if grad is not None:
+                    for k, lin in enumerate(linears):
+                        getattr(lin, name).grad = grad[k]
+
+    def zero_grad(self) -> None:
+        """Forget the stacked gradients (the members' own are the optimizer's to forget)."""
+        for _, w, b in self._stacks:
+            w.grad = b.grad = None
 
     def _choose(self) -> Fusion:
         if len(self.modules) == 1:
@@ -138,12 +175,11 @@ class MemberModels:
         template = self.modules[0]
         assert isinstance(template, ProjectionHead)
         h = x
-        for i, layer in enumerate(template.net):
+        linear = iter(self._stacks)
+        for layer in template.net:
             if isinstance(layer, nn.Linear):
-                linears = [_layer(m, i) for m in self.modules]
-                w = torch.stack([lin.weight for lin in linears])
-                b = torch.stack([lin.bias for lin in linears])
-                h = torch.baddbmm(b.unsqueeze(1).to(h.dtype), h, w.transpose(1, 2).to(h.dtype))
+                _, w, b = next(linear)
+                h = _StackedLinear.apply(h, w.to(h.dtype), b.to(h.dtype))
             elif isinstance(layer, nn.GELU):
                 h = F.gelu(h)
             elif isinstance(layer, nn.Dropout):
@@ -182,6 +218,7 @@ class MemberModels:
         self.modules = [self.modules[k] for k in members]
         if len(self.modules) == 1:
             self.fusion = "loop"
+        self._stack()
 
     def check_fusion(self, x: Tensor) -> str | None:
         """Fall back to ``loop`` when the members cannot run fused on ``x``; returns why, or None."""
@@ -197,11 +234,35 @@ class MemberModels:
                 raise ValueError(f"fused output {tuple(fused.shape)} != {tuple(alone.shape)}")
         except Exception as e:
             self.fusion = "loop"
+            self._stacks = []
             return f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
         finally:
             for m, mode in zip(self.modules, modes, strict=True):
                 m.train(mode)
         return None
+
+
+class _StackedLinear(torch.autograd.Function):
+    """x [K, B, in] @ w[k]^T + b[k] for every member k, with w [K, out, in] and b [K, out].
+
+    Autograd's own backward of ``baddbmm(b, x, w.transpose(1, 2))`` yields the weights' gradient
+    transposed, which it then copies to lay it out as the weights are; here it is computed in that
+    layout (g^T x per member), so it is kept as it is.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, w: Tensor, b: Tensor) -> Tensor:
+        out = torch.baddbmm(b.unsqueeze(1), x, w.transpose(1, 2))
+        ctx.save_for_backward(x.to(out.dtype), w.to(out.dtype))  # under autocast: as the product saw them
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, g: Tensor) -> tuple[Tensor | None, Tensor | None, Tensor | None]:
+        x, w = ctx.saved_tensors
+        gx = torch.bmm(g, w) if ctx.needs_input_grad[0] else None
+        gw = torch.bmm(g.transpose(1, 2), x) if ctx.needs_input_grad[1] else None
+        gb = g.sum(1) if ctx.needs_input_grad[2] else None
+        return gx, gw, gb
 
 
 def _layer(module: nn.Module, index: int) -> nn.Linear:

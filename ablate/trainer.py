@@ -32,7 +32,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.data import PairedEmbeddings, load_split
-from ablate.devices import adamw, amp_for, resolve_device, threads_for, use_threads
+from ablate.devices import AdamW, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
@@ -196,7 +196,7 @@ class Trainer:
                 self._sets.append((m.index, extra, 0.0))
         self._grouping: tuple[tuple[int, ...], ...] = ()
         self._owners: tuple[tuple[int, ...], Tensor] = ((), torch.zeros(0))
-        self.optimizer = adamw([{"params": [p for _, ps, _ in self._sets for p in ps]}], lead.lr, self.device)
+        self.optimizer = AdamW([{"params": [p for _, ps, _ in self._sets for p in ps]}], lead.lr, self.device)
         self.train_unit = F.normalize(self.train.ligand, dim=1)
         self.floors: dict[str, float] = {}
         """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...), known after an epoch."""
@@ -384,8 +384,9 @@ class Trainer:
         """Clip each member's gradient by its own norm (never one norm across members), step, and
         return each member's total gradient norm [K] (before clipping)."""
         scaler = self.amp.scaler
+        self.models.collect_grads()
         if scaler is not None:
-            scaler.unscale_(self.optimizer)
+            scaler.unscale_(self.optimizer)  # type: ignore[arg-type]  # duck-typed: param_groups, step
         by_member = [[p.grad for p in m.params if p.grad is not None] for m in self.members]
         grads = [g for mine in by_member for g in mine]
         per_tensor = torch.stack(torch._foreach_norm(grads))
@@ -400,11 +401,12 @@ class Trainer:
                 coef = torch.clamp(m.spec.grad_clip / (total[k] + 1e-6), max=1.0)
                 torch._foreach_mul_(by_member[k], coef)
         if scaler is not None:
-            scaler.step(self.optimizer)
+            scaler.step(self.optimizer)  # type: ignore[arg-type]
             scaler.update()
         else:
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
+        self.models.zero_grad()
         return total
 
     def _accumulate(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
@@ -541,8 +543,8 @@ class Trainer:
         m.model.load_state_dict(state["model"])
         m.criterion.load_state_dict(state["criterion"])
         for p, saved in zip(m.params, state["optimizer"], strict=True):
-            if saved:
-                self.optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved.items()}
+            if saved:  # moments laid out as the parameter is (the fused kernel walks them in memory order)
+                self.optimizer.state[p] = {k: _like(p, v) for k, v in saved.items()}
         m.generator.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
@@ -578,6 +580,15 @@ CHECKPOINT_FORMAT = 1
 def _cloned(state: Any) -> Any:
     """A copy of a state dict (tensors cloned, on the CPU) that training can no longer change."""
     return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _like(p: Tensor, v: Any) -> Any:
+    """A saved optimizer state entry on ``p``'s device; one of ``p``'s shape also in ``p``'s memory layout."""
+    if not isinstance(v, Tensor):
+        return v
+    if v.shape == p.shape:
+        return torch.empty_like(p, dtype=v.dtype).copy_(v)
+    return v.to(p.device)
 
 
 def _widen(x: Tensor) -> Tensor:

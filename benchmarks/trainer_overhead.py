@@ -29,7 +29,6 @@ from pathlib import Path
 import torch
 
 from ablate.data import load_split
-from ablate.devices import adamw
 from ablate.losses import build_loss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import build_model
@@ -69,8 +68,7 @@ def _setup(spec: RunSpec):
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
     criterion = build_loss(spec.loss, **spec.loss_params())
-    opt = adamw([{"params": list(model.parameters()), "weight_decay": spec.weight_decay}], spec.lr,
-                 torch.device("cpu"))
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
     return train, val, model, criterion, opt
 
 

@@ -194,3 +194,61 @@ def test_inbatch_top1_counts_rows_that_rank_their_own_ligand_first():
     tied = trainer.train_unit.clone()
     trainer.train_unit = torch.ones_like(tied)
     assert trainer._inbatch_correct(constant, idx).item() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("fused", [True, False])
+def test_adamw_equals_torch_optim_adamw(dtype, fused):
+    """ablate's AdamW against torch.optim.AdamW (the reference): two groups with their own learning
+    rate and weight decay, a parameter that gets no gradient at first, a changed learning rate."""
+    from ablate.devices import AdamW
+
+    torch.manual_seed(0)
+    shapes = [(5, 3), (3,), (4, 4), (2,)]
+    ours = [torch.randn(s, dtype=dtype, requires_grad=True) for s in shapes]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt = AdamW([{"params": ours[:2], "weight_decay": 0.1}, {"params": ours[2:], "lr": 3e-2}], 1e-2,
+                torch.device("cpu"))
+    opt.fused = fused
+    ref = torch.optim.AdamW([{"params": theirs[:2], "weight_decay": 0.1}, {"params": theirs[2:], "lr": 3e-2}],
+                            lr=1e-2, fused=fused, foreach=not fused)
+    for step in range(6):
+        grads = [torch.randn(s, dtype=dtype) for s in shapes]
+        for params in (ours, theirs):
+            for i, (p, g) in enumerate(zip(params, grads, strict=True)):
+                p.grad = None if (step == 0 and i == 3) else g.clone()
+        if step == 3:
+            opt.param_groups[1]["lr"] = ref.param_groups[1]["lr"] = 5e-3
+        opt.step()
+        ref.step()
+        opt.zero_grad()
+        ref.zero_grad()
+        for a, b in zip(ours, theirs, strict=True):
+            assert torch.equal(a, b)
+    for a, b in zip(ours, theirs, strict=True):
+        mine, torch_state = opt.state[a], ref.state[b]
+        assert set(mine) == set(torch_state)
+        assert all(torch.equal(mine[k], torch_state[k]) for k in mine)
+
+
+def test_a_gradient_scaler_steps_ablates_adamw_as_if_unscaled_and_skips_overflowing_steps():
+    """torch.amp.GradScaler (float16 training) drives ablate's AdamW through unscale_ and step: a
+    power-of-two scale changes nothing, and a step whose scaled gradients overflow is skipped."""
+    from ablate.devices import Amp
+
+    spec = tiny_run(loss="infonce", epochs=2)
+    plain, _ = _history(spec)
+    scaled = Trainer.from_spec(spec)
+    scaled.amp = Amp(False, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**8, growth_interval=10**6))
+    list(scaled.epochs())
+    for a, b in zip(plain.model.parameters(), scaled.model.parameters(), strict=True):
+        assert torch.allclose(a, b, rtol=1e-5, atol=1e-7)
+
+    overflow = Trainer.from_spec(spec)
+    overflow.amp = Amp(False, scaler=torch.amp.GradScaler("cpu", init_scale=2.0**127))  # loss x scale: inf
+    overflowed = []  # per step, whether the (scaled) gradient of one parameter is not finite
+    next(overflow.model.parameters()).register_hook(lambda g: overflowed.append(not torch.isfinite(g).all().item()))
+    result = next(overflow.epochs())
+    assert result.metrics["amp_skipped_steps"] == overflowed.count(True) > 0
+    assert overflow.amp.scaler.get_scale() < 2.0**127  # the scaler backed off
+    assert all(torch.isfinite(p).all() for p in overflow.model.parameters())
