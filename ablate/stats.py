@@ -8,6 +8,7 @@ improvement with a bootstrap interval, not a bare p-value.
 
 from __future__ import annotations
 
+import functools
 import math
 import warnings
 from collections.abc import Sequence
@@ -35,8 +36,6 @@ class Summary:
 
 def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
     """Mean, sample standard deviation and the Student-t interval (NaN where n < 2)."""
-    from scipy import stats as sps  # imported on use: it takes seconds
-
     xs = [float(v) for v in values if math.isfinite(v)]
     n = len(xs)
     if n == 0:
@@ -46,8 +45,16 @@ def summarize(values: Sequence[float], confidence: float = 0.95) -> Summary:
     if n == 1:
         return Summary(1, mean, float("nan"), float("nan"), float("nan"))
     sd = math.sqrt(sum((x - mean) ** 2 for x in xs) / (n - 1))
-    half = float(sps.t.ppf(0.5 + confidence / 2, n - 1)) * sd / math.sqrt(n)
+    half = t_quantile(0.5 + confidence / 2, n - 1) * sd / math.sqrt(n)
     return Summary(n, mean, sd, mean - half, mean + half)
+
+
+@functools.lru_cache(maxsize=1024)
+def t_quantile(q: float, df: float) -> float:
+    """Student's t quantile (remembered: a plot's bands ask for the same few thousands of times)."""
+    from scipy import stats as sps  # imported on use: it takes seconds
+
+    return float(sps.t.ppf(q, df))
 
 
 def welch_p(a: Sequence[float], b: Sequence[float]) -> float:
@@ -327,16 +334,14 @@ def seeds_for_half_width(half_width: float, n: int, target: float, *, paired: bo
         return most
     if half_width <= target:
         return n
-    from scipy import stats as sps  # imported on use: it takes seconds
-
     q = 0.5 + confidence / 2
 
     def df(m: int) -> int:
         return m - 1 if paired else 2 * m - 2
 
-    sd = half_width * math.sqrt(n) / float(sps.t.ppf(q, df(n)))
+    sd = half_width * math.sqrt(n) / t_quantile(q, df(n))
     m = n + 1
-    while m < most and float(sps.t.ppf(q, df(m))) * sd / math.sqrt(m) > target:
+    while m < most and t_quantile(q, df(m)) * sd / math.sqrt(m) > target:
         m += 1
     return m
 
