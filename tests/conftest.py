@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -10,6 +12,29 @@ import pytest
 from support import TINY
 
 from ablate.data import synthetic_pairs
+
+MYPY_TEST = "test_static.py::test_mypy_is_clean"
+MYPY = pytest.StashKey[subprocess.Popen[str]]()
+
+
+def _start_mypy() -> subprocess.Popen[str]:
+    return subprocess.Popen([sys.executable, "-m", "mypy", "ablate"], cwd=Path(__file__).resolve().parent.parent,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    """Start mypy (half a minute, one process) in the background as soon as the run is known to include
+    its test, so it checks the code on the second core while the other tests run."""
+    if any(item.nodeid.endswith(MYPY_TEST) for item in session.items):
+        session.config.stash[MYPY] = _start_mypy()
+
+
+@pytest.fixture
+def mypy_result(request: pytest.FixtureRequest) -> tuple[int, str]:
+    """mypy's exit code and output on the package (started at collection, else now)."""
+    proc = request.config.stash.get(MYPY, None) or _start_mypy()
+    out, _ = proc.communicate(timeout=900)
+    return proc.returncode, out
 
 
 @pytest.fixture(scope="session")

@@ -20,9 +20,9 @@ def test_ruff_is_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
-def test_mypy_is_clean():
-    proc = _run("mypy", "ablate")
-    assert proc.returncode == 0, proc.stdout + proc.stderr
+def test_mypy_is_clean(mypy_result):
+    code, out = mypy_result
+    assert code == 0, out
 
 
 def _layers() -> dict[str, int]:
