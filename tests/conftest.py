@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import shutil
 import subprocess
-import sys
+from collections.abc import Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -13,28 +14,33 @@ from support import TINY
 
 from ablate.data import synthetic_pairs
 
-MYPY_TEST = "test_static.py::test_mypy_is_clean"
-MYPY = pytest.StashKey[subprocess.Popen[str]]()
+ROOT = Path(__file__).resolve().parent.parent
+BACKGROUND = pytest.StashKey[dict[str, "Future[subprocess.CompletedProcess[str]]"]]()
 
 
-def _start_mypy() -> subprocess.Popen[str]:
-    return subprocess.Popen([sys.executable, "-m", "mypy", "ablate"], cwd=Path(__file__).resolve().parent.parent,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def _run_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
-    """Start mypy (half a minute, one process) in the background as soon as the run is known to include
-    its test, so it checks the code on the second core while the other tests run."""
-    if any(item.nodeid.endswith(MYPY_TEST) for item in session.items):
-        session.config.stash[MYPY] = _start_mypy()
+    """Start the commands of the tests marked ``background`` (single-process checks that take half a minute:
+    mypy, a 50,000-squared metric) as soon as the run is known to include them, one after another, so
+    they use the second core while the other tests run; each test then reads its command's result."""
+    jobs = [(item.nodeid, marker.args[0]) for item in session.items
+            if (marker := item.get_closest_marker("background")) is not None]
+    if jobs:
+        pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-test")
+        session.config.stash[BACKGROUND] = {nodeid: pool.submit(_run_command, argv) for nodeid, argv in jobs}
+        pool.shutdown(wait=False)
 
 
 @pytest.fixture
-def mypy_result(request: pytest.FixtureRequest) -> tuple[int, str]:
-    """mypy's exit code and output on the package (started at collection, else now)."""
-    proc = request.config.stash.get(MYPY, None) or _start_mypy()
-    out, _ = proc.communicate(timeout=900)
-    return proc.returncode, out
+def background_result(request: pytest.FixtureRequest) -> subprocess.CompletedProcess[str]:
+    """The finished command of this test's ``background`` marker (run now if it was not started)."""
+    marker = request.node.get_closest_marker("background")
+    assert marker is not None, "background_result needs @pytest.mark.background(argv)"
+    future = request.config.stash.get(BACKGROUND, {}).get(request.node.nodeid)
+    return future.result() if future is not None else _run_command(marker.args[0])
 
 
 @pytest.fixture(scope="session")
@@ -58,6 +64,17 @@ def workdir(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, request: pytest.Fix
     if request.node.get_closest_marker("bare") is None:
         shutil.copy(request.getfixturevalue("mlflow_template"), tmp_path / "mlflow.db")
     return tmp_path
+
+
+@pytest.fixture(scope="session")
+def mlflow_server_url(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Iterator[str]:
+    """One MLflow tracking server for the session (starting one takes seconds); tests use their own experiments."""
+    from support import mlflow_server
+
+    folder = tmp_path_factory.mktemp("mlflow-server")
+    shutil.copy(mlflow_template, folder / "server.db")
+    with mlflow_server(folder) as url:
+        yield url
 
 
 @pytest.fixture(scope="session")

@@ -71,10 +71,19 @@ lr = 0.01
 
 @pytest.mark.slow
 def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(workdir, tmp_path,
-                                                                                          mlflow_template):
+                                                                                          mlflow_template, request):
     epochs = 150
     (workdir / "resume.toml").write_text(SUITE_FILE.format(epochs=epochs))
     args = ["run-suite", "resume.toml", "--jobs", "1", "--array", "1", "--heartbeat", "1"]
+    # the same suite, never stopped, in another folder (on the other core, meanwhile)
+    other = tmp_path / "straight"
+    other.mkdir()
+    shutil.copy(mlflow_template, other / "mlflow.db")
+    suite = SUITE_FILE.format(epochs=epochs).replace("pairs.npz", str(workdir / "pairs.npz"))
+    (other / "resume.toml").write_text(suite)
+    log = (tmp_path / "straight.log").open("w")
+    straight_run = subprocess.Popen(ablate_command(*args), cwd=other, stdout=log, stderr=subprocess.STDOUT)
+    request.addfinalizer(straight_run.kill)  # if the test fails before it ends
     proc = subprocess.Popen(ablate_command(*args), cwd=workdir, stdout=subprocess.DEVNULL,
                             stderr=subprocess.STDOUT, start_new_session=True)
     storage = studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}", heartbeat_seconds=None)
@@ -103,14 +112,7 @@ def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never
     assert steps == list(range(epochs))  # one metric history, every epoch once
     assert "checkpoint" not in {a.path for a in client.list_artifacts(run.info.run_id)}  # removed once finished
 
-    # the same suite, never stopped, in another folder
-    other = tmp_path / "straight"
-    other.mkdir()
-    shutil.copy(mlflow_template, other / "mlflow.db")
-    suite = SUITE_FILE.format(epochs=epochs).replace("pairs.npz", str(workdir / "pairs.npz"))
-    (other / "resume.toml").write_text(suite)
-    done = subprocess.run(ablate_command(*args), cwd=other, capture_output=True, text=True, timeout=600)
-    assert done.returncode == 0, done.stdout + done.stderr
+    assert straight_run.wait(timeout=600) == 0, (tmp_path / "straight.log").read_text()
     (straight,) = studies.load("resume", studies.open_storage(f"sqlite:///{other / 'optuna.db'}")).study.get_trials(
         states=(optuna.trial.TrialState.COMPLETE,))
     for key, value in straight.user_attrs[records.FINAL].items():

@@ -150,8 +150,8 @@ def test_a_killed_worker_s_trial_fails_by_heartbeat_and_is_retried(workdir, post
 
 
 def test_jobs_on_the_embedded_sqlite_store_run_without_lock_errors(workdir, monkeypatch, capsys):
-    # trials long enough for the second process to start while the first (this one) trains
-    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--array", "1", "--epochs", "150",
+    # 10 trials x 100 epochs: work enough (launch.WORK_FOR_ALL) that the second process starts at once
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--array", "1", "--epochs", "100",
                               "--seeds", "0,1", *TINY_RUN], monkeypatch, capsys)
     assert code == 0, err + out
     assert "locked" not in (out + err).lower()
@@ -250,17 +250,15 @@ def test_a_device_that_does_not_exist_is_one_line_before_any_trial(workdir, monk
 
 
 @pytest.mark.bare
-def test_workers_log_to_an_mlflow_tracking_server(workdir, monkeypatch, capsys):
-    from support import mlflow_server
-
-    with mlflow_server(workdir) as url:
-        code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "2",
-                                  "--seeds", "0", "--tracking-uri", url, *TINY_RUN], monkeypatch, capsys)
-        assert code == 0, err + out
-        client = MlflowClient(url)
-        exp = client.get_experiment_by_name("baseline-vs-multistage")
-        runs = client.search_runs([exp.experiment_id])
-        children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
-        assert len(children) == 5
-        assert all(len(client.get_metric_history(r.info.run_id, "val/mrr")) == 2 for r in children)
-        assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store
+def test_workers_log_to_an_mlflow_tracking_server(workdir, monkeypatch, capsys, mlflow_server_url):
+    url = mlflow_server_url  # shared by the session's tests, each in its own experiment
+    code, out, err = run_cli(["run-suite", "baseline-vs-multistage", "--jobs", "2", "--epochs", "2",
+                              "--seeds", "0", "--tracking-uri", url, *TINY_RUN], monkeypatch, capsys)
+    assert code == 0, err + out
+    client = MlflowClient(url)
+    exp = client.get_experiment_by_name("baseline-vs-multistage")
+    runs = client.search_runs([exp.experiment_id])
+    children = [r for r in runs if "mlflow.parentRunId" in r.data.tags]
+    assert len(children) == 5
+    assert all(len(client.get_metric_history(r.info.run_id, "val/mrr")) == 2 for r in children)
+    assert not (workdir / "mlflow.db").exists()  # nothing went to the local default store

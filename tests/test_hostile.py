@@ -542,12 +542,9 @@ def test_an_unreachable_server_with_credentials_is_one_line_masked(workdir, monk
 
 
 @pytest.mark.slow
-def test_a_real_mlflow_server_passes_the_check(tmp_path, no_mlflow_credentials):
-    from support import mlflow_server
-
-    with mlflow_server(tmp_path) as url:
-        tracker = Tracker(url)
-        assert tracker.client.get_experiment(tracker.experiment_id("probe")).name == "probe"
+def test_a_real_mlflow_server_passes_the_check(mlflow_server_url, no_mlflow_credentials):
+    tracker = Tracker(mlflow_server_url)
+    assert tracker.client.get_experiment(tracker.experiment_id("probe")).name == "probe"
 
 
 # --------------------------------------------------------------------------------------

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 import sys
 import textwrap
 
@@ -253,9 +252,10 @@ _MEMORY_SCRIPT = textwrap.dedent(
 
 
 @pytest.mark.slow
-def test_fifty_thousand_squared_stays_far_below_a_full_matrix() -> None:
+@pytest.mark.background([sys.executable, "-c", _MEMORY_SCRIPT])
+def test_fifty_thousand_squared_stays_far_below_a_full_matrix(background_result) -> None:
     # one direction only: the reverse pass runs the same chunked code and would add a third to the runtime
-    proc = subprocess.run([sys.executable, "-c", _MEMORY_SCRIPT], capture_output=True, text=True, timeout=1800)
+    proc = background_result
     assert proc.returncode == 0, proc.stderr
     m = json.loads(proc.stdout.strip().splitlines()[-1])
     full_matrix_gib = 50_000 * 50_000 * 4 / 2**30  # 9.3 GiB in float32
