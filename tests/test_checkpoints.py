@@ -72,7 +72,7 @@ lr = 0.01
 @pytest.mark.slow
 def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never_stopped(workdir, tmp_path,
                                                                                           mlflow_template, request):
-    epochs = 150
+    epochs = 300  # seconds of training on the tiny data: the kill lands while the trial trains
     (workdir / "resume.toml").write_text(SUITE_FILE.format(epochs=epochs))
     args = ["run-suite", "resume.toml", "--jobs", "1", "--array", "1", "--heartbeat", "1"]
     # the same suite, never stopped, in another folder (on the other core, meanwhile)
@@ -89,7 +89,7 @@ def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never
     storage = studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}", heartbeat_seconds=None)
     deadline, checkpoint = time.time() + 180, None
     while time.time() < deadline and proc.poll() is None:
-        time.sleep(0.3)
+        time.sleep(0.1)
         try:
             trials = studies.load("resume", storage).study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except Exception:
