@@ -100,31 +100,37 @@ class AdamW:
     def step(self) -> None:
         """One update of every parameter that has a gradient."""
         for group in self.param_groups:
-            params = [p for p in group["params"] if p.grad is not None]
-            if not params:
-                continue
-            for p in params:
-                if p not in self.state:
-                    self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
-                                     "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
-                                     "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
-            states = [self.state[p] for p in params]
-            grads = [p.grad for p in params]
-            steps = [s["step"] for s in states]
-            exp_avgs = [s["exp_avg"] for s in states]
-            exp_avg_sqs = [s["exp_avg_sq"] for s in states]
-            beta1, beta2 = group["betas"]
-            lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
-            torch._foreach_add_(steps, 1)
-            if self.fused:
-                try:
-                    torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
-                                        lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
-                                        maximize=False, grad_scale=None, found_inf=None)
-                    continue
-                except (RuntimeError, NotImplementedError):  # a device or dtype without the fused kernel
-                    self.fused = False
-            _foreach_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps)
+            by_kind: dict[tuple[torch.device, torch.dtype], list[Tensor]] = {}
+            for p in group["params"]:  # the kernels take tensors of one device and dtype (as torch.optim groups them)
+                if p.grad is not None:
+                    by_kind.setdefault((p.device, p.dtype), []).append(p)
+            for params in by_kind.values():
+                self._update(group, params)
+
+    def _update(self, group: dict[str, Any], params: list[Tensor]) -> None:
+        """Update ``params`` (of one device and dtype, all with a gradient) with ``group``'s settings."""
+        for p in params:
+            if p not in self.state:
+                self.state[p] = {"step": torch.zeros((), dtype=torch.float32, device=p.device),
+                                 "exp_avg": torch.zeros_like(p, memory_format=torch.preserve_format),
+                                 "exp_avg_sq": torch.zeros_like(p, memory_format=torch.preserve_format)}
+        states = [self.state[p] for p in params]
+        grads = [p.grad for p in params if p.grad is not None]  # all of them (step passes only those)
+        steps = [s["step"] for s in states]
+        exp_avgs = [s["exp_avg"] for s in states]
+        exp_avg_sqs = [s["exp_avg_sq"] for s in states]
+        beta1, beta2 = group["betas"]
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        torch._foreach_add_(steps, 1)
+        if self.fused:
+            try:
+                torch._fused_adamw_(params, grads, exp_avgs, exp_avg_sqs, [], steps, amsgrad=False,
+                                    lr=lr, beta1=beta1, beta2=beta2, weight_decay=wd, eps=eps,
+                                    maximize=False, grad_scale=None, found_inf=None)
+                return
+            except (RuntimeError, NotImplementedError):  # a device or dtype without the fused kernel
+                self.fused = False
+        _foreach_adamw(params, grads, exp_avgs, exp_avg_sqs, steps, lr, beta1, beta2, wd, eps)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         """Forget every parameter's gradient."""

@@ -119,6 +119,8 @@ class MemberModels:
     def __init__(self, modules: list[nn.Module], fusion: Fusion | None = None):
         self.modules = modules
         self.fusion: Fusion = fusion or self._choose()
+        if self.fusion == "stacked" and not all(isinstance(m, ProjectionHead) for m in modules):
+            raise ValueError("stacked fusion is for the built-in head (ProjectionHead); use vmap for other models")
         self._stacks: list[tuple[list[nn.Linear], Tensor, Tensor]] = []
         """Per Linear layer of the stacked MLP: the members' layers, the stacked weights and biases."""
         self._stack()
@@ -126,7 +128,7 @@ class MemberModels:
     def _stack(self) -> None:
         """Move the members' Linear parameters into stacked [K, ...] tensors they are views of."""
         self._stacks = []
-        if self.fusion != "stacked":
+        if self.fusion != "stacked" or not self.modules:
             return
         template = self.modules[0]
         assert isinstance(template, ProjectionHead)
@@ -216,7 +218,7 @@ class MemberModels:
     def keep(self, members: list[int]) -> None:
         """Drop every member not listed."""
         self.modules = [self.modules[k] for k in members]
-        if len(self.modules) == 1:
+        if len(self.modules) <= 1:
             self.fusion = "loop"
         self._stack()
 

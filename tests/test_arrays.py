@@ -97,6 +97,22 @@ def test_a_stopped_member_is_dropped_and_the_others_train_on_unchanged():
     _assert_alone(trainer, history, specs, skip={1})
 
 
+def test_an_array_whose_members_all_stop_together_ends_cleanly():
+    """As a worker ends an array: every member stopped after its last epoch, then the loop resumes once more."""
+    specs = [tiny_run(**MEMBERS[0]), tiny_run(**MEMBERS[2])]
+    train, val = _split(specs[0])
+    trainer = Trainer(specs, train, val)
+    assert trainer.models.fusion == "stacked"
+    epochs = []
+    for results in trainer.array():
+        epochs.append(sorted(results))
+        for k in results:
+            if len(epochs) == 2:  # both stop at once, before their last epoch (as pruned together)
+                trainer.stop(k)
+    assert epochs == [[0, 1], [0, 1]]
+    assert trainer.members == []
+
+
 def test_user_models_run_vmapped_and_equal_their_runs_alone():
     model = {"factory": "support:two_layer", "kwargs": {"hidden": 10}}
     specs = [tiny_run(model=model, **m) for m in (MEMBERS[0], MEMBERS[3], MEMBERS[4])]

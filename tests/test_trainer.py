@@ -252,3 +252,22 @@ def test_a_gradient_scaler_steps_ablates_adamw_as_if_unscaled_and_skips_overflow
     assert result.metrics["amp_skipped_steps"] == overflowed.count(True) > 0
     assert overflow.amp.scaler.get_scale() < 2.0**127  # the scaler backed off
     assert all(torch.isfinite(p).all() for p in overflow.model.parameters())
+
+
+def test_adamw_takes_a_group_of_mixed_dtypes_like_torch_optim_adamw():
+    from ablate.devices import AdamW
+
+    torch.manual_seed(1)
+    ours = [torch.randn(4, 3, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)]
+    theirs = [p.detach().clone().requires_grad_(True) for p in ours]
+    opt = AdamW([{"params": ours}], 1e-2, torch.device("cpu"))
+    ref = torch.optim.AdamW(theirs, lr=1e-2, fused=True)
+    for _ in range(3):
+        grads = [torch.randn_like(p) for p in ours]
+        for params in (ours, theirs):
+            for p, g in zip(params, grads, strict=True):
+                p.grad = g.clone()
+        opt.step()
+        ref.step()
+    assert opt.fused
+    assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
