@@ -18,8 +18,17 @@ ROOT = Path(__file__).resolve().parent.parent
 BACKGROUND = pytest.StashKey[dict[str, "Future[subprocess.CompletedProcess[str]]"]]()
 
 
+_LIVE: set[subprocess.Popen[str]] = set()
+
+
 def _run_command(argv: list[str]) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(argv, cwd=ROOT, capture_output=True, text=True, timeout=1800)
+    with subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) as proc:
+        _LIVE.add(proc)
+        try:
+            out, err = proc.communicate(timeout=1800)
+        finally:
+            _LIVE.discard(proc)
+    return subprocess.CompletedProcess(argv, proc.returncode, out, err)
 
 
 def pytest_collection_finish(session: pytest.Session) -> None:
@@ -32,6 +41,14 @@ def pytest_collection_finish(session: pytest.Session) -> None:
         pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="background-test")
         session.config.stash[BACKGROUND] = {nodeid: pool.submit(_run_command, argv) for nodeid, argv in jobs}
         pool.shutdown(wait=False)
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """A run that ends early (Ctrl-C, -x) does not wait for background commands nobody will read."""
+    for future in session.config.stash.get(BACKGROUND, {}).values():
+        future.cancel()
+    for proc in list(_LIVE):
+        proc.kill()
 
 
 @pytest.fixture
