@@ -2,9 +2,10 @@
 
 ``--array 1`` trains one trial at a time; ``--array K`` up to K compatible trials together;
 ``--array auto`` (the default) measures: it times a few optimizer steps of arrays of 1, 2, 4, ...
-members on the real device, data and model, and takes the size with the most member-steps per
-second (1 when fusing does not pay, as for wide heads on a CPU), within the memory the device has
-free. The choice is made once per kind of run and process, and said once.
+members (and of all the waiting ones) on the real device, data and model, and takes the size that
+trains the waiting trials soonest (``clearing_size``: 1 when fusing does not pay, and never 8 when
+9 are waiting and 9 run about as fast, which would leave one to train alone afterwards), within the
+memory the device has free. The choice is made once per kind of run and process, and said once.
 """
 
 from __future__ import annotations
@@ -60,21 +61,35 @@ def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
     device = resolve_device(run.device)
     if amp_for(device, run.amp).scaler is not None:
         return ArrayChoice(1, "float16 with a gradient scaler: members train alone")
-    train, val = load_split(run.data)
-    cap = max(1, memory_cap(run, train.pocket_dim, train.ligand_dim, device))
-    sizes = [k for k in CANDIDATES if k <= min(waiting, cap)]
-    if waiting <= cap and waiting not in sizes and waiting < CANDIDATES[-1]:
-        sizes.append(waiting)
-    rates: dict[int, float] = {}
     state = torch.get_rng_state()
-    for k in sorted(sizes):
-        specs = [run.model_copy(update={"seed": run.seed + i}) for i in range(k)]
-        rates[k] = k / min(time_steps(specs, train, val, steps=4) for _ in range(3))  # min: robust to load
-    torch.set_rng_state(state)  # measuring leaves the random state as it was
-    best = max(rates, key=lambda k: rates[k])
+    try:  # measuring (models are built and trained) leaves the random state as it was
+        train, val = load_split(run.data)
+        cap = max(1, memory_cap(run, train.pocket_dim, train.ligand_dim, device))
+        sizes = [k for k in CANDIDATES if k <= min(waiting, cap)]
+        if waiting <= cap and waiting not in sizes and waiting < CANDIDATES[-1]:
+            sizes.append(waiting)
+        rates: dict[int, float] = {}
+        for k in sorted(sizes):
+            specs = [run.model_copy(update={"seed": run.seed + i}) for i in range(k)]
+            rates[k] = k / min(time_steps(specs, train, val, steps=4) for _ in range(3))  # min: robust to load
+    finally:
+        torch.set_rng_state(state)
+    best = clearing_size(rates, waiting)
     shown = ", ".join(f"{k}: {rates[k]:.0f}" for k in sorted(rates))
     return ArrayChoice(best, f"member-steps/s by array size {{{shown}}} on {device}: "
                              f"arrays of {best} ({rates[best] / rates[1]:.1f}x one at a time)")
+
+
+def clearing_size(rates: dict[int, float], waiting: int) -> int:
+    """The array size (a key of ``rates``, member-steps per second by size) that trains ``waiting``
+    trials in the least time: full arrays of that size, then the rest as one array (at the rate of
+    the largest measured size that fits it)."""
+    def seconds(k: int) -> float:
+        full, rest = divmod(waiting, k)
+        tail = rest / rates[max(s for s in rates if s <= rest)] if rest else 0.0
+        return full * k / rates[k] + tail
+
+    return min(sorted(rates), key=seconds)
 
 
 def memory_cap(run: RunSpec, pocket_dim: int, ligand_dim: int, device: Any) -> int:

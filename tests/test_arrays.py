@@ -8,6 +8,7 @@ import pytest
 import torch
 from support import tiny_run
 
+from ablate.arrays import choose, clearing_size
 from ablate.data import load_split
 from ablate.trainer import Trainer, fusion_key
 
@@ -179,3 +180,27 @@ def test_an_interrupted_array_leaves_each_member_fail_and_killed_and_resumes(wor
         assert run.info.run_id == t.user_attrs[records.RUN_ID]
         assert run.data.tags["ablate.resumed_from_epoch"] == "2"
         assert sorted(m.step for m in client.get_metric_history(run.info.run_id, "val/top1")) == [0, 1, 2, 3]
+
+
+# `--array auto`: how many compatible trials train together
+
+
+def test_the_size_that_trains_the_waiting_trials_soonest_is_chosen():
+    # measured on the README suite's batch-32 experiments under load: 8 members step fastest per member,
+    # but arrays of 8 leave the ninth trial to train alone afterwards
+    rates = {1: 698.0, 2: 1045.0, 4: 1533.0, 8: 1832.0, 9: 1618.0}
+    assert clearing_size(rates, 9) == 9
+    assert clearing_size(rates, 16) == 8  # two full arrays of 8
+    assert clearing_size({1: 500.0, 2: 400.0, 3: 450.0}, 3) == 1  # fusing does not pay: one at a time
+    assert clearing_size({1: 100.0}, 7) == 1
+
+
+def test_auto_measures_on_the_real_data_and_says_what_it_chose():
+    run = tiny_run(loss="infonce")
+    state = torch.get_rng_state()
+    choice = choose(run, waiting=3, array=None)
+    assert torch.equal(torch.get_rng_state(), state)  # measuring leaves the random state as it was
+    assert 1 <= choice.size <= 3
+    assert choice.reason.startswith("member-steps/s by array size {1: ")
+    assert f"arrays of {choice.size} " in choice.reason
+    assert choose(run, waiting=3, array=2).size == 2 and choose(run, waiting=1, array=None).size == 1
