@@ -543,8 +543,8 @@ class Trainer:
         m.model.load_state_dict(state["model"])
         m.criterion.load_state_dict(state["criterion"])
         for p, saved in zip(m.params, state["optimizer"], strict=True):
-            if saved:  # moments laid out as the parameter is (the fused kernel walks them in memory order)
-                self.optimizer.state[p] = {k: _like(p, v) for k, v in saved.items()}
+            if saved:
+                self.optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved.items()}
         m.generator.set_state(state["generator"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
@@ -580,15 +580,6 @@ CHECKPOINT_FORMAT = 1
 def _cloned(state: Any) -> Any:
     """A copy of a state dict (tensors cloned, on the CPU) that training can no longer change."""
     return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
-
-
-def _like(p: Tensor, v: Any) -> Any:
-    """A saved optimizer state entry on ``p``'s device; one of ``p``'s shape also in ``p``'s memory layout."""
-    if not isinstance(v, Tensor):
-        return v
-    if v.shape == p.shape:
-        return torch.empty_like(p, dtype=v.dtype).copy_(v)
-    return v.to(p.device)
 
 
 def _widen(x: Tensor) -> Tensor:
