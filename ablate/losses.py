@@ -390,8 +390,7 @@ class MemberLosses(nn.Module):
             infonces = plan["infonces"]
             scales = plan["scales"]
             if plan["learnable"]:  # a learnable temperature changes every step
-                scales = torch.stack([(c._scale() if c.learnable else torch.tensor(1.0 / c.temperature_value))
-                                      .to(pred.device, dtype) for c in infonces])
+                scales = _scales(infonces, pred.device, dtype)
             mask = None
             if ligand_ids is not None:
                 mask = shared_ligand_mask(ligand_ids) & plan["on"][:, None, None]
@@ -431,8 +430,7 @@ class MemberLosses(nn.Module):
                 "mse": any(w[2] > 0 for w in raw),
                 "infonces": infonces,
                 "learnable": learnable,
-                "scales": None if learnable else torch.stack(
-                    [torch.tensor(1.0 / c.temperature_value).to(device, dtype) for c in infonces]),
+                "scales": None if learnable else _scales(infonces, device, dtype),
                 "symmetric": torch.tensor([c.symmetric for c in infonces], device=device),
                 "on": torch.tensor([self.masks(k) for k in range(k_members)], device=device),
                 "supcon": [k for k, c in enumerate(self.current) if isinstance(c, SupervisedContrastiveLoss)],
@@ -441,6 +439,12 @@ class MemberLosses(nn.Module):
                 "nan": torch.full_like(zero, float("nan")),
             }
         return self._plans[key]
+
+
+def _scales(infonces: list[InfoNCELoss], device: torch.device, dtype: torch.dtype) -> Tensor:
+    """Each member's 1 / temperature [K] (a learnable one as it is now, in the autograd graph)."""
+    return torch.stack([(c._scale() if c.learnable else torch.tensor(1.0 / c.temperature_value)).to(device, dtype)
+                        for c in infonces])
 
 
 _UNIT = InfoNCELoss(1.0)
