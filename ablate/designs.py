@@ -329,11 +329,11 @@ class SearchSpec(StudyDesign):
         """The objective at each trial's best epoch (early stopping) or at its last one."""
         return self.objective_at
 
-
     @property
     def searches(self) -> bool:
         """A search samples its space."""
         return True
+
     @property
     def report_interval(self) -> int | None:
         """Every ``pruner.interval_steps`` epochs (also with pruning off: ``studies show`` reads them)."""
