@@ -158,3 +158,64 @@ def test_background_batches_are_all_written_by_close_and_errors_surface(tracker)
     broken.add({"a": 1.0}, 0)
     with pytest.raises(Exception, match="no-such-run"):
         broken.close()
+
+
+def _stored(client, run_id, keys):
+    history = {k: sorted((m.step, m.timestamp, m.value) for m in client.get_metric_history(run_id, k)) for k in keys}
+    latest = {k: v for k, v in client.get_run(run_id).data.metrics.items()}
+    return history, latest
+
+
+def _same_rows_both_ways(tracker, rows_per_call):
+    """Write the same metric rows through ``write_metrics`` and through MLflow's own ``log_batch``."""
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracker.uri)
+    fast, reference = (tracker.start_run(tracker.test_experiment, name) for name in ("fast", "reference"))
+    for rows in rows_per_call:
+        metrics = [Metric(k, v, ts, step) for k, v, ts, step in rows]
+        tracker.write_metrics(fast, metrics)
+        client.log_batch(reference, metrics=metrics)
+    keys = {r[0] for rows in rows_per_call for r in rows}
+    return _stored(client, fast, keys), _stored(client, reference, keys)
+
+
+def _sql_store_tracker(uri, name):
+    t = Tracker(uri)
+    t.test_experiment = t.experiment_id(name)
+    return t
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_metric_rows_written_straight_into_a_sql_store_read_back_as_log_batch_s(store, tracker, request):
+    if store == "postgresql":
+        tracker = _sql_store_tracker(request.getfixturevalue("postgres_url"), "pg")
+    assert tracker._sql is not None  # the direct path is the one under test
+    calls = [
+        [("loss", 0.9, 1000, 0), ("top1", 0.1, 1000, 0), ("loss", 0.8, 1001, 1), ("top1", 0.2, 1001, 1)],
+        [("loss", 0.7, 1002, 2), ("lr", 1e-3, 1002, 2), ("top1", 0.15, 1002, 2)],
+        # steps out of order: a later call with an earlier step must not replace the latest value
+        [("loss", 0.5, 1003, 1), ("top1", 0.3, 999, 2), ("top1", 0.25, 1002, 2)],
+        [("lr", 5e-4, 1002, 2)],  # same step and time, smaller value: MLflow keeps the larger as latest
+    ]
+    (history, latest), (ref_history, ref_latest) = _same_rows_both_ways(tracker, calls)
+    assert history == ref_history
+    assert latest == ref_latest == {"loss": 0.7, "top1": 0.25, "lr": 1e-3}
+
+
+def test_rows_mlflow_must_judge_go_through_log_batch(tracker):
+    from mlflow.entities import Metric
+
+    client = MlflowClient(tracker.uri)
+    run_id = tracker.start_run(tracker.test_experiment, "judged")
+    row = [Metric("a", 1.0, 1000, 0)]
+    tracker.write_metrics(run_id, row)
+    tracker.write_metrics(run_id, [*row, Metric("a", 2.0, 1001, 1)])  # a row already stored: MLflow skips it
+    assert sorted(m.value for m in client.get_metric_history(run_id, "a")) == [1.0, 2.0]
+    tracker.write_metrics(run_id, [Metric("b", float("nan"), 1000, 0)])  # MLflow's own NaN handling
+    assert math.isnan(client.get_run(run_id).data.metrics["b"])
+    client.delete_run(run_id)
+    with pytest.raises(Exception, match="must be in the 'active' state"):
+        tracker.write_metrics(run_id, [Metric("a", 3.0, 1002, 2)])
+    with pytest.raises(Exception, match="no-such-run"):
+        tracker.write_metrics("no-such-run", row)
