@@ -152,8 +152,12 @@ class Tracker:
     def write_metrics(self, run_id: str, metrics: Sequence[Any]) -> None:
         """Store metric rows (``mlflow.entities.Metric``) of one run: straight into a SQL store's tables, else by
         ``log_batch``."""
-        if self._sql is not None and _insert_metrics(self._sql, run_id, metrics):
-            return
+        if self._sql is not None:
+            try:
+                if _insert_metrics(self._sql, run_id, metrics):
+                    return
+            except Exception:  # an unexpected store (a changed schema, a lost connection): MLflow's own path decides
+                self._sql = None
         for i in range(0, len(metrics), BATCH_LIMIT):
             self.client.log_batch(run_id, metrics=list(metrics[i : i + BATCH_LIMIT]))
 
@@ -495,7 +499,8 @@ def _insert_metrics(store: Any, run_id: str, metrics: Sequence[Any]) -> bool:
 
     if not metrics or not all(math.isfinite(m.value) for m in metrics):
         return not metrics
-    rows, latest = [], {}
+    rows: list[dict[str, Any]] = []
+    latest: dict[str, dict[str, Any]] = {}
     for m in metrics:
         row = {"key": m.key, "value": float(m.value), "timestamp": int(m.timestamp), "step": int(m.step),
                "is_nan": False, "run_uuid": run_id}
@@ -503,14 +508,13 @@ def _insert_metrics(store: Any, run_id: str, metrics: Sequence[Any]) -> bool:
         old = latest.get(m.key)
         if old is None or (row["step"], row["timestamp"], row["value"]) > (old["step"], old["timestamp"], old["value"]):
             latest[m.key] = row
-    if store.engine.dialect.name == "sqlite":
-        from sqlalchemy.dialects.sqlite import insert
-    else:
-        from sqlalchemy.dialects.postgresql import insert
+    from sqlalchemy.dialects import postgresql, sqlite
+
     table = SqlLatestMetric.__table__
-    upsert = insert(table)
-    new = upsert.excluded
-    upsert = upsert.on_conflict_do_update(
+    dialect = sqlite if store.engine.dialect.name == "sqlite" else postgresql
+    insert: Any = dialect.insert(table)
+    new = insert.excluded
+    upsert = insert.on_conflict_do_update(
         index_elements=[table.c.key, table.c.run_uuid],
         set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
         where=sa.tuple_(new.step, new.timestamp, new.value) > sa.tuple_(table.c.step, table.c.timestamp, table.c.value),
@@ -523,8 +527,8 @@ def _insert_metrics(store: Any, run_id: str, metrics: Sequence[Any]) -> bool:
             session.execute(sa.insert(SqlMetric.__table__), rows)
             session.execute(upsert, [latest[k] for k in sorted(latest)])  # one lock order for every writer
     except Exception as e:
-        if isinstance(getattr(e, "__cause__", None), sa.exc.IntegrityError) or isinstance(e, sa.exc.IntegrityError):
-            return False
+        if isinstance(e.__cause__, sa.exc.IntegrityError) or isinstance(e, sa.exc.IntegrityError):
+            return False  # rolled back; MLflow skips the rows it already has
         raise
     return True
 

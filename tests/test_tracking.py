@@ -219,3 +219,20 @@ def test_rows_mlflow_must_judge_go_through_log_batch(tracker):
         tracker.write_metrics(run_id, [Metric("a", 3.0, 1002, 2)])
     with pytest.raises(Exception, match="no-such-run"):
         tracker.write_metrics("no-such-run", row)
+
+
+def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlflow_uri, monkeypatch, request):
+    from mlflow.entities import Metric
+
+    import ablate.tracking as tracking
+
+    tracker = _sql_store_tracker(mlflow_uri, request.node.name)
+    run_id = tracker.start_run(tracker.test_experiment, "fallback")
+
+    def broken(*_):
+        raise RuntimeError("no such column: metrics.value")  # as a changed schema would fail
+
+    monkeypatch.setattr(tracking, "_insert_metrics", broken)
+    tracker.write_metrics(run_id, [Metric("a", 1.0, 1000, 0), Metric("a", 2.0, 1001, 1)])
+    assert sorted(m.value for m in MlflowClient(tracker.uri).get_metric_history(run_id, "a")) == [1.0, 2.0]
+    assert tracker._sql is None  # the tracker does not try the direct path again
