@@ -481,9 +481,11 @@ class Trainer:
         target = val.ligand.expand(k_members, -1, -1)
         ids = val.ligand_id.expand(k_members, -1)
         n_batches = max(1, math.ceil(len(val) / self.spec.effective_batch_size))
-        vloss = self.losses(pred, target, ids)[0].tolist()
-        batched = [k for k in range(k_members) if self.losses.contrastive(k)]
-        if batched and n_batches > 1:  # a contrastive loss is taken over batches of the training size
+        batched = [k for k in range(k_members) if self.losses.contrastive(k)] if n_batches > 1 else []
+        # a loss over the whole set for the members whose loss is per sample; a contrastive one is taken
+        # over batches of the training size
+        vloss = self.losses(pred, target, ids)[0].tolist() if len(batched) < k_members else [0.0] * k_members
+        if batched:
             total = torch.zeros(k_members, dtype=pred.dtype, device=self.device)
             for part in torch.arange(len(val), device=self.device).tensor_split(n_batches):
                 total += self.losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()

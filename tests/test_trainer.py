@@ -271,3 +271,34 @@ def test_adamw_takes_a_group_of_mixed_dtypes_like_torch_optim_adamw():
         ref.step()
     assert opt.fused
     assert all(torch.equal(a, b) for a, b in zip(ours, theirs, strict=True))
+
+
+@pytest.mark.parametrize("loss", ["mse", "infonce"])
+def test_validation_loss_is_the_formula_on_the_model_s_outputs(loss):
+    """val/loss from first principles: MSE over the whole set; InfoNCE (symmetric, shared ligands
+    masked) averaged over batches of the training size, each weighted by its rows."""
+    spec = tiny_run(loss=loss, epochs=1, temperature=0.1, batch_size=16)
+    trainer, history = _history(spec)
+    val = trainer.val
+    pred = trainer.predict(val.pocket).double()
+    target = val.ligand.double()
+    if loss == "mse":
+        want = ((pred - target) ** 2).mean().item()
+    else:
+        n = len(val)
+        parts = torch.arange(n).tensor_split(math.ceil(n / 16))
+        total = 0.0
+        for part in parts:
+            p = torch.nn.functional.normalize(pred[part], dim=1)
+            t = torch.nn.functional.normalize(target[part], dim=1)
+            logits = p @ t.T / 0.1
+            ids = val.ligand_id[part]
+            shared = (ids[:, None] == ids[None, :]) & ~torch.eye(len(part), dtype=torch.bool)
+            logits = logits.masked_fill(shared, float("-inf"))
+            labels = torch.arange(len(part))
+            ce = 0.5 * (torch.nn.functional.cross_entropy(logits, labels)
+                        + torch.nn.functional.cross_entropy(logits.T, labels))
+            total += ce.item() * len(part)
+        want = total / n
+        assert len(parts) > 1
+    assert history[-1].metrics["val/loss"] == pytest.approx(want, rel=1e-5)
