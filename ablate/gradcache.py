@@ -11,7 +11,7 @@ batch.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import torch
@@ -29,6 +29,7 @@ def grad_cache(
     dim: int = 0,
     autocast: Callable[[], contextlib.AbstractContextManager[Any]] = contextlib.nullcontext,
     backward: Callable[[Tensor], None] = Tensor.backward,
+    generators: Sequence[torch.Generator] = (),
 ) -> tuple[Tensor, Tensor]:
     """Accumulate the gradient of a batch-level loss over micro-batches (GradCache).
 
@@ -38,7 +39,8 @@ def grad_cache(
     3. re-embed each micro-batch with the same RNG state and back-propagate its slice of the
        cached gradient. The parameter gradients equal those of one large batch.
 
-    ``dim`` is the batch dimension (1 for an array's [K, B, D]). Returns the loss (detached) and the
+    ``dim`` is the batch dimension (1 for an array's [K, B, D]); ``generators`` are further random streams
+    the model draws from (the members' dropout), replayed too. Returns the loss (detached) and the
     embeddings.
     """
     chunks = x.split(micro_batch, dim=dim)
@@ -47,7 +49,7 @@ def grad_cache(
     reps = []
     with torch.no_grad():
         for xc in chunks:
-            states.append(rng_state(device))
+            states.append((rng_state(device), [g.get_state() for g in generators]))
             with autocast():
                 reps.append(model(xc))
     cached = torch.cat(reps, dim=dim).to(torch.promote_types(reps[0].dtype, torch.float32)).requires_grad_()
@@ -55,7 +57,9 @@ def grad_cache(
     backward(loss)
     assert cached.grad is not None
     for xc, state, grad in zip(chunks, states, cached.grad.split(micro_batch, dim=dim), strict=True):
-        set_rng_state(device, state)
+        set_rng_state(device, state[0])
+        for g, saved in zip(generators, state[1], strict=True):
+            g.set_state(saved)
         with autocast():
             out = model(xc)
         out.backward(grad.to(out.dtype))

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import importlib
 from collections.abc import Sequence
-from typing import Any, Literal
+from typing import Any, Literal, cast
 
 import torch
 import torch.nn.functional as F
@@ -12,6 +12,24 @@ from torch import Tensor, nn
 
 from ablate.errors import AblateError
 from ablate.specs import ModelSpec
+
+
+class Dropout(nn.Dropout):
+    """``nn.Dropout`` that draws its masks from ``generator`` when one is set (the trainer gives each run its
+    own stream, so a run's masks do not depend on what else trains in the process); else from torch's."""
+
+    generator: torch.Generator | None = None
+
+    def forward(self, x: Tensor) -> Tensor:
+        """x, with each element zeroed with probability p and the rest scaled by 1 / (1 - p) in training."""
+        if self.generator is None or not self.training or self.p == 0:
+            return super().forward(x)
+        return x * dropout_mask(x.shape, self.p, self.generator, x)
+
+
+def dropout_mask(shape: Sequence[int], p: float, generator: torch.Generator, like: Tensor) -> Tensor:
+    """Keep-mask / (1 - p) of ``shape``, drawn from ``generator`` (as native dropout scales it)."""
+    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p, generator=generator).div_(1 - p)
 
 
 class ProjectionHead(nn.Module):
@@ -24,7 +42,7 @@ class ProjectionHead(nn.Module):
         for h in hidden:
             layers += [nn.Linear(width, h), nn.GELU()]
             if dropout > 0:
-                layers.append(nn.Dropout(dropout))
+                layers.append(Dropout(dropout))
             width = h
         layers.append(nn.Linear(width, out_dim))
         self.net = nn.Sequential(*layers)
@@ -178,17 +196,27 @@ class MemberModels:
         assert isinstance(template, ProjectionHead)
         h = x
         linear = iter(self._stacks)
-        for layer in template.net:
+        for i, layer in enumerate(template.net):
             if isinstance(layer, nn.Linear):
                 _, w, b = next(linear)
                 h = _StackedLinear.apply(h, w.to(h.dtype), b.to(h.dtype))
             elif isinstance(layer, nn.GELU):
                 h = F.gelu(h)
             elif isinstance(layer, nn.Dropout):
-                h = F.dropout(h, layer.p, template.training)
+                h = self._dropout(h, i, layer.p, template.training)
             else:  # pragma: no cover - ProjectionHead has no other layers
                 raise TypeError(f"cannot stack layer {type(layer).__name__}")
         return h
+
+    def _dropout(self, h: Tensor, index: int, p: float, training: bool) -> Tensor:
+        """Dropout of layer ``index`` on [K, B, D]: each member's mask from its own layer's generator, drawn as
+        that layer draws it alone; one mask over all members where a layer has none."""
+        if not training or p == 0:
+            return h
+        generators = [getattr(m.net[index], "generator", None) for m in self.modules]  # type: ignore[index]
+        if any(g is None for g in generators):
+            return F.dropout(h, p, training)
+        return h * torch.stack([dropout_mask(h.shape[1:], p, cast(torch.Generator, g), h) for g in generators])
 
     def _vmapped(self, x: Tensor) -> Tensor:
         from torch.func import functional_call, vmap

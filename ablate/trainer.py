@@ -37,7 +37,7 @@ from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.models import Fusion, MemberModels, build_model
+from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, build_model
 from ablate.specs import METRIC_KEYS, SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
@@ -128,12 +128,19 @@ def check_batch(spec: RunSpec, n_train: int) -> None:
 class Member:
     """One run of an array: its spec, model, criterion, batch order, best epoch and whether it still trains."""
 
-    def __init__(self, index: int, spec: RunSpec, model: nn.Module, criterion: nn.Module):
+    def __init__(self, index: int, spec: RunSpec, model: nn.Module, criterion: nn.Module, device: torch.device):
         self.index = index
         self.spec = spec
         self.model = model
         self.criterion = criterion
         self.generator = torch.Generator().manual_seed(spec.seed)
+        self.noise = torch.Generator(device).manual_seed(spec.seed ^ _NOISE_SEED)
+        """The built-in head's dropout stream: the member's own, whatever trains beside it. (A user's model draws
+        from torch's stream, alone and under vmap alike.)"""
+        if isinstance(model, ProjectionHead):
+            for layer in model.net:
+                if isinstance(layer, Dropout):
+                    layer.generator = self.noise
         self.best = Best(spec.select_metric)
         self.stopped = False
         self.params: list[nn.Parameter] = [
@@ -177,7 +184,7 @@ class Trainer:
             torch.manual_seed(spec.seed)  # each member's initialisation is the one it has alone
             model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device, dtype)
             criterion = build_loss(spec.loss, **spec.loss_params()).to(self.device, dtype)
-            self.every.append(Member(k, spec, model, criterion))
+            self.every.append(Member(k, spec, model, criterion, self.device))
         self.members = list(self.every)
         """The members still training (``every`` holds them all)."""
         self.models = MemberModels([m.model for m in self.members], fusion)
@@ -432,7 +439,8 @@ class Trainer:
             return seen["loss"].sum()
 
         _, reps = grad_cache(self.models, total, x, y, lid, self.spec.batch_size, dim=1,
-                             autocast=self.amp.autocast, backward=self._backward)
+                             autocast=self.amp.autocast, backward=self._backward,
+                             generators=[m.noise for m in self.members])
         return seen["loss"].detach(), seen["parts"], reps
 
     def _inbatch_correct(self, reps: Tensor, idx: Tensor) -> Tensor:
@@ -531,6 +539,7 @@ class Trainer:
             "criterion": _cloned(m.criterion.state_dict()),
             "optimizer": [_cloned(self.optimizer.state.get(p, {})) for p in m.params],
             "generator": m.generator.get_state(),
+            "noise": m.noise.get_state(),
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "best": {"values": dict(m.best.values), "epochs": dict(m.best.epochs), "state": m.best.state},
@@ -548,6 +557,8 @@ class Trainer:
             if saved:
                 self.optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved.items()}
         m.generator.set_state(state["generator"])
+        if "noise" in state:  # (a checkpoint written before members had their own dropout stream has none)
+            m.noise.set_state(state["noise"])
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
@@ -577,6 +588,9 @@ of members whose loss has none are NaN and left out."""
 
 
 CHECKPOINT_FORMAT = 1
+
+_NOISE_SEED = 0x5DEECE66D
+"""Mixed into a run's seed for its dropout stream, which then differs from its batch-order stream."""
 
 
 def _cloned(state: Any) -> Any:

@@ -83,6 +83,13 @@ def two_layer(in_dim: int, out_dim: int, hidden: int = 12) -> nn.Module:
     return nn.Sequential(nn.Linear(in_dim, hidden), nn.Tanh(), nn.Linear(hidden, out_dim))
 
 
+def wrapped_head(in_dim: int, out_dim: int, dropout: float = 0.3) -> nn.Module:
+    """A user model that holds the built-in head (with dropout) inside its own module: it runs vmapped."""
+    from ablate.models import ProjectionHead
+
+    return nn.Sequential(ProjectionHead(in_dim, out_dim, (16,), dropout))
+
+
 class DataDependent(nn.Module):
     """A model whose forward reads a value back to Python, which torch.func.vmap cannot trace."""
 

@@ -84,6 +84,25 @@ def test_a_member_that_diverges_stops_and_changes_no_other_member():
     _assert_alone(trainer, history, specs, skip={1})
 
 
+DROPOUT = {"hidden": [16], "dropout": 0.3}
+
+
+def test_with_dropout_every_member_draws_its_own_masks_as_it_does_alone():
+    """Dropout > 0: each member's masks come from its own stream, so members still equal their runs alone,
+    through GradCache's replay too, and a member that diverges and is dropped changes no other's masks."""
+    plain = [tiny_run(model=DROPOUT, **m) for m in MEMBERS]
+    trainer, history = _train(plain)
+    assert trainer.models.fusion == "stacked"
+    _assert_alone(trainer, history, plain)
+    cached = [tiny_run(model=DROPOUT, batch_size=8, accumulation_steps=2, **m) for m in (MEMBERS[2], MEMBERS[4])]
+    _assert_alone(*_train(cached), cached)
+    diverging = [tiny_run(model=DROPOUT, **MEMBERS[2]), tiny_run(model=DROPOUT, loss="infonce", seed=9, lr=1e300),
+                 tiny_run(model=DROPOUT, **MEMBERS[4])]
+    trainer, history = _train(diverging)
+    assert [m.index for m in trainer.members] == [0, 2] and len(history[1]) < 3
+    _assert_alone(trainer, history, diverging, skip={1})
+
+
 def test_a_stopped_member_is_dropped_and_the_others_train_on_unchanged():
     specs = [tiny_run(**MEMBERS[0]), tiny_run(**MEMBERS[2]), tiny_run(**MEMBERS[3])]
     train, val = _split(specs[0])
@@ -120,6 +139,16 @@ def test_user_models_run_vmapped_and_equal_their_runs_alone():
     trainer, history = _train(specs)
     assert trainer.models.fusion == "vmap" and trainer.fallback is None
     _assert_alone(trainer, history, specs)
+
+
+def test_a_user_model_with_dropout_draws_different_masks_per_member_under_vmap():
+    """The built-in head inside a user's module: vmapped, its dropout from torch's stream, per member."""
+    specs = [tiny_run(model={"factory": "support:wrapped_head"}, seed=0) for _ in range(2)]
+    trainer, history = _train(specs)
+    assert trainer.models.fusion == "vmap" and trainer.fallback is None
+    assert all(math.isfinite(r.metrics["train/loss"]) for k in (0, 1) for r in history[k])
+    # the same seed, the same data order: only the members' dropout masks tell them apart
+    assert any((a - b).abs().max().item() > 1e-6 for a, b in zip(_params(trainer, 0), _params(trainer, 1), strict=True))
 
 
 def test_a_model_that_cannot_be_vmapped_falls_back_to_separate_members_and_says_why():

@@ -34,7 +34,8 @@ def _grads(model):
     [InfoNCELoss(0.1), InfoNCELoss(0.05, symmetric=False), CombinedLoss(), SupervisedContrastiveLoss(0.1)],
     ids=["infonce", "infonce-p2l", "combined", "supcon"],
 )
-def test_gradcache_gradient_equals_one_large_batch(criterion):
+@pytest.mark.parametrize("stream", ["torch", "own"], ids=["global-rng", "own-generator"])
+def test_gradcache_gradient_equals_one_large_batch(criterion, stream):
     torch.manual_seed(0)
     x = torch.randn(32, 10, dtype=torch.float64)
     y = torch.randn(32, 6, dtype=torch.float64)
@@ -42,14 +43,19 @@ def test_gradcache_gradient_equals_one_large_batch(criterion):
     ids[5] = ids[4]  # a ligand shared by two pockets: masked out of each other's denominators
     criterion = criterion.double()
     model = ProjectionHead(10, 6, (16,), dropout=0.3).double()
+    generator = torch.Generator()
+    if stream == "own":  # dropout draws from a generator of its own (as each run's does in the trainer)
+        model.net[2].generator = generator
 
     torch.manual_seed(1)
+    generator.manual_seed(1)
     criterion(model(x), y, ids).backward()
     big = _grads(model)
 
     model.zero_grad()
     torch.manual_seed(1)
-    grad_cache(model, criterion, x, y, ids, micro_batch=8)
+    generator.manual_seed(1)
+    grad_cache(model, criterion, x, y, ids, micro_batch=8, generators=[generator] if stream == "own" else [])
     cached = _grads(model)
     for g_big, g_cache in zip(big, cached, strict=True):
         assert torch.allclose(g_big, g_cache, atol=1e-6, rtol=0)
