@@ -244,7 +244,12 @@ class MemberModels:
         self.train(False)
 
     def keep(self, members: list[int]) -> None:
-        """Drop every member not listed."""
+        """Drop every member not listed (a dropped member keeps its weights, in tensors of its own)."""
+        for linears, _, _ in self._stacks:
+            for k, lin in enumerate(linears):
+                if k not in members:  # its views would keep the whole stack alive
+                    lin.weight.data = lin.weight.detach().clone()
+                    lin.bias.data = lin.bias.detach().clone()
         self.modules = [self.modules[k] for k in members]
         if len(self.modules) <= 1:
             self.fusion = "loop"

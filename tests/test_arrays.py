@@ -117,6 +117,24 @@ def test_a_stopped_member_is_dropped_and_the_others_train_on_unchanged():
     _assert_alone(trainer, history, specs, skip={1})
 
 
+def test_a_dropped_member_keeps_its_weights_and_frees_the_stacked_tensors():
+    import gc
+    import weakref
+
+    from ablate.models import MemberModels, ProjectionHead
+
+    heads = [ProjectionHead(4, 3, (5,)) for _ in range(3)]
+    models = MemberModels(heads)
+    assert models.fusion == "stacked"
+    before = [p.detach().clone() for p in heads[1].parameters()]
+    stacks = [weakref.ref(t) for _, w, b in models._stacks for t in (w, b)]
+    models.keep([0, 2])
+    gc.collect()
+    assert all(ref() is None for ref in stacks)
+    assert all(torch.equal(a, b) for a, b in zip(before, heads[1].parameters(), strict=True))
+    assert models._stacks[0][1].shape[0] == 2
+
+
 def test_an_array_whose_members_all_stop_together_ends_cleanly():
     """As a worker ends an array: every member stopped after its last epoch, then the loop resumes once more."""
     specs = [tiny_run(**MEMBERS[0]), tiny_run(**MEMBERS[2])]
