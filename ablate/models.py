@@ -28,8 +28,11 @@ class Dropout(nn.Dropout):
 
 
 def dropout_mask(shape: Sequence[int], p: float, generator: torch.Generator, like: Tensor) -> Tensor:
-    """Keep-mask / (1 - p) of ``shape``, drawn from ``generator`` (as native dropout scales it)."""
-    return torch.empty(shape, dtype=like.dtype, device=like.device).bernoulli_(1 - p, generator=generator).div_(1 - p)
+    """Keep-mask / (1 - p) of ``shape`` in ``like``'s dtype, drawn from ``generator`` in float32 or wider (so
+    a half-precision model keeps elements with probability 1 - p, not a rounded one)."""
+    wide = torch.promote_types(like.dtype, torch.float32)
+    mask = torch.empty(shape, dtype=wide, device=like.device).bernoulli_(1 - p, generator=generator)
+    return mask.div_(1 - p).to(like.dtype)
 
 
 class ProjectionHead(nn.Module):
@@ -245,9 +248,10 @@ class MemberModels:
 
     def keep(self, members: list[int]) -> None:
         """Drop every member not listed (a dropped member keeps its weights, in tensors of its own)."""
+        restacked = len(members) > 1
         for linears, _, _ in self._stacks:
             for k, lin in enumerate(linears):
-                if k not in members:  # its views would keep the whole stack alive
+                if k not in members or not restacked:  # its views would keep the whole stack alive
                     lin.weight.data = lin.weight.detach().clone()
                     lin.bias.data = lin.bias.detach().clone()
         self.modules = [self.modules[k] for k in members]

@@ -153,11 +153,14 @@ class Tracker:
         """Store metric rows (``mlflow.entities.Metric``) of one run: straight into a SQL store's tables, else by
         ``log_batch``."""
         if self._sql is not None:
+            import sqlalchemy as sa
+
             try:
                 if _insert_metrics(self._sql, run_id, metrics):
                     return
-            except Exception:  # an unexpected store (a changed schema, a lost connection): MLflow's own path decides
-                self._sql = None
+            except Exception as e:  # MLflow's own path decides; one that will fail again (a changed schema) ends ours
+                if not isinstance(e.__cause__ or e, sa.exc.OperationalError) or "no such" in str(e):
+                    self._sql = None
         for i in range(0, len(metrics), BATCH_LIMIT):
             self.client.log_batch(run_id, metrics=list(metrics[i : i + BATCH_LIMIT]))
 

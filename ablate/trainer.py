@@ -540,6 +540,7 @@ class Trainer:
             "optimizer": [_cloned(self.optimizer.state.get(p, {})) for p in m.params],
             "generator": m.generator.get_state(),
             "noise": m.noise.get_state(),
+            "noise_device": self.device.type,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
             "best": {"values": dict(m.best.values), "epochs": dict(m.best.epochs), "state": m.best.state},
@@ -555,10 +556,14 @@ class Trainer:
         m.criterion.load_state_dict(state["criterion"])
         for p, saved in zip(m.params, state["optimizer"], strict=True):
             if saved:
-                self.optimizer.state[p] = {k: v.to(p.device) if isinstance(v, Tensor) else v for k, v in saved.items()}
+                # copies: training must not change the caller's checkpoint
+                self.optimizer.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
+                                           for k, v in saved.items()}
         m.generator.set_state(state["generator"])
-        if "noise" in state:  # (a checkpoint written before members had their own dropout stream has none)
+        if state.get("noise_device") == self.device.type:
             m.noise.set_state(state["noise"])
+        else:  # saved on another kind of device (or before runs had a dropout stream): a fresh stream per epoch
+            m.noise.manual_seed((m.spec.seed ^ _NOISE_SEED) + int(state["epoch"]) + 1)
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)

@@ -132,6 +132,9 @@ def test_a_dropped_member_keeps_its_weights_and_frees_the_stacked_tensors():
     assert all(storage_bytes(p) == p.nbytes for p in heads[1].parameters())  # its own now
     assert all(torch.equal(a, b) for a, b in zip(before, heads[1].parameters(), strict=True))
     assert all(storage_bytes(p) == 2 * p.nbytes for p in heads[0].parameters())  # the kept: views of stacks of 2
+    models.keep([1])  # one member left: it trains alone, on tensors of its own
+    assert models.fusion == "loop"
+    assert all(storage_bytes(p) == p.nbytes for h in heads for p in h.parameters())
 
 
 def test_an_array_whose_members_all_stop_together_ends_cleanly():

@@ -53,6 +53,26 @@ def test_a_run_restored_from_any_epoch_continues_exactly(spec):
                     assert got[key] == pytest.approx(value, rel=1e-6, abs=1e-9), (cut, key)
 
 
+def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_dropout_stream():
+    """A CUDA generator's state cannot seed a CPU one: the stream is reseeded from the seed and the epoch
+    (as it is for a checkpoint written before runs had a stream of their own)."""
+    spec = tiny_run(loss="infonce", epochs=4, model={"hidden": [16], "dropout": 0.3})
+    train, val = load_split(spec.data)
+    first = Trainer(spec, train, val)
+    head = _trained(first, stop_after=1)
+    state = {**first.checkpoint(0, 1), "history": head}
+    moved = {**state, "noise": torch.zeros(16, dtype=torch.uint8), "noise_device": "cuda"}
+    old = {k: v for k, v in state.items() if k not in ("noise", "noise_device")}
+    tails = []
+    for saved in (moved, old):
+        second = Trainer(spec, train, val)
+        second.restore(0, saved)
+        tails.append([{k: v for k, v in m.items() if k != "epoch_seconds"} for m in _trained(second)])
+    assert len(tails[0]) == 2 and tails[0] == tails[1]
+    straight = _trained(Trainer(spec, train, val))
+    assert tails[0][0]["train/loss"] != straight[2]["train/loss"]  # other masks than the run never stopped
+
+
 SUITE_FILE = """
 kind = "suite"
 name = "resume"

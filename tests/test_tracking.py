@@ -190,7 +190,13 @@ def _sql_store_tracker(uri, name):
 def test_metric_rows_written_straight_into_a_sql_store_read_back_as_log_batch_s(store, tracker, request):
     if store == "postgresql":
         tracker = _sql_store_tracker(request.getfixturevalue("postgres_url"), "pg")
-    assert tracker._sql is not None  # the direct path is the one under test
+    else:
+        tracker = _sql_store_tracker(tracker.uri, request.node.name)
+
+    def refuse(*_, **__):
+        raise AssertionError("the direct path fell back to log_batch")
+
+    tracker.client.log_batch = refuse  # the direct path is the one under test (the reference has its own client)
     calls = [
         [("loss", 0.9, 1000, 0), ("top1", 0.1, 1000, 0), ("loss", 0.8, 1001, 1), ("top1", 0.2, 1001, 1)],
         [("loss", 0.7, 1002, 2), ("lr", 1e-3, 1002, 2), ("top1", 0.15, 1002, 2)],
@@ -199,6 +205,7 @@ def test_metric_rows_written_straight_into_a_sql_store_read_back_as_log_batch_s(
         [("lr", 5e-4, 1002, 2)],  # same step and time, smaller value: MLflow keeps the larger as latest
     ]
     (history, latest), (ref_history, ref_latest) = _same_rows_both_ways(tracker, calls)
+    assert tracker._sql is not None
     assert history == ref_history
     assert latest == ref_latest == {"loss": 0.7, "top1": 0.25, "lr": 1e-3}
 
@@ -232,7 +239,16 @@ def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlf
     def broken(*_):
         raise RuntimeError("no such column: metrics.value")  # as a changed schema would fail
 
+    def locked(*_):
+        import sqlalchemy as sa
+        from mlflow.exceptions import MlflowException
+
+        raise MlflowException("database is locked") from sa.exc.OperationalError("INSERT", {}, Exception("locked"))
+
+    monkeypatch.setattr(tracking, "_insert_metrics", locked)
+    tracker.write_metrics(run_id, [Metric("a", 1.0, 1000, 0)])
+    assert tracker._sql is not None  # a passing failure: that batch went through log_batch, the next tries again
     monkeypatch.setattr(tracking, "_insert_metrics", broken)
-    tracker.write_metrics(run_id, [Metric("a", 1.0, 1000, 0), Metric("a", 2.0, 1001, 1)])
+    tracker.write_metrics(run_id, [Metric("a", 2.0, 1001, 1)])
     assert sorted(m.value for m in MlflowClient(tracker.uri).get_metric_history(run_id, "a")) == [1.0, 2.0]
-    assert tracker._sql is None  # the tracker does not try the direct path again
+    assert tracker._sql is None  # one that will fail again: the tracker does not try the direct path again
