@@ -285,9 +285,14 @@ def seeds_for_power(
         raise ValueError(f"power must lie strictly between 0 and 1, got {power}")
     if diff == 0 or max_n < 2:
         return None
-    ns = np.arange(2, max_n + 1)
-    reached = np.flatnonzero(_power(ns, diff, sd, paired, alpha) >= power)  # NaN compares False
-    return int(ns[reached[0]]) if reached.size else None
+    start = 2
+    while start <= max_n:  # the smallest n first: most answers lie below 64, and each n costs a noncentral t
+        ns = np.arange(start, min(max_n, max(2 * start, 64)) + 1)
+        reached = np.flatnonzero(_power(ns, diff, sd, paired, alpha) >= power)  # NaN compares False
+        if reached.size:
+            return int(ns[reached[0]])
+        start = int(ns[-1]) + 1
+    return None
 
 
 def sd_for_power(a: Sequence[float], b: Sequence[float], *, paired: bool) -> float:

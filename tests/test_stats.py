@@ -225,6 +225,11 @@ def test_seeds_for_power_matches_the_noncentral_t_and_textbook_sample_sizes():
     assert seeds_for_power(0.0, 1.0, paired=True) is None
     assert seeds_for_power(float("nan"), 1.0, paired=True) is None
     assert seeds_for_power(0.5, 1.0, paired=False, max_n=63) is None
+    # d = 0.2: 393 per group (Cohen, 1988, Table 2.4.1), far past the first n tried
+    n = seeds_for_power(0.2, 1.0, paired=False)
+    assert n in (393, 394)  # Cohen's table rounds the normal approximation
+    assert t_test_power(0.2, 1.0, n - 1, paired=False) < 0.8 <= t_test_power(0.2, 1.0, n, paired=False)
+    assert seeds_for_power(0.2, 1.0, paired=False, max_n=n - 1) is None
     assert seeds_for_power(0.5, 0.0, paired=False) is None
 
 
