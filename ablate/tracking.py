@@ -63,11 +63,11 @@ class Tracker:
         try:
             with _first_use_lock(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
+                self._sql = _sql_store(self.client)
         except Exception as e:
             raise AblateError(
                 f"cannot open the MLflow store {self._shown}: {_first_line(mask_url(str(e)))}"
             ) from None
-        self._sql = _sql_store(self.client)
 
     @property
     def shown_uri(self) -> str:
@@ -482,11 +482,14 @@ _UPSERT_DIALECTS = ("sqlite", "postgresql")
 
 def _sql_store(client: Any) -> Any | None:
     """MLflow's SQLAlchemy store behind a client when its database takes our upsert (SQLite, PostgreSQL), else None."""
-    from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
+    try:
+        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
 
-    store = getattr(getattr(client, "_tracking_client", None), "store", None)
-    if isinstance(store, SqlAlchemyStore) and store.engine.dialect.name in _UPSERT_DIALECTS:
-        return store
+        store = getattr(getattr(client, "_tracking_client", None), "store", None)
+        if isinstance(store, SqlAlchemyStore) and store.engine.dialect.name in _UPSERT_DIALECTS:
+            return store
+    except Exception:  # an MLflow that keeps its store elsewhere: log_batch for every row
+        pass
     return None
 
 
