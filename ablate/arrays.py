@@ -63,7 +63,8 @@ def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
         return ArrayChoice(1, "float16 with a gradient scaler: members train alone")
     state = torch.get_rng_state()
     try:  # measuring (models are built and trained) leaves the random state as it was
-        train, val = load_split(run.data)
+        split = load_split(run.data)
+        train, val = split.train, split.val
         cap = max(1, memory_cap(run, train.pocket_dim, train.ligand_dim, device))
         sizes = [k for k in CANDIDATES if k <= min(waiting, cap)]
         if waiting <= cap and waiting not in sizes and waiting < CANDIDATES[-1]:

@@ -11,7 +11,7 @@ import hashlib
 import json
 import math
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
@@ -19,12 +19,13 @@ from optuna.trial import TrialState
 from ablate import stats, studies
 from ablate.designs import StudySpec, SuiteSpec
 from ablate.records import TrialRecord
-from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better
+from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better, is_test, on_split
 from ablate.stats import Comparison, Summary
 
 ALPHA = 0.05
-AT = ("final", "best")
-REPORT_FORMAT = 3
+AT = ("final", "selected")
+"""Where a run's numbers are read: its last epoch, or its validation-selected epoch (its test metrics are there)."""
+REPORT_FORMAT = 4
 """Bumped when the comparison's content changes, so cached reports are rebuilt."""
 
 
@@ -37,9 +38,19 @@ class TrialResult:
     seed: int
     state: str
     final: dict[str, float]
-    best: dict[str, float]
+    selected: dict[str, float]
+    """Every validation (and training) metric at the run's selected epoch."""
+    test: dict[str, float]
+    """The selected model's test metrics."""
     run_id: str | None
     note: str = ""
+    best_epoch: int = -1
+    stopped_early_at: int | None = None
+    split: str = ""
+
+    def at(self, at: str) -> dict[str, float]:
+        """The run's metrics at its last epoch (``final``) or at its selected epoch with its test metrics."""
+        return self.final if at == "final" else {**self.selected, **self.test}
 
 
 @dataclass(frozen=True)
@@ -95,14 +106,25 @@ class SuiteReport:
         return self.rows[(experiment, metric, at)]
 
     @property
+    def headline_at(self) -> str:
+        """Where the headline is read: a test metric at each run's selected epoch, a validation one at the last."""
+        return headline_at(self.spec)
+
+    @property
+    def chosen_by(self) -> str:
+        """The validation metric that chooses the winner: the headline's, measured on validation."""
+        return on_split(self.spec.objective, "val")
+
+    @property
     def winner(self) -> str:
-        """The experiment with the best mean of the headline metric at the final epoch."""
-        metric = self.spec.objective
+        """The experiment with the best mean of the headline's validation metric (at the headline's epoch):
+        chosen on validation, never on test."""
+        metric, at = self.chosen_by, self.headline_at
         sign = 1.0 if better(metric) == "maximize" else -1.0
         scored = [
-            (sign * self.row(e, metric).summary.mean, -i, e)
+            (sign * self.row(e, metric, at).summary.mean, -i, e)
             for i, e in enumerate(self.spec.experiments)
-            if math.isfinite(self.row(e, metric).summary.mean)
+            if (e, metric, at) in self.rows and math.isfinite(self.row(e, metric, at).summary.mean)
         ]
         return max(scored)[2] if scored else self.baseline
 
@@ -112,14 +134,14 @@ class SuiteReport:
         return not self.missing
 
     def headline(self) -> list[Comparison]:
-        """The comparisons that decide the suite: every experiment against the baseline on the objective, final."""
+        """The comparisons that decide the suite: every experiment against the baseline on the objective."""
         return [c for e in self.spec.experiments
-                if (c := self.row(e, self.spec.objective).comparison) is not None]
+                if (c := self.row(e, self.spec.objective, self.headline_at).comparison) is not None]
 
     def stamp(self) -> str:
         """A hash of what the comparison is computed from (spec, finished trials, report format)."""
         doc = [REPORT_FORMAT, self.spec.model_dump(mode="json"),
-               [(r.number, r.experiment, r.seed, r.state, r.final, r.best, r.note) for r in self.trials]]
+               [(r.number, r.experiment, r.seed, r.state, r.final, r.selected, r.test, r.note) for r in self.trials]]
         return hashlib.sha256(json.dumps(doc, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
     def rows_document(self) -> list[dict[str, Any]]:
@@ -148,8 +170,8 @@ def collect(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
         if exp not in spec.experiments or seed not in spec.seeds or (exp, seed) in seen:
             continue
         seen.add((exp, seed))
-        results.append(TrialResult(rec.number, str(exp), int(seed), rec.state, rec.final, rec.best, rec.run_id,
-                                   rec.note))
+        results.append(TrialResult(rec.number, str(exp), int(seed), rec.state, rec.final, rec.selected, rec.test,
+                                   rec.run_id, rec.note, rec.best_epoch, rec.stopped_early_at, rec.split))
         if rec.floors:
             floors.setdefault(str(exp), rec.floors)
     report = SuiteReport(study.study_name, spec, sorted(results, key=lambda r: (r.experiment, r.seed)),
@@ -160,16 +182,36 @@ def collect(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
 
 def build_report(study: optuna.Study, spec: SuiteSpec) -> SuiteReport:
     """Collect a suite's finished trials and compute every row of the comparison."""
-    report = collect(study, spec)
-    for at in AT:
-        for metric in report_metrics(spec):
-            _fill(report, metric, at)
+    return compute(collect(study, spec))
+
+
+def compute(report: SuiteReport) -> SuiteReport:
+    """Every row of a collected report's comparison (``report_rows``), computed from its trials."""
+    for metric, at in report_rows(report.spec):
+        _fill(report, metric, at)
     return report
 
 
-def report_metrics(spec: SuiteSpec) -> list[str]:
-    """The metrics a suite's report compares: its objective first, then the retrieval and screening metrics."""
-    return list(dict.fromkeys([spec.objective, *SUMMARY_METRICS, *SCREENING_METRICS]))
+def headline_at(spec: SuiteSpec) -> str:
+    """Where a suite's headline is read: a test metric at each run's selected epoch, any other at the last epoch."""
+    return "selected" if is_test(spec.objective) else "final"
+
+
+def report_metrics(spec: SuiteSpec, split: Literal["val", "test"] = "val") -> list[str]:
+    """The metrics a suite's report compares on one split (``val`` or ``test``): its objective's first, then
+    the retrieval and screening metrics."""
+    names = [on_split(m, split) for m in (spec.objective, *SUMMARY_METRICS, *SCREENING_METRICS)]
+    return list(dict.fromkeys(m for m in names if m.startswith(f"{split}/")))
+
+
+def report_rows(spec: SuiteSpec) -> list[tuple[str, str]]:
+    """Every (metric, where) the report compares: test metrics at the selected epoch, validation metrics there and
+    at the last epoch (the claims' metrics included)."""
+    rows = [(m, "selected") for m in report_metrics(spec, "test")]
+    rows += [(m, at) for at in ("selected", "final") for m in report_metrics(spec, "val")]
+    rows += [(c.metric, "selected" if is_test(c.metric) else "final") for c in spec.claims.values()]
+    rows.append((spec.objective, headline_at(spec)))
+    return list(dict.fromkeys(rows))
 
 
 def pairing(spec: SuiteSpec, experiment: str) -> tuple[bool, str]:
@@ -190,7 +232,7 @@ def _by_seed(report: SuiteReport, experiment: str, metric: str, at: str) -> dict
     out = {}
     for r in report.trials:
         if r.experiment == experiment and r.note != "diverged":
-            v = (r.final if at == "final" else r.best).get(metric)
+            v = r.at(at).get(metric)
             if v is not None:
                 out[r.seed] = v
     return out
@@ -248,6 +290,8 @@ class TrialRow:
     epochs: int
     note: str
     params: dict[str, Any] = field(default_factory=dict)
+    test: dict[str, float] = field(default_factory=dict)
+    """The trial's selected model on the test split (shown for the best trial; nothing chooses by it)."""
 
 
 @dataclass
@@ -289,15 +333,16 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
         if rec.number in retried_as:
             note += f"; retried as #{retried_as[rec.number]}"
         rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != "FAIL" else None,
-                             rec.epochs, note, dict(t.params)))
+                             rec.epochs, note, dict(t.params), rec.test))
     complete = [r for r in rows if r.state == "COMPLETE" and r.value is not None]
     best = None
-    if complete:
+    chooses = not is_test(metric)  # a suite's test headline is reported, never used to pick a trial
+    if complete and chooses:
         best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0)
     finished = [r.value for r in rows if r.state in ("COMPLETE", "PRUNED") and r.value is not None]
     return SearchSummary(
         metric, rows, studies.counts(study), best, _importances(study) if spec.searches else {},
-        stats.expected_max([v for v in finished if v is not None], maximize), waiting,
+        stats.expected_max([v for v in finished if v is not None], maximize) if chooses else [], waiting,
     )
 
 

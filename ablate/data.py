@@ -99,8 +99,16 @@ def load_pairs(path: str | Path) -> PairedEmbeddings:
 
     ``ligand_id`` and ``pocket_id`` are optional (rows with identical ligand, or pocket, vectors then
     share an id) and may hold integers or strings. Any problem ends in one AblateError naming the
-    file and the array.
+    file and the array. A ``split`` array is checked but not returned (see ``load_split``).
     """
+    return _load(path)[0]
+
+
+SPLIT_NAMES = ("train", "val", "test")
+
+
+def _load(path: str | Path) -> tuple[PairedEmbeddings, np.ndarray | None]:
+    """The pairs of a data file and its own split labels (``"train"``, ``"val"``, ``"test"`` per row), if any."""
     p = Path(path)
     if not p.is_file():
         raise AblateError(f"{p}: no such data file (give a .npz, .pt or .parquet file, or 'synthetic')")
@@ -112,7 +120,30 @@ def load_pairs(path: str | Path) -> PairedEmbeddings:
         raise
     except Exception as e:  # a corrupt or foreign file
         raise AblateError(f"{p}: cannot read {p.suffix} file ({type(e).__name__}: {e})") from None
-    return _validated(p, arrays)
+    pairs = _validated(p, arrays)
+    labels = _split_labels(p, arrays["split"], len(pairs)) if "split" in arrays else None
+    return pairs, labels
+
+
+def _split_labels(p: Path, a: Any, n: int) -> np.ndarray:
+    """A file's ``split`` array as strings, each "train", "val" or "test"; anything else is an error naming the row."""
+    a = np.asarray(a)
+    if a.ndim != 1 or len(a) != n:
+        raise AblateError(f"{p}: array 'split' must be 1-D with one label per row ({n}), got shape {a.shape}")
+    if a.dtype.kind not in "USO":
+        raise AblateError(f"{p}: array 'split' must hold the strings \"train\", \"val\" or \"test\" "
+                          f"(dtype {a.dtype})")
+    labels = np.array([x.decode() if isinstance(x, bytes) else x for x in a.tolist()], dtype=object)
+    bad = [i for i, x in enumerate(labels) if x not in SPLIT_NAMES]
+    if bad:
+        shown = "missing" if labels[bad[0]] is None else repr(labels[bad[0]])
+        raise AblateError(f"{p}: array 'split' has {len(bad)} row(s) that are not \"train\", \"val\" or "
+                          f"\"test\" (first: row {bad[0]}, {shown}); label every row")
+    for name in ("train", "val"):
+        if not (labels == name).any():
+            raise AblateError(f"{p}: array 'split' has no {name!r} rows; a run needs pairs to train on and "
+                              "pairs to select its epoch on")
+    return labels.astype(str)
 
 
 def _read_npz(p: Path) -> dict[str, Any]:
@@ -277,60 +308,131 @@ def synthetic_pairs(spec: SyntheticSpec | None = None, seed: int = 0) -> PairedE
 # --------------------------------------------------------------------------------------
 
 
-def split(
-    data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand"
-) -> tuple[PairedEmbeddings, PairedEmbeddings]:
-    """(train, val). ``by="ligand"`` (``"pocket"``) keeps every ligand (pocket) on one side only; ``"random"``
-    splits rows."""
-    if not 0 < val_fraction < 1:
-        raise AblateError(f"val_fraction must be in (0, 1), got {val_fraction}")
+@dataclass(frozen=True)
+class Split:
+    """The train, validation and test pairs of a data spec, the rows each came from, and how they were cut.
+
+    ``rows`` holds row indices into the data file (for ``test`` into the test file when the spec
+    names one): with the data, ``split.json`` and a run's model every test number can be recomputed.
+    """
+
+    train: PairedEmbeddings
+    val: PairedEmbeddings
+    test: PairedEmbeddings
+    rows: dict[str, list[int]]
+    how: str
+    """One phrase: "ligand-disjoint split, 60/20/20 %", "the data file's own split", ..."""
+
+    def fingerprint(self) -> str:
+        """A content hash of the three parts (logged with every run, so results name their data)."""
+        return "+".join(part.fingerprint() for part in (self.train, self.val, self.test))
+
+    def document(self) -> dict[str, list[int]]:
+        """``split.json``: the row indices of each part."""
+        return {name: self.rows[name] for name in SPLIT_NAMES}
+
+
+def split_rows(data: PairedEmbeddings, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
+               by: str = "ligand") -> dict[str, Tensor]:
+    """Row indices of train, val and test. ``by="ligand"`` (``"pocket"``) keeps every ligand (pocket) in one part
+    only; ``"random"`` splits rows. Validation takes the first shuffled units up to its fraction, test the next."""
+    for name, fraction in (("val_fraction", val_fraction), ("test_fraction", test_fraction)):
+        if not 0 <= fraction < 1 or (name == "val_fraction" and fraction == 0):
+            raise AblateError(f"{name} must be in (0, 1), got {fraction}")
     g = torch.Generator().manual_seed(seed)
     n = len(data)
     if by == "random":
         perm = torch.randperm(n, generator=g)
         n_val = max(1, round(n * val_fraction))
-        val_idx, train_idx = perm[:n_val], perm[n_val:]
+        n_test = max(1, round(n * test_fraction)) if test_fraction > 0 else 0
+        parts = {"val": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
     elif by in ("ligand", "pocket"):
         ids = (data.ligand_id if by == "ligand" else data.pocket_id).cpu()
         uniq, inverse, counts = torch.unique(ids, return_inverse=True, return_counts=True)
         order = torch.randperm(len(uniq), generator=g)
         cum = torch.cumsum(counts[order], 0)
-        n_val_ligands = int(torch.searchsorted(cum, torch.tensor(n * val_fraction)).item()) + 1
-        is_val_ligand = torch.zeros(len(uniq), dtype=torch.bool)
-        is_val_ligand[order[:n_val_ligands]] = True
-        in_val = is_val_ligand[inverse]
-        val_idx, train_idx = in_val.nonzero().flatten(), (~in_val).nonzero().flatten()
+        n_val = int(torch.searchsorted(cum, torch.tensor(n * val_fraction)).item()) + 1
+        n_test = 0
+        if test_fraction > 0:
+            n_test = int(torch.searchsorted(cum, torch.tensor(n * (val_fraction + test_fraction))).item()) + 1 - n_val
+            n_test = max(1, n_test)
+        part = torch.zeros(len(uniq), dtype=torch.long)  # 0 train, 1 val, 2 test
+        part[order[:n_val]] = 1
+        part[order[n_val:n_val + n_test]] = 2
+        of_row = part[inverse]
+        parts = {name: (of_row == code).nonzero().flatten() for code, name in enumerate(SPLIT_NAMES)}
     else:
         raise AblateError(f"unknown split {by!r}; use 'ligand', 'pocket' or 'random'")
-    if len(train_idx) == 0 or len(val_idx) == 0:
+    wanted = ("train", "val", "test") if test_fraction > 0 else ("train", "val")
+    if any(len(parts[name]) == 0 for name in wanted):
+        sizes = ", ".join(f"{name} {len(parts[name])}" for name in wanted)
         raise AblateError(
-            f"a {by} split of {n} pairs with val_fraction {val_fraction} leaves one side empty"
+            f"a {by} split of {n} pairs with val_fraction {val_fraction}"
+            + (f" and test_fraction {test_fraction}" if test_fraction > 0 else "")
+            + f" leaves a part empty ({sizes}); use more data or other fractions"
         )
-    return data.subset(train_idx), data.subset(val_idx)
+    return parts
 
 
-_CACHE: dict[str, tuple[PairedEmbeddings, PairedEmbeddings]] = {}
+def split(
+    data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand", test_fraction: float = 0.0
+) -> tuple[PairedEmbeddings, PairedEmbeddings, PairedEmbeddings]:
+    """(train, val, test) as cut by ``split_rows`` (test is empty when ``test_fraction`` is 0)."""
+    rows = split_rows(data, val_fraction, test_fraction, seed, by)
+    return data.subset(rows["train"]), data.subset(rows["val"]), data.subset(rows["test"])
 
 
-def load_split(spec: DataSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
-    """The (train, val) pairs a data spec names; cached per process, so trials share one load."""
+_CACHE: dict[str, Split] = {}
+
+
+def load_split(spec: DataSpec) -> Split:
+    """The train, validation and test pairs a data spec names; cached per process, so trials share one load."""
     key = spec.model_dump_json()
     if key not in _CACHE:
-        if spec.source == "synthetic":
-            data = synthetic_pairs(spec.synthetic, seed=spec.seed)
-        else:
-            data = load_pairs(spec.source)
-        _CACHE[key] = split(data, spec.val_fraction, spec.seed, spec.split)
+        _CACHE[key] = _make_split(spec)
     return _CACHE[key]
+
+
+def _make_split(spec: DataSpec) -> Split:
+    labels = None
+    if spec.source == "synthetic":
+        data = synthetic_pairs(spec.synthetic, seed=spec.seed)
+    else:
+        data, labels = _load(spec.source)
+    external = _load(spec.test_source)[0] if spec.test_source is not None else None
+    if labels is not None:
+        if external is not None and (labels == "test").any():
+            raise AblateError(f"{spec.source}: its 'split' array has test rows and data.test_source "
+                              f"({spec.test_source}) names a test set too; drop one of them")
+        if external is None and not (labels == "test").any():
+            raise AblateError(f"{spec.source}: its 'split' array has no 'test' rows; label some rows \"test\" "
+                              "or name a test set with --test-data FILE (data.test_source)")
+        rows = {name: torch.from_numpy(np.flatnonzero(labels == name)) for name in SPLIT_NAMES}
+        how = "the data file's own split"
+    else:
+        test_fraction = 0.0 if external is not None else spec.test_fraction
+        rows = split_rows(data, spec.val_fraction, test_fraction, spec.seed, spec.split)
+        shares = [len(rows[name]) / len(data) for name in SPLIT_NAMES if len(rows[name])]
+        how = f"{spec.split}-disjoint split" if spec.split != "random" else "random split"
+        how += ", " + "/".join(f"{100 * s:.0f}" for s in shares) + " %"
+    if external is not None:
+        if (external.pocket_dim, external.ligand_dim) != (data.pocket_dim, data.ligand_dim):
+            raise AblateError(
+                f"{spec.test_source}: its pairs are {external.pocket_dim} -> {external.ligand_dim} wide but "
+                f"{spec.source}'s are {data.pocket_dim} -> {data.ligand_dim}; a test set must match the training data")
+        rows["test"] = torch.arange(len(external))
+        how += f"; test pairs from {spec.test_source}"
+    test = external if external is not None else data.subset(rows["test"])
+    return Split(data.subset(rows["train"]), data.subset(rows["val"]), test,
+                 {name: [int(i) for i in rows[name]] for name in SPLIT_NAMES}, how)
 
 
 _FINGERPRINTS: dict[str, str] = {}
 
 
 def split_fingerprint(spec: DataSpec) -> str:
-    """A content hash of the (train, val) split a data spec names, computed once per process."""
+    """A content hash of the train, validation and test pairs a data spec names, computed once per process."""
     key = spec.model_dump_json()
     if key not in _FINGERPRINTS:
-        train, val = load_split(spec)
-        _FINGERPRINTS[key] = f"{train.fingerprint()}+{val.fingerprint()}"
+        _FINGERPRINTS[key] = load_split(spec).fingerprint()
     return _FINGERPRINTS[key]

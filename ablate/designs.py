@@ -21,14 +21,18 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_vali
 from ablate.errors import AblateError
 from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
 from ablate.specs import (
+    METRIC_KEYS,
     RUN_FIELDS,
     SHAPING_FIELDS,
     MetricKey,
+    ReportKey,
     RunSpec,
     StabilitySpec,
     _Strict,
     apply_values,
     better,
+    is_test,
+    on_split,
     validate,
 )
 
@@ -63,7 +67,7 @@ class StudyDesign(_Strict):
     kind: str
     name: str
     description: str = ""
-    objective: MetricKey
+    objective: ReportKey
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description"})
     """Top-level keys that change what is reported, not what is trained (left out of the identity)."""
@@ -83,8 +87,13 @@ class StudyDesign(_Strict):
 
     @property
     def judged_at(self) -> Literal["best", "final"]:
-        """A trial's value: the objective at its best epoch or at its last one."""
+        """A trial's value: the objective at its selected epoch or at its last one."""
         return "final"
+
+    @property
+    def watched(self) -> str:
+        """The metric shown while trials train: the objective, measured on validation."""
+        return on_split(self.objective, "val")
 
     @property
     def searches(self) -> bool:
@@ -154,7 +163,7 @@ class StudyDesign(_Strict):
 class ClaimSpec(_Strict):
     """A predicted gain over the baseline, in percent, that the suite's report checks."""
 
-    metric: MetricKey
+    metric: ReportKey
     low: float
     high: float
     source: str = ""
@@ -170,7 +179,8 @@ class SuiteSpec(StudyDesign):
     """An ablation: named experiments (each a RunSpec) trained over the same seeds."""
 
     kind: Literal["suite"] = "suite"
-    objective: MetricKey = Field("val/top1", validation_alias=AliasChoices("objective", "metric"))
+    objective: ReportKey = Field("test/top1", validation_alias=AliasChoices("objective", "metric"))
+    """The headline: a test metric is read at each run's validation-selected epoch, any other at the last epoch."""
     baseline: str = ""
     seeds: list[Annotated[int, Field(ge=0, lt=2**31)]] = Field(default=[0, 1, 2], min_length=1)
     experiments: dict[str, RunSpec]
@@ -203,6 +213,11 @@ class SuiteSpec(StudyDesign):
                 f"{', '.join(self.experiments)}"
             )
         return self
+
+    @property
+    def judged_at(self) -> Literal["best", "final"]:
+        """A test headline is read at each run's selected epoch (its test metrics are there), others at the last."""
+        return "best" if is_test(self.objective) else "final"
 
     @property
     def baseline_name(self) -> str:
@@ -278,6 +293,7 @@ class SearchSpec(StudyDesign):
     base: RunSpec
     params: dict[str, ParamSpec]
     objective: MetricKey = "val/mrr"
+    """What the search optimises: a validation metric (each trial's epoch is selected by it too), never a test one."""
     objective_at: Literal["best", "final"] = "best"
     direction: Direction | None = None
     n_trials: Annotated[int, Field(ge=1)] = 30
@@ -288,6 +304,16 @@ class SearchSpec(StudyDesign):
     confirm_seeds: list[int] = Field(default=[1000, 1001, 1002], min_length=2)
 
     REPORT_ONLY: ClassVar[frozenset[str]] = frozenset({"description", "n_trials"})
+
+    @field_validator("objective", mode="before")
+    @classmethod
+    def _not_test(cls, v: Any) -> Any:
+        if isinstance(v, str) and is_test(v):
+            raise ValueError(
+                f"a search's objective cannot be a test metric ({v}): it chooses trials, and a test number that "
+                f"chooses is no longer an estimate on unseen pairs; optimise {on_split(v, 'val')} and read {v} "
+                "in the best trial's and --confirm's reports")
+        return v
 
     @model_validator(mode="after")
     def _check(self) -> SearchSpec:
@@ -438,9 +464,9 @@ class SearchSpec(StudyDesign):
         experiments = {f"trial{number}": apply_values(self.base, dict(values)) for number, values in ranked}
         return SuiteSpec(
             name=f"{self.name}-confirm",
-            description=f"The top {len(experiments)} configurations of {study_name}, "
-            f"re-trained with seeds {self.confirm_seeds} that the search never saw.",
-            objective=self.objective,
+            description=f"The top {len(experiments)} configurations of {study_name} (ranked by {self.objective}), "
+            f"re-trained with seeds {self.confirm_seeds} that the search never saw and scored on the test split.",
+            objective=on_split(self.objective, "test"),
             seeds=list(self.confirm_seeds),
             experiments=experiments,
         )
@@ -518,6 +544,9 @@ def _search_from_document(doc: dict[str, Any], source: str) -> SearchSpec:
     base = doc.get("base", {})
     if not isinstance(base, dict):
         raise AblateError(f"{source}: base must be a table, got {type(base).__name__}")
+    objective = doc.get("objective", SearchSpec.model_fields["objective"].default)
+    if isinstance(objective, str) and objective in METRIC_KEYS:
+        base = {"select_metric": objective, **base}  # each trial's epoch is selected by what the search optimises
     return validate(SearchSpec, {**doc, "base": validate(RunSpec, base, source, "base")}, source)
 
 

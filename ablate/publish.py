@@ -22,7 +22,7 @@ from ablate.tracking import Tracker
 
 def curve_keys(report: SuiteReport) -> list[str]:
     """The metrics drawn per epoch: the objective, the retrieval and screening metrics, the training loss."""
-    return list(dict.fromkeys([report.spec.objective, *SUMMARY_METRICS, *SCREENING_METRICS, "train/loss"]))
+    return list(dict.fromkeys([report.chosen_by, *SUMMARY_METRICS, *SCREENING_METRICS, "train/loss"]))
 
 
 def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str]) -> dict[str, dict[str, list[list[float]]]]:
@@ -63,6 +63,8 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
         md.write_text(markdown(report, [str(p) for p in plots]))
         data = out_dir / REPORT_JSON
         data.write_text(json.dumps({"study": report.study_name, "stamp": report.stamp(),
+                                    "objective": report.spec.objective, "headline_at": report.headline_at,
+                                    "chosen_by": report.chosen_by, "winner": report.winner,
                                     "files": [md.name, *(p.name for p in plots)], "rows": report.rows_document()},
                                    indent=1))
     return [md, data, *plots]
@@ -94,12 +96,12 @@ def cached_report(report: SuiteReport, out_dir: Path) -> list[Path] | None:
 def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Sequence[Path]) -> None:
     """Put the comparison on the suite's parent run: its files, the whole comparison as a table
     (comparison.json, a table in the UI), the verdict as the run's description, and one headline
-    metric per experiment (the objective's final mean), so the charts stay readable."""
+    metric per experiment (the headline's mean), so the charts stay readable."""
     for f in files:
         tracker.log_artifact(parent_run_id, f, "report")
     tracker.log_table(parent_run_id, comparison_table(report), "comparison.json")
     objective = report.spec.objective
-    tracker.log_metrics(parent_run_id, {f"{e}/{objective}": report.row(e, objective).summary.mean
+    tracker.log_metrics(parent_run_id, {f"{e}/{objective}": report.row(e, objective, report.headline_at).summary.mean
                                         for e in report.spec.experiments})
     tracker.set_tags(parent_run_id, {
         "ablate.winner": report.winner,

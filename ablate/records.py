@@ -31,7 +31,14 @@ QUEUED = "ablate.queued"
 SKIPPED = "ablate.skipped"
 """Why a trial was dropped without training (created after the queue ran dry)."""
 LABEL, VALUES, RUN_ID = "label", "values", "mlflow_run_id"
-FINAL, BEST, BEST_EPOCH, EPOCHS = "final", "best", "best_epoch", "epochs_trained"
+FINAL, SELECTED, BEST_EPOCH, EPOCHS = "final", "selected", "best_epoch", "epochs_trained"
+"""Every metric at the last epoch, every metric at the validation-selected epoch, that epoch, epochs trained."""
+TEST = "test"
+"""The selected model's test metrics (measured once, when the run ended; nothing chooses by them)."""
+SPLIT = "split"
+"""How the run's pairs were split ("ligand-disjoint split, 60/20/20 %", ...)."""
+STOPPED_EARLY = "stopped_early_at"
+"""The epoch after which early stopping (patience) ended the trial's run."""
 PRUNED_BY, DIVERGED, ERROR = "pruned_by", "diverged", "error"
 CHECKPOINT = "checkpoint_epoch"
 """The last epoch checkpointed into the trial's MLflow run (a failed trial with one can be resumed)."""
@@ -58,7 +65,8 @@ class TrialRecord:
     values: dict[str, Any]
     run_id: str | None
     final: dict[str, float]
-    best: dict[str, float]
+    selected: dict[str, float]
+    test: dict[str, float]
     best_epoch: int
     epochs: int
     stop: dict[str, Any]
@@ -68,6 +76,8 @@ class TrialRecord:
     queued: bool
     skipped: str
     reported: dict[int, float] = field(default_factory=dict)
+    stopped_early_at: int | None = None
+    split: str = ""
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
@@ -77,12 +87,14 @@ class TrialRecord:
             number=t.number, state=t.state.name, value=t.value,
             label=str(a.get(LABEL) or _label(t.params or fixed_params(t))),
             values=dict(a.get(VALUES) or t.params), run_id=a.get(RUN_ID),
-            final=dict(a.get(FINAL) or {}), best=dict(a.get(BEST) or {}),
+            final=dict(a.get(FINAL) or {}), selected=dict(a.get(SELECTED) or {}), test=dict(a.get(TEST) or {}),
             best_epoch=int(a.get(BEST_EPOCH, -1)), epochs=int(a.get(EPOCHS, len(t.intermediate_values))),
             stop=dict(a.get(PRUNED_BY) or {}), floors=dict(a.get(FLOORS) or {}), diverged=bool(a.get(DIVERGED)),
             error=str(a.get(ERROR) or ""),
             queued=bool(a.get(QUEUED)), skipped=str(a.get(SKIPPED) or ""),
             reported=dict(t.intermediate_values),
+            stopped_early_at=None if a.get(STOPPED_EARLY) is None else int(a[STOPPED_EARLY]),
+            split=str(a.get(SPLIT) or ""),
         )
 
     @property
@@ -111,12 +123,20 @@ def write_run(trial: optuna.Trial, run_id: str) -> None:
 
 
 def write_result(
-    trial: optuna.Trial, *, final: Mapping[str, float], best: Mapping[str, float], best_epoch: int,
+    trial: optuna.Trial, *, final: Mapping[str, float], selected: Mapping[str, float], best_epoch: int,
     epochs: int, diverged: bool, stop: Instability | None, floors: Mapping[str, float] | None = None,
+    test: Mapping[str, float] | None = None, stopped_early_at: int | None = None, split: str = "",
 ) -> None:
-    """Record a trained trial's results (finite values only), its random floors, and why it stopped early."""
+    """Record a trained trial's results (finite values only): the last epoch's metrics, the selected epoch's and its
+    test metrics, its random floors, and why it stopped early."""
     trial.set_user_attr(FINAL, {k: v for k, v in final.items() if math.isfinite(v)})
-    trial.set_user_attr(BEST, dict(best))
+    trial.set_user_attr(SELECTED, {k: v for k, v in selected.items() if math.isfinite(v)})
+    if test:
+        trial.set_user_attr(TEST, {k: v for k, v in test.items() if math.isfinite(v)})
+    if stopped_early_at is not None:
+        trial.set_user_attr(STOPPED_EARLY, stopped_early_at)
+    if split:
+        trial.set_user_attr(SPLIT, split)
     trial.set_user_attr(EPOCHS, epochs)
     trial.set_user_attr(BEST_EPOCH, best_epoch)
     if floors:

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ablate.compare import AT, Row, SearchSummary, SuiteReport, report_metrics
+from ablate.compare import Row, SearchSummary, SuiteReport, report_metrics
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
-from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
+from ablate.specs import SCREENING_METRICS, is_test, on_split
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -88,13 +88,22 @@ def _n_note(report: SuiteReport, metric: str, at: str) -> tuple[str, bool]:
     return (f"{ns.pop()} seeds", False) if len(ns) == 1 else ("seeds", True)
 
 
+def where(metric: str, at: str) -> str:
+    """Where a number was measured, in words: 'test, selected model', 'validation, final epoch', ..."""
+    if is_test(metric):
+        return "test, selected model"
+    if metric.startswith("train/"):
+        return f"training, {at} epoch"
+    return f"validation, {at} epoch"
+
+
 def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
-    """One metric at the final or best epoch: each experiment against the baseline, in 80 columns."""
+    """One metric at the final or selected epoch: each experiment against the baseline, in 80 columns."""
     tests = sorted({r.comparison.test for e in report.spec.experiments
                     if (r := report.row(e, metric, at)).comparison is not None})
     seeds, per_row = _n_note(report, metric, at)
-    table = Table(title=f"{metric}, {at} epoch, {seeds}: mean ± 95 % CI; difference from {report.baseline!r} "
-                  f"[95 % CI]; {' / '.join(tests) or 'no'} test, Holm-adjusted (* < 0.05)",
+    table = Table(title=f"{metric} ({where(metric, at)}), {seeds}: mean ± 95 % CI; difference from "
+                  f"{report.baseline!r} [95 % CI]; {' / '.join(tests) or 'no'} test, Holm-adjusted (* < 0.05)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("experiment", no_wrap=True)
     table.add_column("mean ± CI", justify="right", no_wrap=True)
@@ -106,24 +115,26 @@ def comparison_table(report: SuiteReport, metric: str, at: str) -> Table:
         r = report.row(e, metric, at)
         s = r.summary
         mean = _num(s.mean) + (f" ± {_num(s.half_width)}" if math.isfinite(s.half_width) else "")
-        name = e + (" ★" if e == report.winner and metric == report.spec.objective and at == "final" else "")
+        name = e + (" ★" if e == report.winner and metric == report.spec.objective and at == report.headline_at else "")
         name += f" (n={s.n})" if per_row else ""
         diff = _diff(r) if r.comparison is not None else "(baseline)"
         table.add_row(name, mean, diff, _holm(r), _better(r), _seeds(r))
     table.caption = ("P(>): probability that the experiment beats the baseline (per seed pair when paired); "
-                     "seeds*: seeds per experiment for 80 % power at the observed difference")
+                     f"seeds*: seeds per experiment for 80 % power at the observed difference; ★ chosen on "
+                     f"{report.chosen_by} ({where(report.chosen_by, report.headline_at)})")
     table.caption_justify = "left"
     return table
 
 
 def overview_table(report: SuiteReport, at: str, metrics: Sequence[str]) -> Table:
-    """Metrics at the final or best epoch: mean and change against the baseline (and, for screening
+    """Metrics at the final or selected epoch: mean and change against the baseline (and, for screening
     metrics, what a random ranking scores)."""
-    table = Table(title=f"{at} epoch: mean and change vs {report.baseline!r} in % (* Holm-adjusted p < 0.05)",
+    table = Table(title=f"{where(metrics[0], at)}: mean and change vs {report.baseline!r} in % "
+                  "(* Holm-adjusted p < 0.05)",
                   title_justify="left", box=box.SIMPLE_HEAD, padding=(0, 1), pad_edge=False)
     table.add_column("experiment", no_wrap=True)
     for m in metrics:
-        table.add_column(m.removeprefix("val/"), justify="right", no_wrap=True)
+        table.add_column(m.split("/", 1)[-1], justify="right", no_wrap=True)
     for e in report.spec.experiments:
         cells = []
         for m in metrics:
@@ -137,52 +148,84 @@ def overview_table(report: SuiteReport, at: str, metrics: Sequence[str]) -> Tabl
     return table
 
 
-def _has(report: SuiteReport, metric: str) -> bool:
-    return any(math.isfinite(report.row(e, metric).summary.mean) for e in report.spec.experiments)
+def _has(report: SuiteReport, metric: str, at: str) -> bool:
+    return any((e, metric, at) in report.rows and math.isfinite(report.row(e, metric, at).summary.mean)
+               for e in report.spec.experiments)
+
+
+def sections(report: SuiteReport) -> list[tuple[str, str, list[str]]]:
+    """The report's tables of means: (heading, where, metrics): the selected models on test, validation at the
+    selected epoch (biased upwards by the selection), validation at the final epoch."""
+    select = ", ".join(sorted({f"`{r.select_metric}`" for r in report.spec.experiments.values()}))
+    out = [
+        ("Test: each run's selected model, scored once", "selected", report_metrics(report.spec, "test")),
+        (f"Validation at the selected epoch (biased upwards: {select} chose that epoch on these pairs)", "selected",
+         report_metrics(report.spec, "val")),
+        ("Validation at the final epoch", "final", report_metrics(report.spec, "val")),
+    ]
+    return [(title, at, [m for m in metrics if _has(report, m, at)]) for title, at, metrics in out]
 
 
 def suite_tables(report: SuiteReport) -> list[Table]:
-    """The comparison for a terminal: the objective in detail at both epochs, then every metric's means
-    (retrieval, then virtual screening with a random ranking's scores beside them)."""
-    m = report.spec.objective
-    retrieval = list(dict.fromkeys([m, *SUMMARY_METRICS]))
-    screening = [k for k in SCREENING_METRICS if k != m and _has(report, k)]
-    tables = [comparison_table(report, m, "final"), comparison_table(report, m, "best")]
-    for at in AT:
-        tables.append(overview_table(report, at, retrieval))
-        if screening:
-            tables.append(overview_table(report, at, screening))
+    """The comparison for a terminal: the headline in detail, then the test metrics of the selected models and
+    the validation metrics at the final epoch (retrieval, then virtual screening with a random ranking's scores)."""
+    tables = [comparison_table(report, report.spec.objective, report.headline_at)]
+    screening = {m.split("/", 1)[1] for m in SCREENING_METRICS}
+    for title, at, metrics in sections(report):
+        if title.startswith("Validation at the selected"):
+            continue
+        for group in ([m for m in metrics if m.split("/", 1)[1] not in screening],
+                      [m for m in metrics if m.split("/", 1)[1] in screening]):
+            if group:
+                tables.append(overview_table(report, at, group))
     return tables
 
 
-def verdict(report: SuiteReport) -> list[str]:
-    """Sentences: the winner, and each predicted gain against the measured one."""
+def selection_rule(report: SuiteReport) -> str:
+    """One sentence: what chose each run's model, the winner and the headline, and on which pairs."""
+    runs = report.spec.experiments.values()
+    select = " / ".join(sorted({f"{r.select_metric}" for r in runs}))
+    patience = sorted({r.patience for r in runs if r.patience is not None})
+    stopping = (f", stopping after {' / '.join(map(str, patience))} epochs without improvement" if patience
+                else "")
     m = report.spec.objective
+    scored = (f"test metrics ({m} the headline) score that model once and choose nothing" if is_test(m)
+              else f"the headline {m} is read at the final epoch")
+    return (f"Each run keeps its epoch with the best {select} on validation{stopping}; {scored}; the winner is "
+            f"chosen on {report.chosen_by} ({where(report.chosen_by, report.headline_at)}).")
+
+
+def verdict(report: SuiteReport) -> list[str]:
+    """Sentences: what was chosen on what, the winner, and each predicted gain against the measured one."""
+    m, at = report.spec.objective, report.headline_at
     w = report.winner
-    lines = []
+    lines = [selection_rule(report)]
     if w == report.baseline:
-        lines.append(f"No experiment beats the baseline {report.baseline!r} on {m} (final epoch).")
+        lines.append(f"No experiment beats the baseline {report.baseline!r} on {report.chosen_by} "
+                     f"({where(report.chosen_by, at)}).")
+        r = None
     else:
-        r = report.row(w, m)
+        r = report.row(w, m, at)
         sig = ("significantly (Holm-adjusted p" + _p(r.p_holm) + ")" if r.significant
                else f"but not significantly ({_evidence(r)})")
+        chosen = f"Best on {report.chosen_by}: {w!r}" + (f"; on {m} ({where(m, at)})" if m != report.chosen_by else "")
         lines.append(
-            f"Best on {m}: {w!r}, {_num(r.summary.mean)} vs {_num(report.row(report.baseline, m).summary.mean)} "
+            f"{chosen}: {_num(r.summary.mean)} vs {_num(report.row(report.baseline, m, at).summary.mean)} "
             f"for {report.baseline!r} ({r.change_pct:+.1f} %), {sig}."
         )
     for exp, claim in report.spec.claims.items():
-        r = report.row(exp, claim.metric)
+        r = report.row(exp, claim.metric, "selected" if is_test(claim.metric) else "final")
         ch = r.change_pct
         if not math.isfinite(ch):
             lines.append(f"Claim for {exp!r} ({claim.low:+g} to {claim.high:+g} % on {claim.metric}): "
                          "not measurable yet.")
             continue
-        where = "within" if claim.low <= ch <= claim.high else ("above" if ch > claim.high else "below")
+        in_range = "within" if claim.low <= ch <= claim.high else ("above" if ch > claim.high else "below")
         sig = f"significant, Holm-adjusted p{_p(r.p_holm)}" if r.significant else f"not significant, {_evidence(r)}"
         lines.append(
             f"Claim for {exp!r}: {claim.low:+g} to {claim.high:+g} % on {claim.metric}"
             + (f" ({claim.source})" if claim.source else "")
-            + f"; measured {ch:+.1f} % ({sig}): {where} the predicted range."
+            + f"; measured {ch:+.1f} % ({sig}): {in_range} the predicted range."
         )
     return lines
 
@@ -200,59 +243,94 @@ def _test_name(test: str) -> str:
 
 
 def _against_baseline(report: SuiteReport) -> list[str]:
-    """report.md's table of the objective's comparisons: difference, tests, P(better), seeds for 80 % power."""
+    """report.md's tables of the headline's comparisons (and of its validation metric at the final epoch):
+    difference, tests, P(better), seeds for 80 % power."""
     m = report.spec.objective
     out = [f"## `{m}` against `{report.baseline}`", "",
            "Difference of means with its 95 % interval (paired where paired); the test and its p-value, "
            "unadjusted and Holm-adjusted; the probability that the experiment beats the baseline (over seed "
            "pairs when paired, over all pairs of runs otherwise) with a 95 % bootstrap interval; and how many "
            "seeds per experiment would detect the observed difference with 80 % power (two-sided, 5 %).", ""]
-    for at in AT:
-        out += [f"**{'Final' if at == 'final' else 'Best'} epoch**", "",
+    shown = list(dict.fromkeys([(m, report.headline_at), (report.chosen_by, "final")]))
+    for metric, at in shown:
+        out += [f"**`{metric}`, {where(metric, at)}**", "",
                 "| experiment | n | difference [95 % CI] | test | p | p (Holm) | P(better) [95 % CI] "
                 "| seeds for 80 % power |",
                 "|---|---:|---:|---|---:|---:|---:|---:|"]
         for e in report.spec.experiments:
-            r = report.row(e, m, at)
+            r = report.row(e, metric, at)
             if r.comparison is None:
                 continue
             c = r.comparison
             out.append(f"| {e} | {c.n} | {_diff(r)} | {c.test} | {_p(c.p).lstrip('=')} | {_holm(r)} | "
                        f"{_better(r, interval=True)} | {_seeds(r)} |")
         out.append("")
-    reasons = {report.row(e, m).why for e in report.spec.experiments if e != report.baseline}
+    reasons = {report.row(e, m, report.headline_at).why for e in report.spec.experiments if e != report.baseline}
     out += [f"Pairing: {'; '.join(sorted(reasons))}.", ""]
     return out
 
 
 def _floor_row(report: SuiteReport, metrics: Sequence[str]) -> list[str]:
-    """A Markdown row with what a random ranking of the baseline's validation set scores, if known."""
+    """A Markdown row with what a random ranking of the baseline's pairs scores, if known."""
     floors = report.floors.get(report.baseline, {})
     if not any(m in floors for m in metrics):
         return []
     return ["| *random ranking* | | " + " | ".join(_num(floors[m]) if m in floors else "" for m in metrics) + " |"]
 
 
+def _tables_markdown(report: SuiteReport, level: str, marks: bool = True) -> list[str]:
+    """Each section of means as a Markdown table, every cell with its change and Holm-adjusted p (``marks``: the
+    baseline and the winner marked beside their names)."""
+    out: list[str] = []
+    for title, at, metrics in sections(report):
+        if not metrics:
+            continue
+        out += [f"{level} {title}", "", "| experiment | n | " + " | ".join(f"`{m}`" for m in metrics) + " |",
+                "|---|---:|" + "---:|" * len(metrics)]
+        for e in report.spec.experiments:
+            label = e + (" (baseline)" if e == report.baseline else "") + (" ★" if e == report.winner else "")
+            label = label if marks else e
+            n = report.row(e, metrics[0], at).summary.n
+            out.append(f"| {label} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
+        out += [*_floor_row(report, metrics), ""]
+    return out
+
+
+def _epochs_note(report: SuiteReport) -> list[str]:
+    """How many runs early stopping ended, and where the selected epochs fell."""
+    ended = [r for r in report.trials if r.stopped_early_at is not None]
+    selected = sorted(r.best_epoch + 1 for r in report.trials if r.best_epoch >= 0)
+    if not selected:
+        return []
+    text = (f"Selected epochs (1-based): median {selected[len(selected) // 2]}, from {selected[0]} to "
+            f"{selected[-1]}.")
+    if ended:
+        text += (f" Early stopping ended {len(ended)} of {len(report.trials)} runs, after "
+                 f"{min(r.stopped_early_at for r in ended if r.stopped_early_at is not None) + 1} to "
+                 f"{max(r.stopped_early_at for r in ended if r.stopped_early_at is not None) + 1} epochs.")
+    return [text, ""]
+
+
 def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
-    """report.md: method, tables at the final and best epoch, claims, per-trial notes, plots."""
+    """report.md: method, verdict, the headline's comparisons, tables on test and validation, notes, plots."""
     spec = report.spec
     out = [f"# {report.study_name}", ""]
     if spec.description:
         out += [spec.description, ""]
-    runs = spec.experiments[report.baseline]
+    split = next((r.split for r in report.trials if r.experiment == report.baseline and r.split), "")
     out += [
-        f"Seeds: {', '.join(map(str, spec.seeds))}. Data: `{runs.data.source}` "
-        f"({runs.data.split}-disjoint split, {runs.data.val_fraction:.0%} validation). "
-        f"Headline metric: `{spec.objective}`.",
+        f"Seeds: {', '.join(map(str, spec.seeds))}. Data: `{spec.experiments[report.baseline].data.source}`"
+        + (f" ({split})" if split else "")
+        + f". Headline metric: `{spec.objective}` ({where(spec.objective, report.headline_at)}).",
+        "",
+        selection_rule(report),
         "",
         "Each cell: mean ± half-width of the 95 % Student-t confidence interval over seeds; "
         f"in brackets the change of the mean against `{report.baseline}` and the p-value of the test "
         "against it, Holm-adjusted over the experiments compared for that metric (* = below 0.05). "
         f"The test is paired by seed ({_test_name(spec.test)}) where an experiment has the baseline's data "
         "and model: the seed then fixes the same split, initial weights and batch order in both, and "
-        "pairing removes that shared variance. Otherwise it is Welch's t-test. 'best' takes each seed's "
-        "best epoch for that metric, which favours every experiment by selection on the validation set; "
-        "'final' does not.",
+        "pairing removes that shared variance. Otherwise it is Welch's t-test.",
         "",
     ]
     if report.missing:
@@ -260,23 +338,14 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
                 f"{', '.join(report.missing)}.", ""]
     out += ["## Verdict", ""] + [f"- {line}" for line in verdict(report)] + [""]
     out += _against_baseline(report)
-    metrics = report_metrics(spec)
-    for at in AT:
-        out += [f"## {'Final' if at == 'final' else 'Best'} epoch", ""]
-        out.append("| experiment | n | " + " | ".join(f"`{m}`" for m in metrics) + " |")
-        out.append("|---|---:|" + "---:|" * len(metrics))
-        for e in spec.experiments:
-            label = e + (" (baseline)" if e == report.baseline else "") + (" ★" if e == report.winner else "")
-            n = report.row(e, spec.objective, at).summary.n
-            out.append(f"| {label} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
-        out += [*_floor_row(report, metrics), ""]
+    out += _tables_markdown(report, "##")
+    out += _epochs_note(report)
     notes = [r for r in report.trials if r.note]
     if notes:
         out += ["## Notes", ""] + [f"- {r.experiment} seed {r.seed}: {r.note}" for r in notes] + [""]
     if plots:
         out += ["## Curves", ""] + [f"![{Path(p).stem}]({Path(p).name})" for p in plots] + [""]
     return "\n".join(out)
-
 
 
 
@@ -362,20 +431,11 @@ class LogLines:
                            f"{time.monotonic() - began:.1f} s ({self.done}/{self.total} done)")
 
 
+
 def suite_markdown(report: SuiteReport) -> str:
     """The comparison as full-width Markdown tables (for logs: nothing is cut to a terminal's width)."""
-    lines = _against_baseline(report)
-    metrics = report_metrics(report.spec)
-    for at in AT:
-        lines += [f"**{'Final' if at == 'final' else 'Best'} epoch**: mean ± 95 % CI (change, Holm-adjusted p)", "",
-                  "| experiment | n | " + " | ".join(f"`{m}`" for m in metrics) + " |",
-                  "|---|---:|" + "---:|" * len(metrics)]
-        for e in report.spec.experiments:
-            n = report.row(e, report.spec.objective, at).summary.n
-            lines.append(f"| {e} | {n} | " + " | ".join(cell(report.row(e, m, at)) for m in metrics) + " |")
-        lines += [*_floor_row(report, metrics), ""]
-    return "\n".join(lines)
-
+    return "\n".join([*_against_baseline(report), *_tables_markdown(report, "####", marks=False),
+                      *_epochs_note(report)])
 
 # --------------------------------------------------------------------------------------
 # A study's trials
@@ -395,8 +455,12 @@ def _facts(summary: SearchSummary) -> list[str]:
         out.append(f"{summary.waiting} trial(s) waiting in the queue")
     out.append("trials by state: " + ", ".join(f"{k} {v}" for k, v in summary.states.items()))
     if summary.best is not None:
-        out.append(f"best: trial #{summary.best.number} {summary.best.label} -> "
-                   f"{summary.metric} {fmt(summary.best.value)}")
+        best = summary.best
+        test = on_split(summary.metric, "test")
+        scored = (f"; its selected model on test: {test} {fmt(best.test[test])} (scored once, chooses nothing)"
+                  if test in best.test else "")
+        out.append(f"best (chosen on {summary.metric}): trial #{best.number} {best.label} -> "
+                   f"{summary.metric} {fmt(best.value)}{scored}")
     if summary.importances:
         out.append("parameter importances (fANOVA): " + ", ".join(
             f"{k} {v:.2f}" for k, v in summary.importances.items()))

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate import checkpoints, stability
-from ablate.data import split_fingerprint
+from ablate.data import load_split, split_fingerprint
 from ablate.specs import RunSpec, StabilitySpec
 from ablate.stability import Instability
 from ablate.tracking import MetricBatch, Tracker, environment_tags
@@ -35,7 +35,13 @@ class RunOutcome:
     member: Member
     stopped: Instability | None = None
     floors: dict[str, float] = field(default_factory=dict)
-    """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...)."""
+    """What a random ranking scores on the validation and test sets (val/ef1 -> 1.0, test/ef1 -> 1.0, ...)."""
+    test: dict[str, float] = field(default_factory=dict)
+    """The selected model's metrics on the test split (``test/...``), measured once when the run ended."""
+    stopped_early_at: int | None = None
+    """The epoch after which early stopping ended the run (``patience``)."""
+    split: str = ""
+    """How the run's pairs were split (``data.Split.how``)."""
 
     @property
     def spec(self) -> RunSpec:
@@ -48,13 +54,13 @@ class RunOutcome:
         return self.history[-1] if self.history else {}
 
     @property
-    def best(self) -> dict[str, float]:
-        """The best value of each metric of the vocabulary over the epochs (in its direction)."""
-        return dict(self.member.best.values)
+    def selected(self) -> dict[str, float]:
+        """Every metric at the selected epoch (the best validation value of the run's selection metric)."""
+        return dict(self.member.best.metrics)
 
     @property
     def best_run(self) -> Best:
-        """The run's best epoch and model."""
+        """The run's selected epoch and model."""
         return self.member.best
 
     @property
@@ -125,6 +131,7 @@ def train_and_log_members(
     members = trainer.every
     resume = resume or {}
     fingerprint = split_fingerprint(trainer.spec.data)
+    how = load_split(trainer.spec.data).how
     outcomes: list[RunOutcome] = []
     logged: dict[int, int] = {}  # a resumed run's last epoch already in MLflow: it is not logged twice
     for k, member in enumerate(members):
@@ -133,7 +140,7 @@ def train_and_log_members(
             trainer.restore(k, state)
             tracker.set_status(run_id, "RUNNING")
             tracker.set_tags(run_id, {"ablate.resumed_from_epoch": trainer.start_epoch})
-            outcomes.append(RunOutcome(run_id, list(state["history"]), member))
+            outcomes.append(RunOutcome(run_id, list(state["history"]), member, split=how))
             logged[k] = max((m.step for m in tracker.client.get_metric_history(run_id, "train/loss")), default=-1)
             continue
         run_tags = {
@@ -142,12 +149,13 @@ def train_and_log_members(
             "ablate.amp": trainer.amp.label,
             "ablate.data": member.spec.data.source,
             "ablate.data_fingerprint": fingerprint,
+            "ablate.split": how,
             **({"ablate.array_size": len(members), "ablate.fusion": trainer.models.fusion} if len(members) > 1 else {}),
             **environment_tags(),
             **tags[k],
         }
         run_id = tracker.start_run(experiment_id, run_names[k], run_tags, parent_run_id)
-        outcomes.append(RunOutcome(run_id, [], member))
+        outcomes.append(RunOutcome(run_id, [], member, split=how))
     writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
     batches: dict[int, MetricBatch] = {}
     open_runs = set(range(len(members)))
@@ -170,7 +178,8 @@ def train_and_log_members(
             if k not in resume:
                 spec = outcome.spec
                 tracker.log_params(outcome.run_id, {**spec.applicable(), "train_pairs": len(trainer.train),
-                                                    "val_pairs": len(trainer.val)})
+                                                    "val_pairs": len(trainer.val),
+                                                    "test_pairs": 0 if trainer.test is None else len(trainer.test)})
                 tracker.log_dict(outcome.run_id, spec.model_dump(mode="json"), "spec.json")
             batches[k] = MetricBatch(tracker, outcome.run_id, background=writer)
             for epoch in range(logged.get(k, -1) + 1, len(outcome.history) if k in resume else 0):
@@ -189,15 +198,19 @@ def train_and_log_members(
                         "nonfinite", f"non-finite validation output at epoch {result.epoch}", {"epoch": result.epoch})
                 elif on_epoch is not None:
                     outcome.stopped = on_epoch(k, result, outcome.history)
-                if outcome.stopped is not None or result.epoch == trainer.spec.epochs - 1:
+                if result.stopped_early:
+                    outcome.stopped_early_at = result.epoch
+                if outcome.stopped is not None or result.stopped_early or result.epoch == trainer.spec.epochs - 1:
                     trainer.stop(k)
                     ended.append(k)
                 elif on_checkpoint is not None:
                     snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
             for k in ended:
-                outcomes[k].floors = dict(trainer.floors)
+                outcomes[k].test, test_floors = trainer.score_test(k)
+                outcomes[k].floors = {**trainer.floors, **test_floors}
                 snapshots.pop(k, None)
-                _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer)
+                _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer,
+                        ended=True)
                 if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
                     checkpoints.remove(tracker, outcomes[k].run_id)
                 tracker.end_run(outcomes[k].run_id, "FINISHED")
@@ -223,8 +236,9 @@ def train_and_log_members(
 
 
 def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best: str | Path | None,
-            trainer: Trainer) -> None:
-    """Send the run's last metrics, then its end tags, final metrics and (if asked) the best model."""
+            trainer: Trainer, ended: bool = False) -> None:
+    """Send the run's last metrics, then its end tags and summary; for a run that ended (not one interrupted) also
+    its test metrics (step = the selected epoch), its selected model and (if asked) that model's file."""
     batch.close()
     run_id, best = outcome.run_id, outcome.best_run
     end_tags: dict[str, Any] = {"ablate.epochs_trained": len(outcome.history)}
@@ -233,18 +247,26 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best
     if outcome.stopped is not None:
         end_tags["ablate.stopped_by"] = outcome.stopped.rule
         end_tags["ablate.stop_reason"] = outcome.stopped.message
+    if outcome.stopped_early_at is not None:
+        end_tags["ablate.stopped_early_at"] = outcome.stopped_early_at
     if best.epoch >= 0:
         end_tags["ablate.best_epoch"] = best.epoch
+        end_tags["ablate.selected_by"] = best.select
     tracker.set_tags(run_id, end_tags)
     if outcome.floors:  # constant for the run: parameters, not per-epoch metrics
         tracker.log_params(run_id, {f"random {k}": round(v, 6) for k, v in outcome.floors.items()
                                     if math.isfinite(v)})
+    if ended and outcome.test:
+        tracker.log_metrics(run_id, outcome.test, step=best.epoch)
     if outcome.history:
         tracker.log_dict(
             run_id,
-            {"final": {k: v for k, v in outcome.final.items() if math.isfinite(v)}, "best": outcome.best,
-             "best_epoch": best.epoch, "select_metric": outcome.spec.select_metric},
+            {"final": {k: v for k, v in outcome.final.items() if math.isfinite(v)}, "selected": outcome.selected,
+             "best_epoch": best.epoch, "select_metric": best.select,
+             "test": {k: v for k, v in outcome.test.items() if math.isfinite(v)}},
             "final_metrics.json",
         )
+    if ended and (model := trainer.selected_model(outcome.member.index)) is not None:
+        tracker.log_model(run_id, model.cpu())
     if save_best is not None and best.state is not None:
         trainer.save_best(save_best, outcome.member.index)

@@ -139,8 +139,20 @@ class StudySession:
                                    {"ablate.study": study.study_name, "ablate.kind": spec.kind,
                                     **environment_tags()}, start_ms=studies.span_ms(study)[0])
         tracker.log_dict(parent, spec_document(spec), "study_spec.json")
+        self._log_splits(parent)
         study.set_user_attr(records.PARENT_RUN, parent)
         return str(parent)
+
+    def _log_splits(self, parent: str) -> None:
+        """The row indices of every split the study's runs train, validate and test on (``split.json``; one file per
+        data spec, named by its fingerprint, when runs differ in their data)."""
+        from ablate.data import load_split  # torch loads where a command trains
+        from ablate.tracking import SPLIT_FILE
+
+        splits = [load_split(data) for data in dict.fromkeys(run.data for _, run in self.spec.preflight_runs())]
+        for split in splits:
+            name = SPLIT_FILE if len(splits) == 1 else f"split-{split.fingerprint()}.json"
+            self.tracker.log_dict(parent, split.document(), name)
 
     def context(self) -> Context:
         """What a worker in this process needs."""

@@ -37,14 +37,47 @@ MetricKey = Literal[
     "val/bedroc",
     "val/auroc",
 ]
+"""The metrics a run is selected, stopped, pruned and searched by: training and validation, never test."""
 METRIC_KEYS: tuple[str, ...] = MetricKey.__args__  # type: ignore[attr-defined]
-LOWER_IS_BETTER = frozenset({"train/loss", "val/loss", "val/median_rank"})
+
+TestKey = Literal[
+    "test/loss",
+    "test/cosine",
+    "test/top1",
+    "test/top5",
+    "test/top10",
+    "test/mrr",
+    "test/median_rank",
+    "test/ef0.5",
+    "test/ef1",
+    "test/ef2",
+    "test/ef5",
+    "test/bedroc",
+    "test/auroc",
+]
+"""The test metrics: each run's validation-selected model scored once on the test split (one value per run)."""
+TEST_KEYS: tuple[str, ...] = TestKey.__args__  # type: ignore[attr-defined]
+
+ReportKey = MetricKey | TestKey
+"""What a suite's headline and a claim may name: any metric, test metrics included."""
+
+LOWER_IS_BETTER = frozenset({"train/loss", "val/loss", "val/median_rank", "test/loss", "test/median_rank"})
 
 SUMMARY_METRICS: tuple[str, ...] = ("val/cosine", "val/top1", "val/top5", "val/top10", "val/mrr")
-"""The retrieval metrics a suite compares across experiments (final and best epoch)."""
+"""The retrieval metrics a suite compares across experiments."""
 
 SCREENING_METRICS: tuple[str, ...] = ("val/ef1", "val/ef5", "val/bedroc", "val/auroc")
 """The virtual-screening metrics a suite compares (every pocket screens the validation ligands)."""
+
+
+def is_test(key: str) -> bool:
+    """Whether a metric is measured on the test split."""
+    return key.startswith("test/")
+
+
+def on_split(key: str, split: Literal["val", "test"]) -> str:
+    """The same metric measured on another split: ``on_split("test/top1", "val")`` is ``"val/top1"``."""
+    return f"{split}/{key.split('/', 1)[1]}" if key.startswith(("val/", "test/")) else key
 
 
 def better(key: str) -> Literal["maximize", "minimize"]:
@@ -98,13 +131,27 @@ class SyntheticSpec(_Strict):
 
 
 class DataSpec(_Strict):
-    """Where the pairs come from and how they are split into train and validation."""
+    """Where the pairs come from and how they are split into train, validation and test.
+
+    A data file with a ``split`` array keeps its own split (the fractions and ``split`` are then
+    unused); ``test_source`` scores on another file's pairs instead of a test split of ``source``.
+    """
 
     source: str = "synthetic"
     val_fraction: Fraction = 0.2
+    test_fraction: Fraction = 0.2
     split: Literal["ligand", "pocket", "random"] = "ligand"
     seed: int = 0
+    test_source: str | None = None
     synthetic: SyntheticSpec = SyntheticSpec()
+
+    @model_validator(mode="after")
+    def _room_to_train(self) -> DataSpec:
+        if self.test_source is None and self.val_fraction + self.test_fraction >= 1:
+            raise ValueError(
+                f"val_fraction ({self.val_fraction}) and test_fraction ({self.test_fraction}) leave no pairs to "
+                "train on; their sum must be below 1")
+        return self
 
 
 class RunSpec(_Strict):
@@ -135,6 +182,7 @@ class RunSpec(_Strict):
     device: str = "auto"
     amp: bool | None = None
     select_metric: MetricKey = "val/mrr"
+    patience: Annotated[int, Field(ge=1)] | None = None
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
 
@@ -160,6 +208,13 @@ class RunSpec(_Strict):
         if self.stage3_start is not None:
             return self.stage3_start
         return self.stage1_epochs + self.stage2_epochs
+
+    @property
+    def last_stage_start(self) -> int:
+        """The first epoch (0-based) of the run's last stage: where early stopping starts counting."""
+        if self.loss != "multistage":
+            return 0
+        return self.stage3 if self.stage3 < self.epochs else self.stage1_epochs
 
     @property
     def effective_batch_size(self) -> int:

@@ -42,11 +42,17 @@ _GROUPED_VIEW_TAG = f"mlflow.sharedViewState.{GROUPED_VIEW}"
 _LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 """The run tag through which the MLflow UI finds table artifacts."""
 BATCH_LIMIT = 1000
+MODEL = "model"
+"""The artifact path of a run's model (its weights at the validation-selected epoch)."""
+SPLIT_FILE = "split.json"
+"""The artifact with the row indices of a run's train, validation and test pairs."""
 
 
 def _quiet_mlflow() -> None:
     for name in ("mlflow", "alembic", "mlflow.store.db.utils"):
         logging.getLogger(name).setLevel(logging.WARNING)
+    # its warning that pickled models run code when loaded, on every model logged (see Tracker.log_model)
+    logging.getLogger("mlflow.pytorch").setLevel(logging.ERROR)
 
 
 class Tracker:
@@ -182,6 +188,27 @@ class Tracker:
     def log_artifact(self, run_id: str, path: str | Path, artifact_path: str | None = None) -> None:
         """Store a file as an artifact."""
         self.client.log_artifact(run_id, str(path), artifact_path)
+
+    def log_model(self, run_id: str, model: Any, artifact_path: str = MODEL) -> None:
+        """Store a torch model as the run's MLflow model: ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")`` loads
+        it back as the same ``nn.Module`` class.
+
+        Saved pickled (``serialization_format="pickle"``), not as a ``torch.export`` graph: exporting
+        costs seconds per worker process on the first model, fixes the batch size unless shapes are
+        declared dynamic, and refuses some user models; pickling is instant and keeps the model's own class,
+        which loads wherever ``ablate`` (and a user's model factory) is importable. Load only models
+        from stores you trust: unpickling runs code.
+        """
+        import tempfile
+
+        import mlflow.pytorch
+        import torch
+
+        with tempfile.TemporaryDirectory(prefix="ablate-model-") as tmp:
+            folder = Path(tmp) / artifact_path
+            mlflow.pytorch.save_model(model, str(folder), serialization_format="pickle",
+                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+            self.client.log_artifacts(run_id, str(folder), artifact_path)
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
         """Set a run's final status (FINISHED, FAILED or KILLED) and its end: ``end_ms`` (ms since the epoch) or now."""

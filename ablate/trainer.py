@@ -31,14 +31,14 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ablate.data import PairedEmbeddings, load_split
+from ablate.data import PairedEmbeddings, Split, load_split
 from ablate.devices import AdamW, amp_for, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import retrieval_by_member, screening_by_member
 from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, build_model
-from ablate.specs import METRIC_KEYS, SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
+from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
@@ -48,7 +48,7 @@ INBATCH_FLUSH = 64
 class EpochResult:
     """What one epoch reports: metrics under the vocabulary's keys (may be non-finite).
 
-    ``best_epoch`` is the epoch with the best selection metric so far (-1 before the first finite one).
+    ``best_epoch`` is the selected epoch so far: the best selection metric (-1 before the first finite one).
     """
 
     epoch: int
@@ -56,43 +56,60 @@ class EpochResult:
     stage: str | None = None
     best_epoch: int = -1
     diverged: bool = False
+    stopped_early: bool = False
+    """Early stopping ends the run here (``patience`` epochs without a better selection metric)."""
 
 
 class Best:
-    """The best value so far of every metric of the vocabulary, each in its direction, and its epoch.
+    """A run's selected epoch: the epoch with the best selection metric so far (a validation metric), every
+    metric at that epoch, and the model and loss state (a learnable temperature) kept there.
 
-    One instance per run serves the run's summary, the value a search reports to its pruner and the
-    model kept at the best epoch of the selection metric (``state``).
+    One instance per run serves the run's summary, the value a search reports to its pruner, early
+    stopping, the model scored on the test split and the model logged.
     """
 
     def __init__(self, select: str):
         self.select = select
-        self.values: dict[str, float] = {}
-        self.epochs: dict[str, int] = {}
+        self.epoch = -1
+        """The selected epoch (-1 before the first finite selection metric)."""
+        self.metrics: dict[str, float] = {}
+        """Every finite metric at the selected epoch."""
         self.state: dict[str, Tensor] | None = None
+        self.criterion_state: dict[str, Tensor] | None = None
 
     def update(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Take in one epoch's metrics; returns whether the selection metric improved."""
-        improved = False
-        for key in METRIC_KEYS:
-            v = metrics.get(key)
-            if v is None or not math.isfinite(v):
-                continue
-            old = self.values.get(key)
-            if old is None or (v > old if better(key) == "maximize" else v < old):
-                self.values[key], self.epochs[key] = v, epoch
-                improved |= key == self.select
-        return improved
-
-    @property
-    def epoch(self) -> int:
-        """The epoch of the best selection metric (-1 before the first finite value)."""
-        return self.epochs.get(self.select, -1)
+        """Take in one epoch's metrics; returns whether the selection metric improved (the epoch is then selected)."""
+        v = metrics.get(self.select)
+        if v is None or not math.isfinite(v):
+            return False
+        old = self.metrics.get(self.select)
+        if old is not None and not (v > old if better(self.select) == "maximize" else v < old):
+            return False
+        self.epoch, self.metrics = epoch, {k: x for k, x in metrics.items() if math.isfinite(x)}
+        return True
 
     @property
     def value(self) -> float:
-        """The best selection metric (NaN before the first finite value)."""
-        return self.values.get(self.select, float("nan"))
+        """The selection metric at the selected epoch (NaN before the first finite value)."""
+        return self.metrics.get(self.select, float("nan"))
+
+    def document(self) -> dict[str, Any]:
+        """The selection as a checkpoint keeps it."""
+        return {"epoch": self.epoch, "metrics": dict(self.metrics), "state": self.state,
+                "criterion_state": self.criterion_state}
+
+    def load(self, doc: dict[str, Any]) -> None:
+        """The selection as ``document`` gave it."""
+        self.epoch, self.metrics = int(doc["epoch"]), dict(doc["metrics"])
+        self.state, self.criterion_state = doc["state"], doc["criterion_state"]
+
+
+def patience_over(spec: RunSpec, best: Best, epoch: int) -> bool:
+    """Whether early stopping ends the run after ``epoch``: its selection metric has not improved for
+    ``patience`` epochs, counted from the start of its last stage (a multi-stage run), never at the last epoch."""
+    if spec.patience is None or epoch >= spec.epochs - 1:
+        return False
+    return epoch - max(best.epoch, spec.last_stage_start - 1) >= spec.patience
 
 
 def fusion_key(spec: RunSpec) -> Hashable:
@@ -102,16 +119,17 @@ def fusion_key(spec: RunSpec) -> Hashable:
     return json.dumps([doc[f] for f in SHAPING_FIELDS], sort_keys=True)
 
 
-def check(spec: RunSpec) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+def check(spec: RunSpec) -> Split:
     """Everything about a run that fails the same way for every trial: data, batch, device, model.
 
-    Returns the run's (train, val) split. A study checks its runs with this before any trial starts.
+    Returns the run's split. A study checks its runs with this before any trial starts.
     """
-    train, val = load_split(spec.data)
-    check_batch(spec, len(train))
+    split = load_split(spec.data)
+    check_batch(spec, len(split.train))
     resolve_device(spec.device)
-    build_model(spec.model, train.pocket_dim, train.ligand_dim)
-    return train, val
+    with torch.random.fork_rng(devices=[]):
+        build_model(spec.model, split.train.pocket_dim, split.train.ligand_dim)
+    return split
 
 
 def check_batch(spec: RunSpec, n_train: int) -> None:
@@ -161,6 +179,7 @@ class Trainer:
         val: PairedEmbeddings,
         device: torch.device | None = None,
         *,
+        test: PairedEmbeddings | None = None,
         dtype: torch.dtype | None = None,
         fusion: Fusion | None = None,
     ):
@@ -179,6 +198,9 @@ class Trainer:
             torch.cuda.set_device(self.device)  # so that nothing lands on GPU 0 by default
         self.train = _to(train, self.device, dtype)
         self.val = _to(val, self.device, dtype)
+        self.test = None if test is None else _to(test, self.device, dtype)
+        """The pairs each run's selected model is scored on once, when it ends (``test``)."""
+        self.dtype = dtype
         self.every: list[Member] = []
         for k, spec in enumerate(runs):
             torch.manual_seed(spec.seed)  # each member's initialisation is the one it has alone
@@ -216,8 +238,8 @@ class Trainer:
     def from_spec(cls, spec: RunSpec | Sequence[RunSpec]) -> Trainer:
         """A trainer on the split the spec's data names (loaded once per process)."""
         lead = spec if isinstance(spec, RunSpec) else spec[0]
-        train, val = load_split(lead.data)
-        return cls(spec, train, val)
+        split = load_split(lead.data)
+        return cls(spec, split.train, split.val, test=split.test)
 
     # ---------------------------------------------------------------- one run
 
@@ -269,9 +291,11 @@ class Trainer:
                 metrics["epoch_seconds"] = seconds
                 diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
                 if not diverged and member.best.update(epoch, metrics):
-                    member.best.state = {n: v.detach().clone() for n, v in member.model.state_dict().items()}
-                results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged)
-                member.stopped |= diverged
+                    member.best.state = _kept(member.model.state_dict())
+                    member.best.criterion_state = _kept(member.criterion.state_dict())
+                early = not diverged and patience_over(member.spec, member.best, epoch)
+                results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged, early)
+                member.stopped |= diverged or early
             yield results
             self._drop_stopped()
 
@@ -483,48 +507,88 @@ class Trainer:
 
     @torch.no_grad()
     def _validate(self) -> list[dict[str, float]]:
-        val = self.val
-        k_members = len(self.members)
-        pred = self.predict_members(val.pocket)
-        target = val.ligand.expand(k_members, -1, -1)
-        ids = val.ligand_id.expand(k_members, -1)
-        n_batches = max(1, math.ceil(len(val) / self.spec.effective_batch_size))
-        batched = [k for k in range(k_members) if self.losses.contrastive(k)] if n_batches > 1 else []
+        out, self.floors = self._score(self.predict_members(self.val.pocket), self.val, self.losses, "val")
+        return out
+
+    @torch.no_grad()
+    def _score(self, pred: Tensor, data: PairedEmbeddings, losses: MemberLosses, split: str
+               ) -> tuple[list[dict[str, float]], dict[str, float]]:
+        """Each member's metrics ``split/...`` for its embeddings ``pred`` [K, N, D] of ``data``, and what a random
+        ranking scores on ``data`` (``split/ef1`` -> 1.0, ...)."""
+        k_members = pred.shape[0]
+        target = data.ligand.expand(k_members, -1, -1)
+        ids = data.ligand_id.expand(k_members, -1)
+        n_batches = max(1, math.ceil(len(data) / self.spec.effective_batch_size))
+        batched = [k for k in range(k_members) if losses.contrastive(k)] if n_batches > 1 else []
         # a loss over the whole set for the members whose loss is per sample; a contrastive one is taken
         # over batches of the training size
-        vloss = self.losses(pred, target, ids)[0].tolist() if len(batched) < k_members else [0.0] * k_members
+        vloss = losses(pred, target, ids)[0].tolist() if len(batched) < k_members else [0.0] * k_members
         if batched:
             total = torch.zeros(k_members, dtype=pred.dtype, device=self.device)
-            for part in torch.arange(len(val), device=self.device).tensor_split(n_batches):
-                total += self.losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()
-            chunked = (total / len(val)).tolist()
+            for part in torch.arange(len(data), device=self.device).tensor_split(n_batches):
+                total += losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()
+            chunked = (total / len(data)).tolist()
             for k in batched:
                 vloss[k] = chunked[k]
-        retrieval = retrieval_by_member(pred, val.ligand, val.ligand_id)
-        screening = screening_by_member(pred, val.ligand, val.pocket_id, val.ligand_id)
-        self.floors = {f"val/{key[len('random_'):]}": v for key, v in screening[0].items()
-                       if key.startswith("random_")}
+        retrieval = retrieval_by_member(pred, data.ligand, data.ligand_id)
+        screening = screening_by_member(pred, data.ligand, data.pocket_id, data.ligand_id)
+        floors = {f"{split}/{key[len('random_'):]}": v for key, v in screening[0].items() if key.startswith("random_")}
         out = []
         for k in range(k_members):
             r, sc = retrieval[k], screening[k]
             metrics = {
-                "val/loss": float(vloss[k]),
-                "val/cosine": r["mean_cosine"],
-                "val/top1": r["top1_accuracy"],
-                "val/top5": r["top5_accuracy"],
-                "val/top10": r["top10_accuracy"],
-                "val/mrr": r["mrr"],
-                "val/median_rank": r["median_rank"],
-                "val/alignment": r["alignment"],
-                "val/uniformity": r["uniformity"],
-                "val/spread": r["spread"],
+                f"{split}/loss": float(vloss[k]),
+                f"{split}/cosine": r["mean_cosine"],
+                f"{split}/top1": r["top1_accuracy"],
+                f"{split}/top5": r["top5_accuracy"],
+                f"{split}/top10": r["top10_accuracy"],
+                f"{split}/mrr": r["mrr"],
+                f"{split}/median_rank": r["median_rank"],
+                f"{split}/alignment": r["alignment"],
+                f"{split}/uniformity": r["uniformity"],
+                f"{split}/spread": r["spread"],
             }
             for key in ("ef0.5", "ef1", "ef2", "ef5", "bedroc", "auroc"):
-                metrics[f"val/{key}"] = sc[key]
+                metrics[f"{split}/{key}"] = sc[key]
             for key in SCREENING_METRICS:
-                metrics[f"{key}_median"] = sc[f"{key.removeprefix('val/')}_median"]
+                name = key.removeprefix("val/")
+                metrics[f"{split}/{name}_median"] = sc[f"{name}_median"]
             out.append(metrics)
-        return out
+        return out, floors
+
+    # ---------------------------------------------------------------- the selected model
+
+    def selected_model(self, index: int = 0) -> nn.Module | None:
+        """Run ``index``'s model at its selected epoch, on the trainer's device in eval mode (None before a finite
+        selection metric). A copy: training goes on without touching it."""
+        m = self.every[index]
+        if m.best.state is None:
+            return None
+        with torch.random.fork_rng(devices=[]):  # its fresh initialisation leaves torch's stream as it was
+            model = build_model(m.spec.model, self.train.pocket_dim, self.train.ligand_dim)
+        model.to(self.device, self.dtype).load_state_dict(m.best.state)
+        return model.eval()
+
+    @torch.no_grad()
+    def score_test(self, index: int = 0) -> tuple[dict[str, float], dict[str, float]]:
+        """Run ``index``'s selected model scored once on the test pairs: its ``test/...`` metrics (empty without a
+        selected epoch or test pairs) and what a random ranking scores there. The loss is the run's at the selected
+        epoch (its stage, its learnable temperature then)."""
+        model = self.selected_model(index)
+        if model is None or self.test is None or len(self.test) == 0:
+            return {}, {}
+        m = self.every[index]
+        criterion = build_loss(m.spec.loss, **m.spec.loss_params()).to(self.device, self.dtype)
+        if m.best.criterion_state is not None:
+            criterion.load_state_dict(m.best.criterion_state)
+        losses = MemberLosses([criterion], [m.spec.mask_shared_ligands])
+        losses.set_epoch(m.best.epoch)
+        outs = []
+        for xc in self.test.pocket.split(8192):
+            with self.amp.autocast():
+                outs.append(_widen(model(xc)))
+        (metrics,), floors = self._score(torch.cat(outs)[None], self.test, losses, "test")
+        return metrics, floors
 
     # ---------------------------------------------------------------- checkpoints
 
@@ -543,7 +607,7 @@ class Trainer:
             "noise_device": self.device.type,
             "rng": torch.get_rng_state(),
             "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "best": {"values": dict(m.best.values), "epochs": dict(m.best.epochs), "state": m.best.state},
+            "best": m.best.document(),
             "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
         }
 
@@ -567,8 +631,7 @@ class Trainer:
         torch.set_rng_state(state["rng"])
         if state.get("cuda_rng") is not None and self.device.type == "cuda":
             torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        best = state["best"]
-        m.best.values, m.best.epochs, m.best.state = dict(best["values"]), dict(best["epochs"]), best["state"]
+        m.best.load(state["best"])
         if state.get("scaler") is not None and self.amp.scaler is not None:
             self.amp.scaler.load_state_dict(state["scaler"])
         self.start_epoch = int(state["epoch"]) + 1
@@ -576,7 +639,7 @@ class Trainer:
     # ---------------------------------------------------------------- results
 
     def save_best(self, path: str | Path, index: int = 0) -> Path:
-        """Write a run's best epoch's model state (state_dict) to a file."""
+        """Write a run's selected epoch's model state (state_dict) to a file."""
         state = self.every[index].best.state
         if state is None:
             raise AblateError("no best model to save: no epoch produced a finite selection metric")
@@ -592,10 +655,15 @@ _ALWAYS = frozenset({"train/loss", "train/inbatch_top1", "grad_norm", "amp_skipp
 of members whose loss has none are NaN and left out."""
 
 
-CHECKPOINT_FORMAT = 1
+CHECKPOINT_FORMAT = 2
 
 _NOISE_SEED = 0x5DEECE66D
 """Mixed into a run's seed for its dropout stream, which then differs from its batch-order stream."""
+
+
+def _kept(state: dict[str, Tensor]) -> dict[str, Tensor]:
+    """A copy of a state dict, where it is (device and dtype), that training can no longer change."""
+    return {k: v.detach().clone() for k, v in state.items()}
 
 
 def _cloned(state: Any) -> Any:
@@ -612,7 +680,7 @@ def _to(data: PairedEmbeddings, device: torch.device, dtype: torch.dtype | None)
     moved = data.to(device)
     if dtype is None:
         return moved
-    return PairedEmbeddings(moved.pocket.to(dtype), moved.ligand.to(dtype), moved.ligand_id)
+    return PairedEmbeddings(moved.pocket.to(dtype), moved.ligand.to(dtype), moved.ligand_id, moved.pocket_id)
 
 
 def _mean_norm(per_step: Tensor, skip_nonfinite: bool = False) -> tuple[Tensor, Tensor]:

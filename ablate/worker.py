@@ -23,7 +23,7 @@ from ablate import records, stability, studies
 from ablate.designs import StudySpec
 from ablate.errors import AblateError
 from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
-from ablate.specs import RunSpec
+from ablate.specs import RunSpec, is_test
 from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
 from ablate.tracking import Tracker
@@ -275,7 +275,7 @@ class _Objective:
             out = outcomes.get(k)
             if out is not None:
                 ctx.tracker.set_tags(out.run_id, {"ablate.state": state})
-            last = out.final.get(spec.objective) if out is not None else None
+            last = out.final.get(spec.watched) if out is not None else None
             self.emit(TrialEnded(trials[k].number, assignments[k].label, state, reason, last))
 
         def on_start(k: int, run_id: str) -> None:
@@ -311,7 +311,7 @@ class _Objective:
                                "they train one after another"))
             hooks = [self._hook(t, trainer.every[k].best) for k, t in enumerate(trials)]
             for k, (_, state) in resume.items():  # the pruner sees what the trial reported before it stopped
-                self._report_history(trials[k], state["history"])
+                self._report_history(trials[k], state["history"], runs[k].select_metric)
             train_and_log_members(
                 trainer, ctx.tracker, ctx.experiment_id,
                 [spec.run_name(t.number, a.label) for t, a in zip(trials, assignments, strict=True)],
@@ -347,14 +347,14 @@ class _Objective:
                     out[k] = (str(run_id), state)
         return out
 
-    def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]]) -> None:
+    def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]], select: str) -> None:
         """Report again what a resumed trial reported before it stopped, replayed through a fresh ``Best``."""
         from ablate.trainer import Best
 
         interval = self.ctx.spec.report_interval
         if interval is None:
             return
-        best = Best(self.ctx.spec.objective)
+        best = Best(select)
         for epoch, metrics in enumerate(history):
             best.update(epoch, metrics)
             reported = self._reported(best, metrics)
@@ -367,12 +367,12 @@ class _Objective:
         stopped here), else the epoch's own value."""
         metric = self.ctx.spec.objective
         if self.ctx.spec.judged_at == "best":
-            return best.values.get(metric, float("nan"))
+            return best.metrics.get(metric, float("nan"))
         return metrics.get(metric, float("nan"))
 
     def _hook(self, trial: optuna.Trial, best: Best) -> EpochHook:
         spec = self.ctx.spec
-        metric, rules, interval = spec.objective, spec.stability_rules, spec.report_interval
+        metric, rules, interval = spec.watched, spec.stability_rules, spec.report_interval
 
         def hook(result: EpochResult, history: list[dict[str, float]]) -> Instability | None:
             value = result.metrics.get(metric, float("nan"))
@@ -397,9 +397,10 @@ class _Objective:
         return hook
 
     def _record(self, trial: optuna.Trial, outcome: RunOutcome) -> None:
-        records.write_result(trial, final=outcome.final, best=outcome.best, best_epoch=outcome.best_run.epoch,
-                             epochs=len(outcome.history), diverged=outcome.diverged, stop=outcome.stopped,
-                             floors=outcome.floors)
+        records.write_result(trial, final=outcome.final, selected=outcome.selected,
+                             best_epoch=outcome.best_run.epoch, epochs=len(outcome.history),
+                             diverged=outcome.diverged, stop=outcome.stopped, floors=outcome.floors,
+                             test=outcome.test, stopped_early_at=outcome.stopped_early_at, split=outcome.split)
         if outcome.stopped is not None:
             self.ctx.tracker.set_tags(outcome.run_id, {
                 "ablate.pruned_by": outcome.stopped.rule,
@@ -408,6 +409,9 @@ class _Objective:
 
     def _value(self, outcome: RunOutcome) -> float | None:
         spec = self.ctx.spec
-        source = outcome.best if spec.judged_at == "best" else outcome.final
+        if is_test(spec.objective):  # a suite's test headline: the value Optuna keeps; nothing samples by it
+            source = outcome.test
+        else:
+            source = outcome.selected if spec.judged_at == "best" else outcome.final
         value = source.get(spec.objective)
         return value if value is not None and math.isfinite(value) else None

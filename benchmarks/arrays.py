@@ -55,7 +55,8 @@ def member_steps(device: str) -> None:
     for label, (synthetic, hidden) in HEADS.items():
         run = RunSpec(loss="infonce", batch_size=32, device=device, model={"hidden": hidden},
                       data=DataSpec(synthetic=synthetic))
-        train, val = load_split(run.data)
+        split = load_split(run.data)
+        train, val = split.train, split.val
         rates = {}
         for k in (1, 3, 5, 15):
             specs = [run.model_copy(update={"seed": i}) for i in range(k)]

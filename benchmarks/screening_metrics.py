@@ -123,7 +123,7 @@ def main() -> None:
           f"(random {out['random_bedroc']:.3f}), auroc {out['auroc']:.3f} (random {out['random_auroc']:.2f})")
 
     # (b) the default suite's validation set
-    _, val = load_split(DataSpec())
+    val = load_split(DataSpec()).val
     pred = torch.randn(len(val), val.ligand_dim, generator=g)
     t_val_screen, t_val_ret = [], []
     for _ in range(args.val_repeats):

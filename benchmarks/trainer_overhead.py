@@ -64,7 +64,8 @@ def _validate(model, criterion, val):
 
 def _setup(spec: RunSpec):
     """The same data, seeded model, loss and optimizer for both hand-written references."""
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
     criterion = build_loss(spec.loss, **spec.loss_params())
@@ -133,7 +134,7 @@ def main() -> None:
     logging.getLogger("mlflow").setLevel(logging.ERROR)
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     spec = RunSpec(loss=args.loss, batch_size=args.batch_size, epochs=args.epochs, device="cpu")
-    train, _ = load_split(spec.data)
+    train = load_split(spec.data).train
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{Path(tmp) / 'mlflow.db'}"
         tracker = Tracker(uri)

@@ -16,7 +16,8 @@ TOL = 1e-9
 
 
 def _split(spec):
-    return load_split(spec.data)
+    split = load_split(spec.data)
+    return split.train, split.val
 
 
 def _train(specs, **kw):

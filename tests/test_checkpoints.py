@@ -36,7 +36,8 @@ def _trained(trainer: Trainer, stop_after: int | None = None) -> list[dict[str, 
     tiny_run(loss="combined", grad_clip=0.05, lr_schedule="cosine", warmup_epochs=2, epochs=6),
 ], ids=["learnable-temperature", "multistage-dropout", "combined-clipped-cosine"])
 def test_a_run_restored_from_any_epoch_continues_exactly(spec):
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     straight = _trained(Trainer(spec, train, val))
     for cut in (0, 2, 4):
         first = Trainer(spec, train, val)
@@ -57,7 +58,8 @@ def test_a_checkpoint_from_another_kind_of_device_resumes_with_a_fresh_dropout_s
     """A CUDA generator's state cannot seed a CPU one: the stream is reseeded from the seed and the epoch
     (as it is for a checkpoint written before runs had a stream of their own)."""
     spec = tiny_run(loss="infonce", epochs=4, model={"hidden": [16], "dropout": 0.3})
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     first = Trainer(spec, train, val)
     head = _trained(first, stop_after=1)
     state = {**first.checkpoint(0, 1), "history": head}

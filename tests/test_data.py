@@ -10,10 +10,11 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from pydantic import ValidationError
 
-from ablate.data import PairedEmbeddings, load_pairs, split, synthetic_pairs
+from ablate.data import PairedEmbeddings, load_pairs, load_split, split, synthetic_pairs
 from ablate.errors import AblateError
-from ablate.specs import SyntheticSpec
+from ablate.specs import DataSpec, SyntheticSpec
 
 FORMATS = ("npz", "pt", "parquet")
 
@@ -391,7 +392,7 @@ def _check_partition(data: PairedEmbeddings, train: PairedEmbeddings, val: Paire
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
 def test_ligand_split_is_disjoint_and_near_the_fraction(fraction: float) -> None:
     data = _tagged()
-    train, val = split(data, fraction, seed=0, by="ligand")
+    train, val, _ = split(data, fraction, seed=0, by="ligand")
     _check_partition(data, train, val)
     assert set(train.ligand_id.tolist()).isdisjoint(val.ligand_id.tolist())
     assert abs(len(val) / len(data) - fraction) < 0.03
@@ -407,13 +408,13 @@ def test_ligand_split_is_deterministic() -> None:
 
 def test_ligand_split_is_the_default() -> None:
     data = _tagged()
-    train, val = split(data, 0.25)
+    train, val, _ = split(data, 0.25)
     assert set(train.ligand_id.tolist()).isdisjoint(val.ligand_id.tolist())
 
 
 def test_random_split_splits_rows() -> None:
     data = _tagged()
-    train, val = split(data, 0.2, seed=1, by="random")
+    train, val, _ = split(data, 0.2, seed=1, by="random")
     _check_partition(data, train, val)
     assert len(val) == round(0.2 * len(data))
     # rows, not ligands: with many multi-pocket ligands, some ligand lands on both sides
@@ -471,7 +472,7 @@ def test_bad_pocket_ids_are_one_line_errors(tmp_path: Path, bad: np.ndarray, mes
 
 def test_pocket_split_keeps_every_pocket_on_one_side() -> None:
     data = synthetic_pairs(SMALL)
-    train, val = split(data, 0.25, seed=3, by="pocket")
+    train, val, _ = split(data, 0.25, seed=3, by="pocket")
     assert not set(train.pocket_id.tolist()) & set(val.pocket_id.tolist())
     assert len(train) + len(val) == len(data)
 
@@ -506,3 +507,121 @@ def test_finite_float64_values_beyond_float32_are_named_as_such(tmp_path: Path) 
     arrays["pocket"] = pocket
     with pytest.raises(AblateError, match=r"1 row\(s\) with values beyond float32's range \(first: 2\)"):
         load_pairs(write(tmp_path / "pairs.npz", arrays))
+
+
+# --------------------------------------------------------------------------------------
+# Three-way splits: train, validation, test
+# --------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("by", ["ligand", "pocket", "random"])
+def test_three_way_splits_partition_the_rows_and_keep_their_unit_in_one_part(by: str) -> None:
+    data = _tagged()
+    train, val, test = split(data, 0.2, seed=2, by=by, test_fraction=0.25)
+    rows = np.concatenate([_rows(train), _rows(val), _rows(test)])
+    np.testing.assert_array_equal(np.sort(rows), np.arange(len(data)))
+    assert abs(len(val) / len(data) - 0.2) < 0.04 and abs(len(test) / len(data) - 0.25) < 0.04
+    if by != "random":
+        unit = (lambda p: p.ligand_id) if by == "ligand" else (lambda p: p.pocket_id)
+        sets = [set(unit(p).tolist()) for p in (train, val, test)]
+        assert not (sets[0] & sets[1] or sets[0] & sets[2] or sets[1] & sets[2])
+
+
+def test_adding_a_test_split_keeps_the_validation_pairs() -> None:
+    data = _tagged()
+    _, val_two, _ = split(data, 0.2, seed=4)
+    _, val_three, test = split(data, 0.2, seed=4, test_fraction=0.2)
+    np.testing.assert_array_equal(_rows(val_two), _rows(val_three))
+    assert len(test) > 0
+
+
+def test_the_default_data_spec_holds_out_a_fifth_for_test() -> None:
+    parts = load_split(DataSpec())
+    n = len(parts.train) + len(parts.val) + len(parts.test)
+    assert abs(len(parts.test) / n - 0.2) < 0.03 and abs(len(parts.val) / n - 0.2) < 0.03
+    doc = parts.document()
+    assert sorted(doc["train"] + doc["val"] + doc["test"]) == list(range(n))
+    assert parts.how == "ligand-disjoint split, 60/20/20 %"
+
+
+def test_fractions_that_leave_nothing_to_train_on_are_refused() -> None:
+    with pytest.raises(ValidationError, match="leave no pairs to train on"):
+        DataSpec(val_fraction=0.5, test_fraction=0.5)
+
+
+def _labelled(n: int = 12) -> dict[str, Any]:
+    rng = np.random.default_rng(1)
+    arrays = {"pocket": rng.standard_normal((n, 5)).astype(np.float32),
+              "ligand": rng.standard_normal((n, 4)).astype(np.float32),
+              "ligand_id": np.arange(n, dtype=np.int64)}
+    arrays["split"] = ["train"] * 6 + ["val"] * 3 + ["test"] * 3  # type: ignore[assignment]
+    return arrays
+
+
+@pytest.mark.parametrize("fmt", FORMATS)
+def test_a_file_with_its_own_split_keeps_it(tmp_path: Path, fmt: str) -> None:
+    arrays = _labelled()
+    arrays["split"] = ["val", "train", "test", "train", "train", "val", "test", "train", "val", "test", "train",
+                       "train"]
+    path = write(tmp_path / f"pairs.{fmt}", arrays)
+    parts = load_split(DataSpec(source=str(path)))
+    labels = np.array(arrays["split"])
+    for name in ("train", "val", "test"):
+        assert parts.rows[name] == np.flatnonzero(labels == name).tolist()
+    np.testing.assert_array_equal(parts.test.pocket.numpy(), arrays["pocket"][labels == "test"])
+    assert parts.how == "the data file's own split"
+    assert len(load_pairs(path)) == 12  # the pairs load as before; the split is the split's business
+
+
+@pytest.mark.parametrize(("labels", "message"), [
+    (["train"] * 6 + ["val"] * 3 + ["test", "tset", "test"], r"row 10, 'tset'"),
+    (["train"] * 9 + ["test"] * 3, "no 'val' rows"),
+    (["train"] * 9 + ["val"] * 3, "no 'test' rows; label some rows"),
+    (["train"] * 6 + ["val"] * 3 + ["test"] * 2, "one label per row"),
+])
+def test_bad_split_labels_are_one_line_errors(tmp_path: Path, labels: list[str], message: str) -> None:
+    arrays = {**_labelled(), "split": np.array(labels)}
+    path = write(tmp_path / "pairs.npz", arrays)
+    with pytest.raises(AblateError, match=message) as err:
+        load_split(DataSpec(source=str(path)))
+    assert "\n" not in str(err.value) and str(path) in str(err.value)
+
+
+def test_a_null_split_label_in_parquet_is_named(tmp_path: Path) -> None:
+    arrays = _labelled()
+    arrays["split"] = [*arrays["split"][:4], None, *arrays["split"][5:]]
+    path = write(tmp_path / "pairs.parquet", arrays)
+    with pytest.raises(AblateError, match="row 4, missing"):
+        load_split(DataSpec(source=str(path)))
+
+
+def test_numeric_split_labels_are_refused(tmp_path: Path) -> None:
+    path = write(tmp_path / "pairs.npz", {**_labelled(), "split": np.zeros(12)})
+    with pytest.raises(AblateError, match='must hold the strings "train", "val" or "test"'):
+        load_split(DataSpec(source=str(path)))
+
+
+def test_an_external_test_set_is_scored_instead_of_a_test_split(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.npz", {k: v for k, v in _labelled(40).items() if k != "split"})
+    ext = _labelled(7)
+    ext.pop("split")
+    other = write(tmp_path / "bench.parquet", ext)
+    parts = load_split(DataSpec(source=str(main), test_source=str(other), split="random", val_fraction=0.25))
+    assert parts.rows["test"] == list(range(7))
+    assert sorted(parts.rows["train"] + parts.rows["val"]) == list(range(40))
+    np.testing.assert_array_equal(parts.test.ligand.numpy(), ext["ligand"])
+    assert parts.how.endswith(f"test pairs from {other}")
+
+
+def test_an_external_test_set_must_match_the_widths(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.npz", {k: v for k, v in _labelled(40).items() if k != "split"})
+    wider = {"pocket": np.zeros((3, 9), np.float32), "ligand": np.ones((3, 4), np.float32)}
+    other = write(tmp_path / "bench.npz", wider)
+    with pytest.raises(AblateError, match="a test set must match the training data"):
+        load_split(DataSpec(source=str(main), test_source=str(other), split="random"))
+
+
+def test_a_file_split_with_test_rows_and_a_test_source_is_ambiguous(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.npz", _labelled())
+    with pytest.raises(AblateError, match="drop one of them"):
+        load_split(DataSpec(source=str(main), test_source=str(main)))

@@ -57,8 +57,12 @@ def test_a_piped_suite_prints_a_line_per_trial_event_then_markdown_tables(workdi
         ended.append(end)
 
     # the comparison follows, as Markdown tables at full width (not cut or wrapped to the 80 columns)
-    headers = [i for i, line in enumerate(lines) if line.startswith("| experiment | n | `val/top1` |")]
-    assert len(headers) == 2 and headers[0] > max(ended)  # final and best epoch
+    headers = [i for i, line in enumerate(lines) if re.match(r"\| experiment \| n \| `(test|val)/top1` \|", line)]
+    assert len(headers) == 3 and headers[0] > max(ended)  # test; validation at the selected and the final epoch
+    assert [lines[i - 2] for i in headers] == [
+        "#### Test: each run's selected model, scored once",
+        "#### Validation at the selected epoch (biased upwards: `val/mrr` chose that epoch on these pairs)",
+        "#### Validation at the final epoch"]
     for h in headers:
         assert lines[h + 1].startswith("|---|---:|---:|")
         rows = lines[h + 2: h + 2 + len(EXPERIMENTS)]
@@ -66,13 +70,14 @@ def test_a_piped_suite_prints_a_line_per_trial_event_then_markdown_tables(workdi
         assert all(r.count("|") == lines[h].count("|") for r in rows)
         assert max(len(r) for r in rows) > 80
     against = [i for i, line in enumerate(lines) if line.startswith("| experiment | n | difference [95 % CI] |")]
-    assert len(against) == 2 and max(ended) < against[0]  # the objective against the baseline, final and best
+    # the headline (test, selected model) and its validation metric at the final epoch against the baseline
+    assert len(against) == 2 and max(ended) < against[0]
     assert all(lines[i + 1].startswith("|---|") for i in against)
     assert lines[-1].startswith(f"report: reports/{study}/report.md")
 
     # `studies show` piped: the trials as a Markdown table; in an 80-column terminal: a table that fits
     shown = _ablate(workdir, "studies", "show", study).splitlines()
-    top = _index(shown, r"\| # \| state \| configuration \| `val/top1` \| epochs \| note \|")
+    top = _index(shown, r"\| # \| state \| configuration \| `test/top1` \| epochs \| note \|")
     assert shown[top + 1].startswith("|---:|")
     assert [r.split("|")[3].strip() for r in shown[top + 2: top + 7]] == [f"{e} s0" for e in EXPERIMENTS]
     shown = _ablate(workdir, "studies", "show", study, terminal=True).splitlines()

@@ -6,6 +6,7 @@ import csv
 import io
 import math
 import random
+import re
 import time
 
 import optuna
@@ -46,8 +47,13 @@ def test_tune_runs_a_persistent_search_and_counts_earlier_trials(workdir, monkey
         reported = [t.intermediate_values[e] for e in sorted(t.intermediate_values)]
         assert reported == sorted(reported)
         if t.state == optuna.trial.TrialState.COMPLETE:
-            assert t.value == t.user_attrs["best"]["val/mrr"] >= reported[-1]
-    assert "best: trial #" in out
+            assert t.value == t.user_attrs["selected"]["val/mrr"] >= reported[-1]
+            assert t.user_attrs["selected"]["val/mrr"] == max(
+                m.value for m in MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_metric_history(
+                    t.user_attrs["mlflow_run_id"], "val/mrr"))
+            assert set(t.user_attrs["test"]) >= {"test/mrr", "test/top1"}
+    assert "best (chosen on val/mrr): trial #" in out
+    assert re.search(r"its selected model on test: test/mrr \d\.\d{4} \(scored once, chooses nothing\)", out)
     assert "expected best val/mrr with n trials" in out
     assert ref.spec.base.epochs == 4
 

@@ -66,7 +66,8 @@ def test_a_rule_set_to_none_is_off():
 
 
 def _first_rule(spec, rules):
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     history = []
     for result in Trainer(spec, train, val).epochs():
         history.append(result.metrics)

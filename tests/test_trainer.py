@@ -20,7 +20,8 @@ from ablate.trainer import Trainer
 
 
 def _history(spec):
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     trainer = Trainer(spec, train, val)
     return trainer, [r for r in trainer.epochs()]
 
@@ -168,7 +169,8 @@ def test_bf16_autocast_on_cpu_trains_with_finite_numbers():
 
 def test_batch_larger_than_training_set_is_a_clear_error():
     spec = tiny_run(batch_size=512)
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     with pytest.raises(AblateError, match=r"batch of 512 pairs .* larger than the training set"):
         Trainer(spec, train, val)
 
@@ -188,7 +190,8 @@ def test_device_resolution():
 
 def test_inbatch_top1_counts_rows_that_rank_their_own_ligand_first():
     spec = tiny_run(batch_size=8)
-    train, val = load_split(spec.data)
+    split = load_split(spec.data)
+    train, val = split.train, split.val
     trainer = Trainer(spec, train, val)
     idx = torch.arange(16).view(2, 1, 8)  # [steps, members, batch]
     perfect = train.ligand[idx]

@@ -31,6 +31,21 @@ from ablate.cli.app import (
 from ablate.cli.listing import show_study
 from ablate.errors import AblateError
 
+PatienceOpt = Annotated[int | None, typer.Option(
+    min=1, metavar="N", help="Early stopping: end a run when its selection metric (validation) has not improved for "
+    "N epochs; a multi-stage run counts from its last stage \\[default: the study file's, else off].")]
+TestDataOpt = Annotated[str | None, typer.Option(
+    "--test-data", metavar="FILE", help="Score each run's selected model on this file's pairs instead of a test "
+    "split of the data.")]
+
+
+def _data_overrides(overrides: dict[str, object], data: str | None, test_data: str | None,
+                    patience: int | None) -> None:
+    """--data, --test-data and --patience as overrides of every run."""
+    for key, value in (("data.source", data), ("data.test_source", test_data), ("patience", patience)):
+        if value is not None:
+            overrides[key] = value
+
 if TYPE_CHECKING:
     from ablate.session import StudySession
 
@@ -107,6 +122,8 @@ def run_suite(
                                                "(multi-stage boundaries keep their proportions).")] = None,
     data: Annotated[str | None, typer.Option(metavar="FILE",
                                              help="Data file or 'synthetic' for every experiment.")] = None,
+    test_data: TestDataOpt = None,
+    patience: PatienceOpt = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -126,8 +143,7 @@ def run_suite(
     overrides = studyfiles.parse_overrides(set_ or [])
     if seeds is not None:
         overrides["seeds"] = parse_seeds(seeds)
-    if data is not None:
-        overrides["data.source"] = data
+    _data_overrides(overrides, data, test_data, patience)
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SuiteSpec):
         raise AblateError(f"{name} is a search; run it with `ablate tune {name}`")
@@ -203,6 +219,8 @@ def tune(
                                                  "trials of the same study \\[default: the file's].")] = None,
     epochs: Annotated[int | None, typer.Option(min=1, metavar="N", help="Epochs of every trial.")] = None,
     data: Annotated[str | None, typer.Option(metavar="FILE", help="Data file or 'synthetic' for every trial.")] = None,
+    test_data: TestDataOpt = None,
+    patience: PatienceOpt = None,
     set_: SetOpt = None,
     storage: StorageOpt = None,
     tracking_uri: TrackingOpt = None,
@@ -219,8 +237,7 @@ def tune(
 ) -> None:
     """Run (or resume) an Optuna search; unstable runs are pruned early."""
     overrides = studyfiles.parse_overrides(set_ or [])
-    if data is not None:
-        overrides["data.source"] = data
+    _data_overrides(overrides, data, test_data, patience)
     spec = studyfiles.load_study(name, overrides, epochs=epochs)
     if not isinstance(spec, designs.SearchSpec):
         raise AblateError(f"{name} is a suite; run it with `ablate run-suite {name}`")

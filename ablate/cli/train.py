@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 # --------------------------------------------------------------------------------------
 
 
-_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--epochs", "data.source": "--data"}
+_TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--epochs", "data.source": "--data", "data.test_source": "--test-data"}
 
 
 @app.command()
@@ -51,6 +51,11 @@ def train(
     stage2_epochs: Annotated[int | None, flag("Multistage: InfoNCE epochs", "stage2_epochs")] = None,
     data: Annotated[str | None, flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
                                       "or 'synthetic' (the built-in benchmark)", "data.source", "FILE")] = None,
+    test_data: Annotated[str | None, flag("Score the selected model on this file's pairs instead of a test split "
+                                          "of --data", None, "FILE")] = None,
+    patience: Annotated[int | None, typer.Option(
+        min=1, metavar="N", help="Stop when the selection metric (validation) has not improved for N epochs "
+        "\\[default: off].")] = None,
     seed: Annotated[int | None, flag("Seed of initialisation and batch order", "seed")] = None,
     device: Annotated[str | None, flag("auto (CUDA, then MPS, then CPU), cpu, cuda, cuda:N or mps", "device",
                                        "DEVICE")] = None,
@@ -60,16 +65,20 @@ def train(
                                                     "contrastive losses)", "accumulation_steps")] = None,
     experiment_name: Annotated[str, typer.Option(metavar="NAME", help="MLflow experiment.")] = specs.DEFAULT_EXPERIMENT,
     tracking_uri: TrackingOpt = None,
-    save_best: Annotated[Path | None, typer.Option(metavar="FILE",
-                                                   help="Write the best epoch's model state here.")] = None,
+    save_best: Annotated[Path | None, typer.Option(metavar="FILE", help="Also write the selected epoch's model "
+                                                   "state (a state_dict) here.")] = None,
     set_: SetOpt = None,
 ) -> None:
-    """Train one model and log it to MLflow (the quick-start's experiments, one at a time)."""
+    """Train one model and log it to MLflow (the quick-start's experiments, one at a time).
+
+    The epoch with the best validation selection metric (select_metric, default val/mrr) is kept; that model is
+    scored once on the test split and logged as the run's MLflow model, with split.json (the row indices)."""
     named: dict[str, Any] = {
         "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
         "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
         "stage1_epochs": stage1_epochs, "stage2_epochs": stage2_epochs, "data.source": data,
         "seed": seed, "device": device, "amp": amp, "accumulation_steps": accumulation_steps,
+        "data.test_source": test_data, "patience": patience,
     }
     overrides = studyfiles.parse_overrides(set_ or [])
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
@@ -79,9 +88,10 @@ def train(
             raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
                               f"{save_best / 'best.pt'}")
         studyfiles.writable_folder(save_best.parent, f"--save-best {save_best}")
+    from ablate.data import load_split
     from ablate.launch import sigterm_as_interrupt
     from ablate.runs import train_and_log
-    from ablate.tracking import Tracker, ui_hint
+    from ablate.tracking import SPLIT_FILE, Tracker, ui_hint
     from ablate.trainer import EpochResult, Trainer
 
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
@@ -101,29 +111,41 @@ def train(
         progress.update(task, completed=result.epoch + 1, info=info)
 
     started: list[str] = []
+
+    def on_start(run_id: str) -> None:
+        started.append(run_id)
+        tracker.log_dict(run_id, split.document(), SPLIT_FILE)
+
+    split = load_split(run.data)
     try:
         with progress, sigterm_as_interrupt():
             outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
-                                    save_best=save_best, on_start=started.append)
+                                    save_best=save_best, on_start=on_start)
     except KeyboardInterrupt:
         done = int(progress.tasks[task].completed)
         err_console.print(f"interrupted after {done} of {run.epochs} epochs: "
                           + (f"MLflow run {started[0]} ended KILLED with the metrics of those epochs"
                              if started else "no MLflow run was created"))
         raise typer.Exit(130) from None
-    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs")
+    chosen = outcome.best_run
+    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs; epoch {chosen.epoch + 1} selected by "
+                  f"{chosen.select} (validation), its model scored once on test ({split.how})")
     table.add_column("metric")
-    table.add_column("final", justify="right")
-    table.add_column("best", justify="right")
-    best = outcome.best
+    table.add_column("final epoch", justify="right")
+    table.add_column("selected epoch", justify="right")
+    table.add_column("test", justify="right")
     for key in ("train/loss", "val/loss", *specs.SUMMARY_METRICS, "val/median_rank"):
         if key in outcome.final:
-            b = best.get(key)
-            table.add_row(key, f"{outcome.final[key]:.4f}", "" if b is None else f"{b:.4f}")
+            cells = [outcome.selected.get(key), outcome.test.get(specs.on_split(key, "test"))]
+            table.add_row(key, f"{outcome.final[key]:.4f}",
+                          *("" if v is None else f"{v:.4f}" for v in cells))
     console.print(table)
     if outcome.stopped is not None:
         console.print(f"stopped: {outcome.stopped.message}", style="yellow")
-    if save_best is not None and trainer.best.state is not None:
-        console.print(f"best model (epoch {trainer.best.epoch}) saved to {save_best}")
+    if outcome.stopped_early_at is not None:
+        console.print(f"stopped early after epoch {outcome.stopped_early_at + 1}: {chosen.select} had not improved "
+                      f"for {run.patience} epochs")
+    if save_best is not None and chosen.state is not None:
+        console.print(f"selected model (epoch {chosen.epoch + 1}) saved to {save_best}")
     console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
                                 f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))
