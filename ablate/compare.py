@@ -55,7 +55,7 @@ class TrialResult:
 
 @dataclass(frozen=True)
 class Row:
-    """One experiment's numbers for one metric, at the final or the best epoch.
+    """One experiment's numbers for one metric, at the final or the selected epoch.
 
     ``comparison`` (None for the baseline) holds the difference from the baseline with its interval,
     the test's p-value and the probability of improvement; ``p_holm`` is that p-value Holm-adjusted

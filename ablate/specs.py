@@ -58,7 +58,7 @@ TestKey = Literal[
 """The test metrics: each run's validation-selected model scored once on the test split (one value per run)."""
 TEST_KEYS: tuple[str, ...] = TestKey.__args__  # type: ignore[attr-defined]
 
-ReportKey = MetricKey | TestKey
+ReportKey = Literal[MetricKey, TestKey]
 """What a suite's headline and a claim may name: any metric, test metrics included."""
 
 LOWER_IS_BETTER = frozenset({"train/loss", "val/loss", "val/median_rank", "test/loss", "test/median_rank"})

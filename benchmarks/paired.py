@@ -31,7 +31,7 @@ from scipy import stats as sps
 from ablate import stats, studies
 from ablate.compare import collect, report_metrics
 from ablate.designs import SuiteSpec
-from ablate.specs import better
+from ablate.specs import better, on_split
 
 SUITE = "baseline-vs-multistage"
 
@@ -104,7 +104,7 @@ def main() -> None:
         seeds = list(range(args.seeds))
         seconds = suite(folder, seeds, extra)
         spec, data = values(folder)
-        objective = spec.objective
+        objective = on_split(spec.objective, "val")  # the final epoch's values are validation ones
         print(f"{SUITE}: 5 experiments x {len(seeds)} seeds x {spec.experiments[spec.baseline_name].epochs} epochs "
               f"trained (or reused) in {seconds:.0f} s; comparisons at the final epoch, Holm over 4 per metric")
         metrics = report_metrics(spec)
