@@ -149,15 +149,25 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
         if choice.reason and say is not None:
             say(choice.reason)
     out: list[optuna.Trial] = []
-    for t in (alike or waiting[:1]) if limit > 1 else waiting:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
-        try:
-            if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                out.append(optuna.Trial(study, trial_id))
-        except optuna.exceptions.UpdateFinishedTrialError:
-            continue
-        if len(out) == limit:
-            break
+    try:
+        for t in (alike or waiting[:1]) if limit > 1 else waiting:
+            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            if ctx.heartbeat_seconds:
+                # a beat before the trial is RUNNING: a worker that dies at any moment after taking it leaves a trial
+                # that goes stale and is retried (Optuna never fails a running trial that has no beat at all)
+                storage.record_heartbeat(trial_id)
+            try:
+                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                    out.append(optuna.Trial(study, trial_id))
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+            if len(out) == limit:
+                break
+    except BaseException:  # Ctrl-C, SIGTERM or a lost database while taking: what was taken goes back as FAIL
+        for trial in out:
+            with suppress(Exception):
+                study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
+        raise
     return out
 
 

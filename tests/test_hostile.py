@@ -748,3 +748,56 @@ def test_a_rerun_ends_the_mlflow_runs_a_second_ctrl_c_left_running(workdir, mlfl
     assert code == 0, err + out
     assert client.get_run(run_id).info.status == "KILLED"
     assert client.get_run(ctx.parent_run_id).info.status == "FINISHED"
+
+
+def _taken_study(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
+    """A 2-trial search created for remote workers (--jobs 0) on the embedded SQLite store, and its worker context."""
+    from ablate import worker
+    from ablate.stores import Stores
+
+    code, _, err = run_cli(["tune", "temperature", "--n-trials", "2", "--epochs", "2", "--jobs", "0",
+                            "--heartbeat", "1", "--data", "pairs.npz", "--set", "model.hidden=[16]"],
+                           monkeypatch, capsys)
+    assert code == 0, err
+    stores = Stores(None, None, 1)
+    return worker.Context.open("temperature", stores)
+
+
+@pytest.mark.slow
+def test_a_trial_taken_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(workdir, monkeypatch, capsys):
+    from optuna.trial import TrialState
+
+    from ablate import worker
+
+    ctx = _taken_study(workdir, monkeypatch, capsys)
+    (taken,) = worker.take(ctx)  # the worker dies here: RUNNING, and nothing more happens to it
+    assert ctx.study.get_trials()[taken.number].state == TrialState.RUNNING
+    proc = subprocess.run([sys.executable, "-m", "ablate", "worker", ctx.name, "--heartbeat", "1", "--jobs", "1"],
+                          cwd=workdir, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    states = [t.state for t in ctx.study.get_trials()]
+    assert states[taken.number] == TrialState.FAIL  # stale after its beat at taking, then retried
+    assert states.count(TrialState.COMPLETE) == 2 and TrialState.RUNNING not in states
+
+
+def test_ctrl_c_while_taking_trials_sends_the_ones_taken_back_as_fail(workdir, monkeypatch, capsys):
+    from optuna.trial import TrialState
+
+    from ablate import worker
+
+    ctx = _taken_study(workdir, monkeypatch, capsys)
+    real = ctx.storage.set_trial_state_values
+    calls = {"n": 0}
+
+    def interrupted(*args: Any, **kwargs: Any) -> bool:
+        calls["n"] += 1
+        if calls["n"] == 2:
+            raise KeyboardInterrupt
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ctx.storage, "set_trial_state_values", interrupted)
+    with pytest.raises(KeyboardInterrupt):
+        worker.take(ctx, array=2)
+    states = sorted(t.state.name for t in ctx.study.get_trials())
+    assert states == ["FAIL", "WAITING"]  # the first was taken, then sent back; nothing is left RUNNING
+    assert TrialState.RUNNING not in [t.state for t in ctx.study.get_trials()]
