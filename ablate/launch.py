@@ -229,15 +229,17 @@ def plan(jobs: int | None, devices: Sequence[str], pending: int, epochs: int = 0
 
     Auto is one worker per CUDA device where there are any, else one per CPU this process may use
     (each on one thread): projection heads are too small for a second intra-op thread to pay, and
-    workers on separate trials scale almost linearly. Never more workers than trials; on the CPU the
-    extra processes start at once when the queue holds at least WORK_FOR_ALL trial-epochs, else only
-    if the study lasts longer than SPAWN_AFTER_SECONDS (a short command pays for one process).
+    workers on separate trials scale almost linearly. Never more workers than trials, whatever --jobs or
+    --devices ask; on the CPU the extra processes start at once when the queue holds at least
+    WORK_FOR_ALL trial-epochs, else only if the study lasts longer than SPAWN_AFTER_SECONDS (a short
+    command pays for one process).
     """
-    devs = list(devices)
+    devs = list(devices)[: max(1, pending)]
     if devs:
         return Plan(len(devs), devs, cpu_share(len(devs)))
     if jobs is not None:
-        return Plan(max(1, jobs), [], cpu_share(max(1, jobs)))
+        n = max(1, min(jobs, pending))
+        return Plan(n, [], cpu_share(n))
     import torch
 
     if torch.cuda.is_available():

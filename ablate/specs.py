@@ -8,7 +8,10 @@ the source, the dotted key and what is wrong (``validate``).
 from __future__ import annotations
 
 import difflib
+import json
 import re
+import types
+import typing
 from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -92,6 +95,35 @@ def better(key: str) -> Literal["maximize", "minimize"]:
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, validate_default=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _booleans_are_not_numbers(cls, data: Any) -> Any:
+        """``epochs = true`` would pass as 1 (pydantic's lax mode): a boolean where a number belongs is refused."""
+        if isinstance(data, dict):
+            for name, field in cls.model_fields.items():
+                value = data.get(name)
+                if _bool_for_number(field.annotation, value):
+                    shown = json.dumps(value)
+                    what = "holds a boolean" if isinstance(value, (list, tuple)) else "is a boolean"
+                    raise ValueError(f"{name}: {shown} {what} where a number belongs; write a number")
+        return data
+
+
+def _bool_for_number(annotation: Any, value: Any) -> bool:
+    """Whether ``value`` (or an item of a list of them) is a bool given for an int or float of ``annotation``."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin in (typing.Union, types.UnionType):
+        arms = [a for a in args if a is not type(None)]
+        return not any(a is bool for a in arms) and any(_bool_for_number(a, value) for a in arms)
+    if isinstance(value, bool):
+        return annotation in (int, float)
+    if isinstance(value, (list, tuple)) and origin in (list, tuple) and args:
+        items = args if origin is tuple and len(args) == len(value) and Ellipsis not in args else [args[0]] * len(value)
+        return any(_bool_for_number(a, v) for a, v in zip(items, value, strict=True))
+    return False
 
 
 PositiveFloat = Annotated[float, Field(gt=0, allow_inf_nan=False)]

@@ -801,3 +801,19 @@ def test_ctrl_c_while_taking_trials_sends_the_ones_taken_back_as_fail(workdir, m
     states = sorted(t.state.name for t in ctx.study.get_trials())
     assert states == ["FAIL", "WAITING"]  # the first was taken, then sent back; nothing is left RUNNING
     assert TrialState.RUNNING not in [t.state for t in ctx.study.get_trials()]
+
+
+@pytest.mark.parametrize(("old", "new", "message"), [
+    ("epochs = 2", "epochs = true", "epochs: true is a boolean where a number belongs"),
+    ("batch_size = 16", "batch_size = 16\nlr = true", "lr: true is a boolean where a number belongs"),
+    ("seeds = [0]", "seeds = [true]", "seeds: [true] holds a boolean where a number belongs"),
+    ("hidden = [16]", "hidden = [16, false]", "hidden: [16, false] holds a boolean where a number belongs"),
+])
+def test_a_boolean_where_a_number_belongs_is_refused(workdir, monkeypatch, capsys, old, new, message):
+    path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"').replace(old, new, 1))
+    _one_line_error(workdir, ["run-suite", path], monkeypatch, capsys, message)
+
+
+def test_a_boolean_for_a_number_on_the_command_line_is_refused(workdir, monkeypatch, capsys):
+    _one_line_error(workdir, ["train", "--data", "pairs.npz", "--set", "epochs=true"], monkeypatch, capsys,
+                    "epochs: true is a boolean where a number belongs")

@@ -72,3 +72,6 @@ def test_auto_jobs_start_every_worker_at_once_only_when_the_queue_holds_real_wor
     assert quick.workers == 2 and quick.spawn_after == SPAWN_AFTER_SECONDS
     assert plan(None, [], pending=1, epochs=300).workers == 1
     assert plan(2, [], pending=15, epochs=300).spawn_after == 0.0  # an explicit --jobs starts all at once
+    # never more workers than trials, whatever --jobs or --devices ask
+    assert [plan(jobs, [], pending=2).workers for jobs in (1, 6, 1000)] == [1, 2, 2]
+    assert plan(None, ["cuda:0", "cuda:1", "cuda:2"], pending=2).devices == ["cuda:0", "cuda:1"]
