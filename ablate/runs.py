@@ -12,7 +12,6 @@ import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 from ablate import checkpoints, stability
@@ -82,7 +81,6 @@ def train_and_log(
     parent_run_id: str | None = None,
     on_start: Callable[[str], None] | None = None,
     on_epoch: EpochHook | None = None,
-    save_best: str | Path | None = None,
 ) -> RunOutcome:
     """Train one run and log it as one MLflow run (a child run when a parent is given).
 
@@ -96,7 +94,6 @@ def train_and_log(
         trainer, tracker, experiment_id, [run_name], tags=[tags or {}], parent_run_id=parent_run_id,
         on_start=None if on_start is None else (lambda k, run_id: on_start(run_id)),
         on_epoch=None if on_epoch is None else (lambda k, result, history: on_epoch(result, history)),
-        save_best=[save_best],
     )
     return outcome
 
@@ -112,7 +109,6 @@ def train_and_log_members(
     on_start: Callable[[int, str], None] | None = None,
     on_epoch: Callable[[int, EpochResult, list[dict[str, float]]], Instability | None] | None = None,
     on_end: Callable[[int, RunOutcome], None] | None = None,
-    save_best: Sequence[str | Path | None] = (),
     resume: dict[int, tuple[str, dict[str, Any]]] | None = None,
     on_checkpoint: Callable[[int, int], None] | None = None,
     keep_checkpoints: bool = False,
@@ -209,8 +205,7 @@ def train_and_log_members(
                 outcomes[k].test, test_floors = trainer.score_test(k)
                 outcomes[k].floors = {**trainer.floors, **test_floors}
                 snapshots.pop(k, None)
-                _finish(tracker, outcomes[k], batches[k], save_best[k] if k < len(save_best) else None, trainer,
-                        ended=True)
+                _finish(tracker, outcomes[k], batches[k], trainer, ended=True)
                 if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
                     checkpoints.remove(tracker, outcomes[k].run_id)
                 tracker.end_run(outcomes[k].run_id, "FINISHED")
@@ -224,7 +219,7 @@ def train_and_log_members(
         for k in sorted(open_runs):
             try:
                 if k in batches:
-                    _finish(tracker, outcomes[k], batches[k], None, trainer)
+                    _finish(tracker, outcomes[k], batches[k], trainer)
                 if isinstance(e, KeyboardInterrupt):
                     write([k])  # the state of its last finished epoch: the next run continues from there
             finally:
@@ -235,10 +230,9 @@ def train_and_log_members(
     return outcomes
 
 
-def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best: str | Path | None,
-            trainer: Trainer, ended: bool = False) -> None:
+def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, trainer: Trainer, ended: bool = False) -> None:
     """Send the run's last metrics, then its end tags and summary; for a run that ended (not one interrupted) also
-    its test metrics (step = the selected epoch), its selected model and (if asked) that model's file."""
+    its test metrics (step = the selected epoch) and its selected model."""
     batch.close()
     run_id, best = outcome.run_id, outcome.best_run
     end_tags: dict[str, Any] = {"ablate.epochs_trained": len(outcome.history)}
@@ -268,5 +262,3 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, save_best
         )
     if ended and (model := trainer.selected_model(outcome.member.index)) is not None:
         tracker.log_model(run_id, model.cpu())
-    if save_best is not None and best.state is not None:
-        trainer.save_best(save_best, outcome.member.index)

@@ -19,8 +19,10 @@ so the parameter gradient equals the one of a single large batch.
 
 from __future__ import annotations
 
+import io
 import json
 import math
+import os
 import time
 from collections.abc import Hashable, Iterator, Sequence
 from dataclasses import dataclass
@@ -639,13 +641,27 @@ class Trainer:
     # ---------------------------------------------------------------- results
 
     def save_best(self, path: str | Path, index: int = 0) -> Path:
-        """Write a run's selected epoch's model state (state_dict) to a file."""
+        """Write a run's selected epoch's model state (state_dict) to a file: whole or not at all (through a
+        temporary file beside it), and a failed write (a full disk) as one AblateError."""
         state = self.every[index].best.state
         if state is None:
-            raise AblateError("no best model to save: no epoch produced a finite selection metric")
+            raise AblateError("no selected model to save: no epoch produced a finite selection metric")
         out = Path(path)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        torch.save({k: v.cpu() for k, v in state.items()}, out)
+        buffer = io.BytesIO()
+        torch.save({k: v.cpu() for k, v in state.items()}, buffer)
+        try:
+            out.parent.mkdir(parents=True, exist_ok=True)
+            if out.exists() and not out.is_file():  # a device or a pipe is written as it is
+                out.write_bytes(buffer.getvalue())
+                return out
+            partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
+            try:
+                partial.write_bytes(buffer.getvalue())
+                os.replace(partial, out)
+            finally:
+                partial.unlink(missing_ok=True)
+        except OSError as e:
+            raise AblateError(f"could not write the selected model to {out}: {e.strerror or e}") from None
         return out
 
 

@@ -614,6 +614,41 @@ def test_a_save_best_path_that_cannot_be_written_is_one_line_before_training(wor
                               target], monkeypatch, capsys, expected)
 
 
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full")
+def test_a_full_disk_at_save_best_is_one_line_and_the_run_is_kept(workdir, monkeypatch, capsys):
+    from mlflow import MlflowClient
+
+    code, _out, err = run_cli(["train", "--data", "pairs.npz", "--epochs", "2", "--save-best", "/dev/full"],
+                             monkeypatch, capsys)
+    assert code == 2
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert "could not write the selected model to /dev/full: No space left on device" in line
+    client = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}")
+    (run,) = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert run.info.status == "FINISHED" and f"runs:/{run.info.run_id}/model" in line
+
+
+def test_save_best_writes_a_whole_file_or_none(tmp_path, monkeypatch):
+    from support import tiny_run
+
+    from ablate.trainer import Trainer
+
+    trainer = Trainer.from_spec(tiny_run(epochs=1))
+    for _ in trainer.epochs():
+        pass
+    target = tmp_path / "best.pt"
+    target.write_bytes(b"the old model")
+
+    def full(self: Path, data: bytes) -> int:
+        self.open("wb").write(data[: len(data) // 2])
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Path, "write_bytes", full)
+    with pytest.raises(AblateError, match="No space left on device"):
+        trainer.save_best(target)
+    assert target.read_bytes() == b"the old model" and sorted(p.name for p in tmp_path.iterdir()) == ["best.pt"]
+
+
 def test_a_save_best_folder_that_cannot_be_written_is_one_line(tmp_path, make_readonly):
     from ablate.studyfiles import writable_folder
 

@@ -120,7 +120,7 @@ def train(
     try:
         with progress, sigterm_as_interrupt():
             outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
-                                    save_best=save_best, on_start=on_start)
+                                    on_start=on_start)
     except KeyboardInterrupt:
         done = int(progress.tasks[task].completed)
         err_console.print(f"interrupted after {done} of {run.epochs} epochs: "
@@ -146,6 +146,11 @@ def train(
         console.print(f"stopped early after epoch {outcome.stopped_early_at + 1}: {chosen.select} had not improved "
                       f"for {run.patience} epochs")
     if save_best is not None and chosen.state is not None:
+        try:
+            trainer.save_best(save_best)
+        except AblateError as e:
+            raise AblateError(f"{e}; the run is kept, and the same model is MLflow's runs:/{outcome.run_id}/model") \
+                from None
         console.print(f"selected model (epoch {chosen.epoch + 1}) saved to {save_best}")
     console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
                                 f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))
