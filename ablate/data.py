@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import math
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -152,7 +153,15 @@ def _read_npz(p: Path) -> dict[str, Any]:
 
 
 def _read_pt(p: Path) -> dict[str, Any]:
-    obj = torch.load(p, map_location="cpu", weights_only=True)
+    try:
+        obj = torch.load(p, map_location="cpu", weights_only=True)
+    except Exception as e:  # torch's own text spans lines and offers unsafe loading: say it in our words
+        found = re.search(r"GLOBAL ([\w.]+)", str(e))
+        why = (f"it holds a {found.group(1)} object, which a safe load (weights_only) refuses" if found
+               else "it is not a file that torch.save wrote, or it is damaged")
+        raise AblateError(f"{p}: cannot load it safely: {why}; save the arrays as tensors in a dict, e.g. "
+                          "torch.save({'pocket': torch.as_tensor(pocket), 'ligand': torch.as_tensor(ligand)}, "
+                          f"'{p.name}')") from None
     if not isinstance(obj, dict):
         raise AblateError(f"{p}: expected a dict of arrays, got {type(obj).__name__}")
     return {k: (_numpy(v) if isinstance(v, Tensor) else np.asarray(v)) for k, v in obj.items()}
@@ -172,6 +181,10 @@ def _read_parquet(p: Path) -> dict[str, Any]:
     out: dict[str, Any] = {}
     for name in table.column_names:
         col = table.column(name).combine_chunks()
+        if col.null_count and name != "split":  # a missing label in 'split' is named by its own check
+            row = int(np.flatnonzero(np.asarray(col.is_null().to_numpy(zero_copy_only=False)))[0])
+            raise AblateError(f"{p}: column {name!r} has {col.null_count} empty (null) row(s) (first: row {row}); "
+                              "drop or fill them")
         if hasattr(col, "flatten") and hasattr(col, "value_lengths"):
             lengths = np.asarray(col.value_lengths().to_numpy(zero_copy_only=False))
             if len(lengths) and (lengths != lengths[0]).any():

@@ -625,3 +625,43 @@ def test_a_file_split_with_test_rows_and_a_test_source_is_ambiguous(tmp_path: Pa
     main = write(tmp_path / "main.npz", _labelled())
     with pytest.raises(AblateError, match="drop one of them"):
         load_split(DataSpec(source=str(main), test_source=str(main)))
+
+
+class _Payload:
+    """Pickles into a call of os.system: a .pt file that would run code if loaded unsafely."""
+
+    def __reduce__(self) -> tuple[Any, tuple[str]]:
+        import os
+
+        return (os.system, ("touch ran-the-payload",))
+
+
+@pytest.mark.parametrize(("content", "why"), [
+    ("numpy", "it holds a numpy._core.multiarray._reconstruct object, which a safe load (weights_only) refuses"),
+    ("payload", "which a safe load (weights_only) refuses"),
+    ("bytes", "it is not a file that torch.save wrote, or it is damaged"),
+])
+def test_a_pt_file_that_cannot_load_safely_is_one_line_that_never_suggests_unsafe_loading(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch, content: str, why: str) -> None:
+    monkeypatch.chdir(tmp_path)
+    path = tmp_path / "pairs.pt"
+    if content == "numpy":
+        torch.save({"pocket": np.zeros((4, 3)), "ligand": np.zeros((4, 2))}, path)
+    elif content == "payload":
+        torch.save({"pocket": _Payload()}, path)
+    else:
+        path.write_bytes(bytes(range(256)) * 3)
+    with pytest.raises(AblateError) as err:
+        load_pairs(path)
+    text = str(err.value)
+    assert why in text and "torch.save({'pocket': torch.as_tensor(pocket)" in text
+    assert "\n" not in text and "\x1b" not in text and "weights_only=False" not in text and "trust" not in text
+    assert not (tmp_path / "ran-the-payload").exists()
+
+
+def test_a_null_row_in_a_parquet_column_is_named(tmp_path: Path) -> None:
+    path = tmp_path / "pairs.parquet"
+    pq.write_table(pa.table({"pocket": pa.array([[1.0, 2.0], [3.0, 4.0], None, [5.0, 6.0]]),
+                             "ligand": pa.array([[1.0], [2.0], [3.0], [4.0]])}), path)
+    with pytest.raises(AblateError, match=r"column 'pocket' has 1 empty \(null\) row\(s\) \(first: row 2\)"):
+        load_pairs(path)
