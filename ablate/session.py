@@ -21,9 +21,9 @@ from ablate.compare import SearchSummary, SuiteReport, build_report, collect, se
 from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.errors import AblateError
 from ablate.publish import cached_report, publish, search_report, write_report
-from ablate.stores import Stores, storage_exists
+from ablate.stores import Stores, resolve_tracking_uri, storage_exists
 from ablate.studyfiles import safe_folder, spec_document
-from ablate.tracking import Tracker, environment_tags
+from ablate.tracking import Tracker, check_store, check_uri, environment_tags
 from ablate.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
 
 
@@ -66,10 +66,12 @@ class StudySession:
             from ablate.devices import resolve_device  # torch loads where a command trains
 
             resolve_device(device)
+        check_uri(resolve_tracking_uri(stores.tracking_uri))  # its shape, at once; reaching it comes later
         session = cls(stores)
         # A new store is created only after every check: a mistake leaves no file behind. An existing
         # study with nothing left to train needs neither the checks nor MLflow (a re-run is quick).
         if not storage_exists(stores.storage_url) or studies.owes_work(spec, session.storage, budget):
+            check_store(resolve_tracking_uri(stores.tracking_uri))  # seconds at most: before torch and the data
             preflight(spec)
             session.tracker  # noqa: B018 - the MLflow store is checked (reached, writable) before the study exists
         session.attach(spec, budget)

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
 
+from ablate.errors import AblateError
+
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 """MLflow's store: a SQLite file in the working directory (MLFLOW_TRACKING_URI overrides it)."""
 
@@ -30,8 +32,23 @@ def resolve_tracking_uri(uri: str | None = None) -> str:
 
 
 def resolve_storage(url: str | None = None) -> str:
-    """The Optuna storage URL: the flag, else ABLATE_STORAGE, else ./optuna.db."""
-    return encode_userinfo(_absolute_sqlite(url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE))
+    """The Optuna storage URL: the flag, else ABLATE_STORAGE, else ./optuna.db. An in-memory SQLite store is
+    refused: it lives and dies with one process, where a study must outlive it and serve every worker."""
+    given = url or os.environ.get(STORAGE_ENV) or DEFAULT_STORAGE
+    if in_memory(given):
+        raise AblateError(f"storage {given}: an in-memory SQLite store lives and dies with one process, so no "
+                          "worker could share it and nothing would be kept; give a file, e.g. sqlite:///optuna.db, "
+                          "or a database server, postgresql://user@host/db")
+    return encode_userinfo(_absolute_sqlite(given))
+
+
+def in_memory(url: str) -> bool:
+    """Whether a SQLite URL names an in-memory database (``sqlite://``, ``sqlite:///:memory:``)."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or scheme.split("+")[0].lower() != "sqlite":
+        return False
+    path = rest.split("?", 1)[0].removeprefix("/")
+    return path in ("", ":memory:") or path.startswith("file::memory:")
 
 
 def encode_userinfo(url: str) -> str:

@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.errors import AblateError
-from ablate.stores import mask_url, resolve_tracking_uri, split_credentials
+from ablate.stores import in_memory, mask_url, resolve_tracking_uri, split_credentials
 
 # MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
 # on machines without internet access; a run's tracking needs no telemetry.
@@ -60,12 +60,12 @@ class Tracker:
 
     def __init__(self, uri: str | None = None, *, writable: bool = True):
         """Open the store after ``check_store`` (``writable=False``: a store only read, e.g. by ``ablate ui``)."""
+        given = resolve_tracking_uri(uri)
+        self._shown = mask_url(given)
+        self.uri = check_store(given, writable=writable)  # before MLflow is imported: a mistake answers at once
         from mlflow import MlflowClient
 
         _quiet_mlflow()
-        given = resolve_tracking_uri(uri)
-        self._shown = mask_url(given)
-        self.uri = check_store(given, writable=writable)
         try:
             with _first_use_lock(self.uri):
                 self.client = MlflowClient(tracking_uri=self.uri)
@@ -265,6 +265,19 @@ API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
 """The MLflow REST call that tells a tracking server from any other web server."""
 
 
+def check_uri(uri: str) -> str:
+    """The scheme of a tracking URI ('' for a folder) that ablate can log to and keep, else one AblateError; looks
+    at the URI only (no connection, no import), so a mistake answers at once."""
+    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
+    local = not scheme and ("/" in uri or uri.startswith("."))  # a folder: MLflow's file store
+    if (scheme not in ("http", "https", "file", *DATABASE_SCHEMES) and not local) or in_memory(uri):
+        raise AblateError(
+            f"tracking URI {mask_url(uri)}: not a store ablate can log to and keep; give a SQLite file "
+            "(sqlite:///mlflow.db), a database (postgresql://user@host/db), an MLflow tracking server "
+            "(http://host:5000) or a folder (file:///path/to/mlruns)")
+    return scheme
+
+
 def check_store(uri: str, timeout: float = CONNECT_TIMEOUT, *, writable: bool = True) -> str:
     """Check that an MLflow store answers (and takes writes), within seconds; returns the URI MLflow is given.
 
@@ -272,7 +285,7 @@ def check_store(uri: str, timeout: float = CONNECT_TIMEOUT, *, writable: bool = 
     (of this process and the processes it starts): MLflow reads credentials from there, not from the URL.
     Every failure is one AblateError with the password masked.
     """
-    scheme = uri.partition("://")[0].split("+")[0].lower()
+    scheme = check_uri(uri)
     if scheme in ("http", "https"):
         bare, user, password = split_credentials(uri)
         if user is not None:

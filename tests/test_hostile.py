@@ -852,3 +852,23 @@ def test_a_boolean_where_a_number_belongs_is_refused(workdir, monkeypatch, capsy
 def test_a_boolean_for_a_number_on_the_command_line_is_refused(workdir, monkeypatch, capsys):
     _one_line_error(workdir, ["train", "--data", "pairs.npz", "--set", "epochs=true"], monkeypatch, capsys,
                     "epochs: true is a boolean where a number belongs")
+
+
+@pytest.mark.bare
+@pytest.mark.parametrize(("args", "message"), [
+    (["--storage", "sqlite://"], "storage sqlite://: an in-memory SQLite store lives and dies with one process"),
+    (["--storage", "sqlite:///:memory:"], "storage sqlite:///:memory:: an in-memory SQLite store"),
+    (["--tracking-uri", "databricks"], "tracking URI databricks: not a store ablate can log to and keep"),
+    (["--tracking-uri", "sqlite:///:memory:"], "tracking URI sqlite:///:memory:: not a store ablate can log to"),
+])
+@pytest.mark.parametrize("command", ["run-suite", "tune"])
+def test_a_store_that_cannot_be_shared_or_kept_is_one_line(workdir, monkeypatch, capsys, args, message, command):
+    study = "baseline-vs-multistage" if command == "run-suite" else "temperature"
+    _one_line_error(workdir, [command, study, "--epochs", "3", "--data", "pairs.npz", *args], monkeypatch, capsys,
+                    message)
+    assert sorted(p.name for p in workdir.iterdir()) == ["pairs.npz"]  # no store was made
+
+
+def test_ablate_train_refuses_a_tracking_uri_it_cannot_log_to_before_training(workdir, monkeypatch, capsys):
+    _one_line_error(workdir, ["train", "--data", "pairs.npz", "--tracking-uri", "databricks"], monkeypatch, capsys,
+                    "tracking URI databricks: not a store ablate can log to and keep")

@@ -83,6 +83,10 @@ def train(
     overrides = studyfiles.parse_overrides(set_ or [])
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
     run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
+    from ablate.stores import resolve_tracking_uri
+    from ablate.tracking import check_store
+
+    check_store(resolve_tracking_uri(tracking_uri))  # the MLflow store answers (seconds at most) before training
     if save_best is not None:
         if save_best.is_dir():
             raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
