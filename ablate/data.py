@@ -108,11 +108,12 @@ def load_pairs(path: str | Path) -> PairedEmbeddings:
 SPLIT_NAMES = ("train", "val", "test")
 
 
-def _load(path: str | Path) -> tuple[PairedEmbeddings, np.ndarray | None]:
+def _load(path: str | Path, what: str = "data file") -> tuple[PairedEmbeddings, np.ndarray | None]:
     """The pairs of a data file and its own split labels (``"train"``, ``"val"``, ``"test"`` per row), if any."""
     p = Path(path)
     if not p.is_file():
-        raise AblateError(f"{p}: no such data file (give a .npz, .pt or .parquet file, or 'synthetic')")
+        either = ", or 'synthetic'" if what == "data file" else ""
+        raise AblateError(f"{p}: no such {what} (give a .npz, .pt or .parquet file{either})")
     if p.suffix not in SUFFIXES:
         raise AblateError(f"{p}: unknown format {p.suffix!r}; use one of {', '.join(SUFFIXES)}")
     try:
@@ -120,7 +121,8 @@ def _load(path: str | Path) -> tuple[PairedEmbeddings, np.ndarray | None]:
     except AblateError:
         raise
     except Exception as e:  # a corrupt or foreign file
-        raise AblateError(f"{p}: cannot read {p.suffix} file ({type(e).__name__}: {e})") from None
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise AblateError(f"{p}: cannot read {p.suffix} file ({type(e).__name__}: {first})") from None
     pairs = _validated(p, arrays)
     labels = _split_labels(p, arrays["split"], len(pairs)) if "split" in arrays else None
     return pairs, labels
@@ -134,16 +136,12 @@ def _split_labels(p: Path, a: Any, n: int) -> np.ndarray:
     if a.dtype.kind not in "USO":
         raise AblateError(f"{p}: array 'split' must hold the strings \"train\", \"val\" or \"test\" "
                           f"(dtype {a.dtype})")
-    labels = np.array([x.decode() if isinstance(x, bytes) else x for x in a.tolist()], dtype=object)
+    labels = np.array([x.decode(errors="replace") if isinstance(x, bytes) else x for x in a.tolist()], dtype=object)
     bad = [i for i, x in enumerate(labels) if x not in SPLIT_NAMES]
     if bad:
         shown = "missing" if labels[bad[0]] is None else repr(labels[bad[0]])
         raise AblateError(f"{p}: array 'split' has {len(bad)} row(s) that are not \"train\", \"val\" or "
                           f"\"test\" (first: row {bad[0]}, {shown}); label every row")
-    for name in ("train", "val"):
-        if not (labels == name).any():
-            raise AblateError(f"{p}: array 'split' has no {name!r} rows; a run needs pairs to train on and "
-                              "pairs to select its epoch on")
     return labels.astype(str)
 
 
@@ -345,7 +343,7 @@ class Split:
         return {name: self.rows[name] for name in SPLIT_NAMES}
 
 
-def split_rows(data: PairedEmbeddings, val_fraction: float = 0.2, test_fraction: float = 0.0, seed: int = 0,
+def split_rows(data: PairedEmbeddings, val_fraction: float = 0.2, *, test_fraction: float = 0.0, seed: int = 0,
                by: str = "ligand") -> dict[str, Tensor]:
     """Row indices of train, val and test. ``by="ligand"`` (``"pocket"``) keeps every ligand (pocket) in one part
     only; ``"random"`` splits rows. Validation takes the first shuffled units up to its fraction, test the next."""
@@ -388,11 +386,11 @@ def split_rows(data: PairedEmbeddings, val_fraction: float = 0.2, test_fraction:
 
 
 def split(
-    data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand", test_fraction: float = 0.0
-) -> tuple[PairedEmbeddings, PairedEmbeddings, PairedEmbeddings]:
-    """(train, val, test) as cut by ``split_rows`` (test is empty when ``test_fraction`` is 0)."""
-    rows = split_rows(data, val_fraction, test_fraction, seed, by)
-    return data.subset(rows["train"]), data.subset(rows["val"]), data.subset(rows["test"])
+    data: PairedEmbeddings, val_fraction: float = 0.2, seed: int = 0, by: str = "ligand"
+) -> tuple[PairedEmbeddings, PairedEmbeddings]:
+    """(train, val) as ``split_rows`` cuts them without a test part (a data spec's three parts: ``load_split``)."""
+    rows = split_rows(data, val_fraction, seed=seed, by=by)
+    return data.subset(rows["train"]), data.subset(rows["val"])
 
 
 _CACHE: dict[str, Split] = {}
@@ -412,8 +410,17 @@ def _make_split(spec: DataSpec) -> Split:
         data = synthetic_pairs(spec.synthetic, seed=spec.seed)
     else:
         data, labels = _load(spec.source)
-    external = _load(spec.test_source)[0] if spec.test_source is not None else None
+    external = None
+    if spec.test_source is not None:
+        if spec.test_source == spec.source:
+            raise AblateError(f"data.test_source (--test-data) {spec.test_source} is the training data itself; "
+                              "name another file, or leave it out to hold out a test split of the data")
+        external = _external_test(spec.test_source)
     if labels is not None:
+        for name in ("train", "val"):
+            if not (labels == name).any():
+                raise AblateError(f"{spec.source}: its 'split' array has no {name!r} rows; a run needs pairs to "
+                                  "train on and pairs to select its epoch on")
         if external is not None and (labels == "test").any():
             raise AblateError(f"{spec.source}: its 'split' array has test rows and data.test_source "
                               f"({spec.test_source}) names a test set too; drop one of them")
@@ -424,20 +431,42 @@ def _make_split(spec: DataSpec) -> Split:
         how = "the data file's own split"
     else:
         test_fraction = 0.0 if external is not None else spec.test_fraction
-        rows = split_rows(data, spec.val_fraction, test_fraction, spec.seed, spec.split)
+        rows = split_rows(data, spec.val_fraction, test_fraction=test_fraction, seed=spec.seed, by=spec.split)
         shares = [len(rows[name]) / len(data) for name in SPLIT_NAMES if len(rows[name])]
         how = f"{spec.split}-disjoint split" if spec.split != "random" else "random split"
         how += ", " + "/".join(f"{100 * s:.0f}" for s in shares) + " %"
     if external is not None:
-        if (external.pocket_dim, external.ligand_dim) != (data.pocket_dim, data.ligand_dim):
+        test_data, rows["test"] = external
+        if (test_data.pocket_dim, test_data.ligand_dim) != (data.pocket_dim, data.ligand_dim):
             raise AblateError(
-                f"{spec.test_source}: its pairs are {external.pocket_dim} -> {external.ligand_dim} wide but "
+                f"{spec.test_source}: its pairs are {test_data.pocket_dim} -> {test_data.ligand_dim} wide but "
                 f"{spec.source}'s are {data.pocket_dim} -> {data.ligand_dim}; a test set must match the training data")
-        rows["test"] = torch.arange(len(external))
         how += f"; test pairs from {spec.test_source}"
-    test = external if external is not None else data.subset(rows["test"])
-    return Split(data.subset(rows["train"]), data.subset(rows["val"]), test,
-                 {name: [int(i) for i in rows[name]] for name in SPLIT_NAMES}, how)
+    else:
+        test_data = data.subset(rows["test"])
+    train, val = data.subset(rows["train"]), data.subset(rows["val"])
+    shared = _seen_ligands(test_data, train, val)
+    if shared:
+        how += f"; {shared} of {len(test_data)} test pairs have a ligand that training or validation also has"
+    return Split(train, val, test_data, {name: [int(i) for i in rows[name]] for name in SPLIT_NAMES}, how)
+
+
+def _external_test(path: str) -> tuple[PairedEmbeddings, Tensor]:
+    """A test file's pairs and their row indices in it: all its rows, or those its own 'split' array labels test."""
+    data, labels = _load(path, "test data file")
+    if labels is None:
+        return data, torch.arange(len(data))
+    rows = torch.from_numpy(np.flatnonzero(labels == "test"))
+    if len(rows) == 0:
+        raise AblateError(f"{path}: the test data file has a 'split' array with no 'test' rows; label the rows to "
+                          "score \"test\", or drop the array to score every row")
+    return data.subset(rows), rows
+
+
+def _seen_ligands(test: PairedEmbeddings, *others: PairedEmbeddings) -> int:
+    """How many test pairs have a ligand vector that also appears in the other parts (0 for a disjoint split)."""
+    seen = {hash(row.tobytes()) for part in others for row in part.ligand.detach().cpu().numpy()}
+    return sum(hash(row.tobytes()) in seen for row in test.ligand.detach().cpu().numpy())
 
 
 _FINGERPRINTS: dict[str, str] = {}

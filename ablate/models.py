@@ -56,6 +56,23 @@ class ProjectionHead(nn.Module):
         return out
 
 
+class SelectedModel(nn.Module):
+    """A run's model as it is logged: the data file's raw pocket rows in (any float dtype, cast to the model's),
+    ligand-space embeddings out."""
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.model = model
+
+    def forward(self, pocket: Tensor) -> Tensor:
+        """Pocket features [N, Dp] -> predicted ligand embeddings [N, Dl]."""
+        weight = next(self.model.parameters(), None)
+        if weight is not None and pocket.is_floating_point() and pocket.dtype != weight.dtype:
+            pocket = pocket.to(weight.dtype)
+        out: Tensor = self.model(pocket)
+        return out
+
+
 def build_model(spec: ModelSpec, in_dim: int, out_dim: int) -> nn.Module:
     """The built-in head for ``factory = "mlp"``, else ``factory(in_dim, out_dim, **kwargs)``."""
     if spec.factory == "mlp":

@@ -22,7 +22,7 @@ import subprocess
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
@@ -189,26 +189,37 @@ class Tracker:
         """Store a file as an artifact."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_model(self, run_id: str, model: Any, artifact_path: str = MODEL) -> None:
-        """Store a torch model as the run's MLflow model: ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")`` loads
-        it back as the same ``nn.Module`` class.
+    def log_model(self, run_id: str, model: Any, name: str = MODEL) -> str:
+        """Store a torch model as the run's MLflow model ``name`` (an MLflow 3 logged model whose source is the run) and
+        return its id: ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")`` loads it back as the same class.
 
-        Saved pickled (``serialization_format="pickle"``), not as a ``torch.export`` graph: exporting
-        costs seconds per worker process on the first model, fixes the batch size unless shapes are
-        declared dynamic, and refuses some user models; pickling is instant and keeps the model's own class,
-        which loads wherever ``ablate`` (and a user's model factory) is importable. Load only models
-        from stores you trust: unpickling runs code.
+        Made through the client with explicit ids (``create_logged_model``, ``log_model_artifacts``,
+        ``finalize_logged_model``: what ``mlflow.pytorch.log_model`` does through the global active run). Saved
+        pickled (``serialization_format="pickle"``), not as a ``torch.export`` graph: exporting costs seconds per
+        worker process on the first model, fixes the batch size unless shapes are declared dynamic, and refuses
+        some user models; pickling is instant and keeps the model's own class, which loads wherever ``ablate``
+        (and a user's model factory) is importable. Load only models from stores you trust: unpickling runs code.
         """
         import tempfile
 
         import mlflow.pytorch
         import torch
+        from mlflow.entities import LoggedModelStatus
 
-        with tempfile.TemporaryDirectory(prefix="ablate-model-") as tmp:
-            folder = Path(tmp) / artifact_path
-            mlflow.pytorch.save_model(model, str(folder), serialization_format="pickle",
-                                      pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
-            self.client.log_artifacts(run_id, str(folder), artifact_path)
+        experiment_id = self.client.get_run(run_id).info.experiment_id
+        logged = self.client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
+        try:
+            with tempfile.TemporaryDirectory(prefix="ablate-model-") as tmp:
+                folder = Path(tmp) / name
+                mlflow.pytorch.save_model(model, str(folder), serialization_format="pickle",
+                                          pip_requirements=[f"torch=={torch.__version__.split('+')[0]}"])
+                self.client.log_model_artifacts(logged.model_id, str(folder))
+        except BaseException:
+            with suppress(Exception):
+                self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.FAILED)
+            raise
+        self.client.finalize_logged_model(logged.model_id, LoggedModelStatus.READY)
+        return str(logged.model_id)
 
     def end_run(self, run_id: str, status: str = "FINISHED", end_ms: int | None = None) -> None:
         """Set a run's final status (FINISHED, FAILED or KILLED) and its end: ``end_ms`` (ms since the epoch) or now."""

@@ -19,12 +19,14 @@ so the parameter gradient equals the one of a single large batch.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
 import os
 import time
-from collections.abc import Hashable, Iterator, Sequence
+from collections.abc import Callable, Hashable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -39,7 +41,7 @@ from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, build_model
+from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model
 from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
@@ -488,13 +490,7 @@ class Trainer:
     @torch.no_grad()
     def predict(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
         """The (first) run's ligand-space embeddings for pocket features (eval mode, float32 or wider)."""
-        model = self.model
-        model.eval()
-        outs = []
-        for xc in pocket.to(self.device).split(chunk):
-            with self.amp.autocast():
-                outs.append(_widen(model(xc)))
-        return torch.cat(outs)
+        return _embed(self.model, pocket.to(self.device), chunk, self.amp.autocast)
 
     @torch.no_grad()
     def predict_members(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
@@ -560,22 +556,23 @@ class Trainer:
 
     # ---------------------------------------------------------------- the selected model
 
-    def selected_model(self, index: int = 0) -> nn.Module | None:
-        """Run ``index``'s model at its selected epoch, on the trainer's device in eval mode (None before a finite
-        selection metric). A copy: training goes on without touching it."""
+    def selected_model(self, index: int = 0) -> SelectedModel | None:
+        """Run ``index``'s model at its selected epoch, on the trainer's device in eval mode, taking pocket rows of
+        any float dtype (None before a finite selection metric). A copy: training goes on without touching it."""
         m = self.every[index]
         if m.best.state is None:
             return None
         with torch.random.fork_rng(devices=[]):  # its fresh initialisation leaves torch's stream as it was
             model = build_model(m.spec.model, self.train.pocket_dim, self.train.ligand_dim)
         model.to(self.device, self.dtype).load_state_dict(m.best.state)
-        return model.eval()
+        return SelectedModel(model).eval()
 
     @torch.no_grad()
     def score_test(self, index: int = 0) -> tuple[dict[str, float], dict[str, float]]:
         """Run ``index``'s selected model scored once on the test pairs: its ``test/...`` metrics (empty without a
         selected epoch or test pairs) and what a random ranking scores there. The loss is the run's at the selected
-        epoch (its stage, its learnable temperature then)."""
+        epoch (its stage, its learnable temperature then). The model runs as it is logged: without autocast, so
+        the logged model reproduces these numbers."""
         model = self.selected_model(index)
         if model is None or self.test is None or len(self.test) == 0:
             return {}, {}
@@ -585,11 +582,8 @@ class Trainer:
             criterion.load_state_dict(m.best.criterion_state)
         losses = MemberLosses([criterion], [m.spec.mask_shared_ligands])
         losses.set_epoch(m.best.epoch)
-        outs = []
-        for xc in self.test.pocket.split(8192):
-            with self.amp.autocast():
-                outs.append(_widen(model(xc)))
-        (metrics,), floors = self._score(torch.cat(outs)[None], self.test, losses, "test")
+        pred = _embed(model, self.test.pocket, 8192, contextlib.nullcontext)
+        (metrics,), floors = self._score(pred[None], self.test, losses, "test")
         return metrics, floors
 
     # ---------------------------------------------------------------- checkpoints
@@ -685,6 +679,17 @@ def _kept(state: dict[str, Tensor]) -> dict[str, Tensor]:
 def _cloned(state: Any) -> Any:
     """A copy of a state dict (tensors cloned, on the CPU) that training can no longer change."""
     return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
+
+
+def _embed(model: nn.Module, pocket: Tensor, chunk: int, context: Callable[[], AbstractContextManager[Any]]
+           ) -> Tensor:
+    """A model's embeddings of pocket rows, in chunks, in eval mode and ``context`` (autocast or none), widened."""
+    model.eval()
+    outs = []
+    for xc in pocket.split(chunk):
+        with context():
+            outs.append(_widen(model(xc)))
+    return torch.cat(outs)
 
 
 def _widen(x: Tensor) -> Tensor:

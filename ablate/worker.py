@@ -351,9 +351,10 @@ class _Objective:
             run_id = t.user_attrs.get(records.RUN_ID)
             if run_id and t.user_attrs.get(records.CHECKPOINT) is not None:
                 from ablate import checkpoints
+                from ablate.trainer import CHECKPOINT_FORMAT
 
                 state = checkpoints.load(self.ctx.tracker, str(run_id))
-                if state is not None:
+                if state is not None and state.get("format") == CHECKPOINT_FORMAT:  # an older one: start afresh
                     out[k] = (str(run_id), state)
         return out
 

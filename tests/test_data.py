@@ -12,7 +12,7 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ablate.data import PairedEmbeddings, load_pairs, load_split, split, synthetic_pairs
+from ablate.data import PairedEmbeddings, load_pairs, load_split, split, split_rows, synthetic_pairs
 from ablate.errors import AblateError
 from ablate.specs import DataSpec, SyntheticSpec
 
@@ -392,7 +392,7 @@ def _check_partition(data: PairedEmbeddings, train: PairedEmbeddings, val: Paire
 @pytest.mark.parametrize("fraction", [0.1, 0.2, 0.5])
 def test_ligand_split_is_disjoint_and_near_the_fraction(fraction: float) -> None:
     data = _tagged()
-    train, val, _ = split(data, fraction, seed=0, by="ligand")
+    train, val = split(data, fraction, seed=0, by="ligand")
     _check_partition(data, train, val)
     assert set(train.ligand_id.tolist()).isdisjoint(val.ligand_id.tolist())
     assert abs(len(val) / len(data) - fraction) < 0.03
@@ -408,13 +408,13 @@ def test_ligand_split_is_deterministic() -> None:
 
 def test_ligand_split_is_the_default() -> None:
     data = _tagged()
-    train, val, _ = split(data, 0.25)
+    train, val = split(data, 0.25)
     assert set(train.ligand_id.tolist()).isdisjoint(val.ligand_id.tolist())
 
 
 def test_random_split_splits_rows() -> None:
     data = _tagged()
-    train, val, _ = split(data, 0.2, seed=1, by="random")
+    train, val = split(data, 0.2, seed=1, by="random")
     _check_partition(data, train, val)
     assert len(val) == round(0.2 * len(data))
     # rows, not ligands: with many multi-pocket ligands, some ligand lands on both sides
@@ -472,7 +472,7 @@ def test_bad_pocket_ids_are_one_line_errors(tmp_path: Path, bad: np.ndarray, mes
 
 def test_pocket_split_keeps_every_pocket_on_one_side() -> None:
     data = synthetic_pairs(SMALL)
-    train, val, _ = split(data, 0.25, seed=3, by="pocket")
+    train, val = split(data, 0.25, seed=3, by="pocket")
     assert not set(train.pocket_id.tolist()) & set(val.pocket_id.tolist())
     assert len(train) + len(val) == len(data)
 
@@ -517,7 +517,8 @@ def test_finite_float64_values_beyond_float32_are_named_as_such(tmp_path: Path) 
 @pytest.mark.parametrize("by", ["ligand", "pocket", "random"])
 def test_three_way_splits_partition_the_rows_and_keep_their_unit_in_one_part(by: str) -> None:
     data = _tagged()
-    train, val, test = split(data, 0.2, seed=2, by=by, test_fraction=0.25)
+    parts = split_rows(data, 0.2, test_fraction=0.25, seed=2, by=by)
+    train, val, test = (data.subset(parts[name]) for name in ("train", "val", "test"))
     rows = np.concatenate([_rows(train), _rows(val), _rows(test)])
     np.testing.assert_array_equal(np.sort(rows), np.arange(len(data)))
     assert abs(len(val) / len(data) - 0.2) < 0.04 and abs(len(test) / len(data) - 0.25) < 0.04
@@ -529,10 +530,10 @@ def test_three_way_splits_partition_the_rows_and_keep_their_unit_in_one_part(by:
 
 def test_adding_a_test_split_keeps_the_validation_pairs() -> None:
     data = _tagged()
-    _, val_two, _ = split(data, 0.2, seed=4)
-    _, val_three, test = split(data, 0.2, seed=4, test_fraction=0.2)
-    np.testing.assert_array_equal(_rows(val_two), _rows(val_three))
-    assert len(test) > 0
+    _, val_two = split(data, 0.2, seed=4)
+    three = split_rows(data, 0.2, test_fraction=0.2, seed=4)
+    np.testing.assert_array_equal(_rows(val_two), _rows(data.subset(three["val"])))
+    assert len(three["test"]) > 0
 
 
 def test_the_default_data_spec_holds_out_a_fifth_for_test() -> None:
@@ -575,7 +576,7 @@ def test_a_file_with_its_own_split_keeps_it(tmp_path: Path, fmt: str) -> None:
 
 @pytest.mark.parametrize(("labels", "message"), [
     (["train"] * 6 + ["val"] * 3 + ["test", "tset", "test"], r"row 10, 'tset'"),
-    (["train"] * 9 + ["test"] * 3, "no 'val' rows"),
+    (["train"] * 9 + ["test"] * 3, "its 'split' array has no 'val' rows"),
     (["train"] * 9 + ["val"] * 3, "no 'test' rows; label some rows"),
     (["train"] * 6 + ["val"] * 3 + ["test"] * 2, "one label per row"),
 ])
@@ -610,7 +611,7 @@ def test_an_external_test_set_is_scored_instead_of_a_test_split(tmp_path: Path) 
     assert parts.rows["test"] == list(range(7))
     assert sorted(parts.rows["train"] + parts.rows["val"]) == list(range(40))
     np.testing.assert_array_equal(parts.test.ligand.numpy(), ext["ligand"])
-    assert parts.how.endswith(f"test pairs from {other}")
+    assert parts.how.endswith(f"test pairs from {other}")  # its ligands are not the training ones
 
 
 def test_an_external_test_set_must_match_the_widths(tmp_path: Path) -> None:
@@ -623,8 +624,9 @@ def test_an_external_test_set_must_match_the_widths(tmp_path: Path) -> None:
 
 def test_a_file_split_with_test_rows_and_a_test_source_is_ambiguous(tmp_path: Path) -> None:
     main = write(tmp_path / "main.npz", _labelled())
+    other = write(tmp_path / "bench.npz", {k: v for k, v in _labelled().items() if k != "split"})
     with pytest.raises(AblateError, match="drop one of them"):
-        load_split(DataSpec(source=str(main), test_source=str(main)))
+        load_split(DataSpec(source=str(main), test_source=str(other)))
 
 
 class _Payload:
@@ -665,3 +667,34 @@ def test_a_null_row_in_a_parquet_column_is_named(tmp_path: Path) -> None:
                              "ligand": pa.array([[1.0], [2.0], [3.0], [4.0]])}), path)
     with pytest.raises(AblateError, match=r"column 'pocket' has 1 empty \(null\) row\(s\) \(first: row 2\)"):
         load_pairs(path)
+
+
+def test_a_test_file_with_its_own_split_gives_its_test_rows_and_overlap_is_said(tmp_path: Path) -> None:
+    main_arrays = {k: v for k, v in _labelled(40).items() if k != "split"}
+    main = write(tmp_path / "main.npz", main_arrays)
+    bench = _labelled(12)
+    bench["ligand"][9] = main_arrays["ligand"][0]  # a test ligand that the training data has too
+    other = write(tmp_path / "bench.npz", bench)
+    parts = load_split(DataSpec(source=str(main), test_source=str(other), split="random", val_fraction=0.25))
+    assert parts.rows["test"] == [9, 10, 11]
+    np.testing.assert_array_equal(parts.test.pocket.numpy(), bench["pocket"][9:])
+    assert parts.how.endswith("; 1 of 3 test pairs have a ligand that training or validation also has")
+
+
+def test_the_training_data_as_its_own_test_set_is_refused(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.npz", {k: v for k, v in _labelled(40).items() if k != "split"})
+    with pytest.raises(AblateError, match="is the training data itself"):
+        load_split(DataSpec(source=str(main), test_source=str(main)))
+
+
+def test_a_missing_test_file_is_named_as_one(tmp_path: Path) -> None:
+    main = write(tmp_path / "main.npz", {k: v for k, v in _labelled(40).items() if k != "split"})
+    with pytest.raises(AblateError, match=r"nope.npz: no such test data file \(give a .npz, .pt or .parquet file\)$"):
+        load_split(DataSpec(source=str(main), test_source=str(tmp_path / "nope.npz")))
+
+
+def test_split_labels_that_are_not_utf8_are_one_line(tmp_path: Path) -> None:
+    arrays = {**_labelled(), "split": np.array([b"train"] * 6 + [b"val"] * 3 + [b"test", b"\xff\xfe", b"test"])}
+    path = write(tmp_path / "pairs.npz", arrays)
+    with pytest.raises(AblateError, match="first: row 10"):
+        load_split(DataSpec(source=str(path)))

@@ -62,14 +62,16 @@ def _independent_retrieval(pred: torch.Tensor, ligand: torch.Tensor, ligand_id: 
 
 
 def _first_stop(values: list[float], patience: int, start: int = 0) -> int:
-    """The epoch after which early stopping ends a run, from the rule's words: the selection metric has not
-    improved for ``patience`` epochs, counting from ``start`` (the last stage's first epoch)."""
-    best, best_epoch = -math.inf, -1
+    """The epoch after which early stopping ends a run, from the rule's words: a counter of epochs in a row without
+    a new best, counted only from ``start`` (the last stage's first epoch), reaches ``patience``."""
+    best, without = -math.inf, 0
     for epoch, v in enumerate(values):
-        if v > best:
-            best, best_epoch = v, epoch
-        if epoch - max(best_epoch, start - 1) >= patience:
-            return epoch
+        improved = v > best
+        best = max(best, v)
+        if epoch >= start:
+            without = 0 if improved else without + 1
+            if without == patience:
+                return epoch
     return len(values) - 1
 
 
@@ -122,6 +124,23 @@ def test_the_test_metrics_are_the_selected_models_on_the_test_pairs(loss):
     assert floors["test/ef1"] == pytest.approx(1.0)
     # the validation metrics at the selected epoch are what the run reported then
     assert trainer.best.metrics["val/mrr"] == history[chosen][1]["val/mrr"]
+
+
+def test_with_mixed_precision_the_test_metrics_are_those_of_the_model_as_logged():
+    spec = tiny_run(loss="infonce", lr=0.02, epochs=4, amp=True)
+    trainer = _trainer(spec)
+    _train(trainer)
+    assert trainer.amp.label != "off"  # the epochs ran under autocast
+    metrics, _ = trainer.score_test()
+    split = load_split(spec.data)
+    model = trainer.selected_model()
+    assert model is not None
+    with torch.no_grad():
+        want = _independent_retrieval(model(split.test.pocket), split.test.ligand, split.test.ligand_id)
+        wide = model(split.test.pocket.double())  # the data file's rows as they are, float64 included
+    assert metrics["test/mrr"] == pytest.approx(want["mrr"], rel=1e-6)
+    assert metrics["test/cosine"] == pytest.approx(want["cosine"], rel=1e-5)
+    assert wide.dtype == torch.float32
 
 
 def test_a_run_stopped_early_and_resumed_ends_with_the_same_test_metrics():

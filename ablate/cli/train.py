@@ -132,8 +132,9 @@ def train(
                              if started else "no MLflow run was created"))
         raise typer.Exit(130) from None
     chosen = outcome.best_run
-    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs; epoch {chosen.epoch + 1} selected by "
-                  f"{chosen.select} (validation), its model scored once on test ({split.how})")
+    selected = (f"epoch {chosen.epoch + 1} selected by {chosen.select} (validation), its model scored once on test"
+                if chosen.epoch >= 0 else f"no epoch selected: {chosen.select} was never finite")
+    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs; {selected} ({split.how})")
     table.add_column("metric")
     table.add_column("final epoch", justify="right")
     table.add_column("selected epoch", justify="right")
