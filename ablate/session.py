@@ -180,6 +180,13 @@ class StudySession:
         owed = sum(1 for t in studies.counted(self.study) if t.user_attrs.get(records.QUEUED))
         return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
 
+    def check_trainable(self) -> None:
+        """Refuse to train a study whose new trials would not be comparable with its finished ones."""
+        if studies.predates_test_split(self.study):
+            raise AblateError(
+                f"study {self.name} was made by an ablate without test splits: its new trials would train on fewer "
+                "pairs than its finished ones; run its run-suite or tune command again, which starts a new study")
+
     def run(self, *, jobs: int = 1, devices: Sequence[str] = (), on_event: OnEvent | None = None,
             spawn_after: float = 0.0, array: int | None = 1, keep_checkpoints: bool = False) -> bool:
         """Train the study's queued trials; returns False when interrupted (the parent run ends KILLED).
@@ -188,6 +195,7 @@ class StudySession:
         """
         if not self.pending():
             return True
+        self.check_trainable()
         self.trained = True
         self.tracker.set_status(self.parent_run_id, "RUNNING")
         end_abandoned_runs(self.context())  # once per command, before any worker starts

@@ -242,6 +242,15 @@ def list_studies(storage: RDBStorage) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["created"])
 
 
+def predates_test_split(study: optuna.Study) -> bool:
+    """Whether a study's stored spec comes from before test splits (its runs' data have no test_fraction): its
+    finished trials trained on train + validation pairs cut two ways."""
+    doc = study.user_attrs.get(records.SPEC) or {}
+    runs = [doc.get("base"), *(doc.get("experiments") or {}).values()]
+    return any(isinstance(r, dict) and isinstance(r.get("data"), dict) and "test_fraction" not in r["data"]
+               for r in runs)
+
+
 def counts(study: optuna.Study) -> dict[str, int]:
     """Trials by state name (skipped trials left out)."""
     out: dict[str, int] = {}

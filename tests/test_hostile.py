@@ -872,3 +872,20 @@ def test_a_store_that_cannot_be_shared_or_kept_is_one_line(workdir, monkeypatch,
 def test_ablate_train_refuses_a_tracking_uri_it_cannot_log_to_before_training(workdir, monkeypatch, capsys):
     _one_line_error(workdir, ["train", "--data", "pairs.npz", "--tracking-uri", "databricks"], monkeypatch, capsys,
                     "tracking URI databricks: not a store ablate can log to and keep")
+
+
+def test_a_study_made_before_test_splits_is_not_trained_further(workdir, monkeypatch, capsys):
+    from ablate import records, studies
+
+    code, _, err = run_cli(["tune", "temperature", "--n-trials", "2", "--epochs", "2", "--jobs", "0", "--data",
+                            "pairs.npz", "--set", "model.hidden=[16]"], monkeypatch, capsys)
+    assert code == 0, err
+    study = studies.load("temperature", studies.open_storage(f"sqlite:///{workdir / 'optuna.db'}")).study
+    doc = study.user_attrs[records.SPEC]
+    del doc["base"]["data"]["test_fraction"]  # as an earlier ablate stored it
+    study.set_user_attr(records.SPEC, doc)
+    code, out, err = run_cli(["worker", study.study_name, "--jobs", "1"], monkeypatch, capsys)
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and f"study {study.study_name} was made by an ablate without test splits" in line
+    assert "training" not in out
+    assert {t.state.name for t in study.get_trials()} == {"WAITING"}

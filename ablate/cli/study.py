@@ -89,6 +89,7 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
     pending = session.pending()
     if not pending:
         return
+    session.check_trainable()
     p = plan(jobs, devices, pending, max((run.epochs for _, run in session.spec.preflight_runs()), default=0))
     where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"
     console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
