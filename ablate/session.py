@@ -21,7 +21,7 @@ from ablate.compare import SearchSummary, SuiteReport, build_report, collect, se
 from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.errors import AblateError
 from ablate.publish import cached_report, publish, search_report, write_report
-from ablate.stores import Stores, resolve_tracking_uri, storage_exists
+from ablate.stores import Stores, require_storage, resolve_tracking_uri, storage_exists
 from ablate.studyfiles import safe_folder, spec_document
 from ablate.tracking import Tracker, check_store, check_uri, environment_tags
 from ablate.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
@@ -85,7 +85,9 @@ class StudySession:
 
     @classmethod
     def open(cls, name: str, stores: Stores) -> StudySession:
-        """An existing study, by its full name or (its newest study) by its spec's name."""
+        """An existing study, by its full name or (its newest study) by its spec's name; a missing SQLite storage is
+        one line (nothing is created)."""
+        require_storage(stores.storage_url)
         session = cls(stores)
         session._ref = studies.load(name, session.storage)
         return session

@@ -121,6 +121,13 @@ class Stores:
         return mask_url(self.storage_url)
 
 
+def require_storage(url: str) -> None:
+    """A command that only reads a storage finds one there, or says so in one line (and creates nothing)."""
+    if not storage_exists(url):
+        raise AblateError(f"no Optuna storage at {mask_url(url)}: no study has run here yet; run `ablate run-suite` "
+                          "or `ablate tune` first, or point --storage (or ABLATE_STORAGE) at the study's storage")
+
+
 def storage_exists(url: str) -> bool:
     """Whether a storage already exists: a SQLite file on disk (a database server's storage always counts)."""
     prefix = "sqlite:///"

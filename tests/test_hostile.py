@@ -889,3 +889,18 @@ def test_a_study_made_before_test_splits_is_not_trained_further(workdir, monkeyp
     assert code == 2 and f"study {study.study_name} was made by an ablate without test splits" in line
     assert "training" not in out
     assert {t.state.name for t in study.get_trials()} == {"WAITING"}
+
+
+@pytest.mark.bare
+@pytest.mark.parametrize("args", [["studies", "show", "x"], ["studies", "export", "x"], ["report", "x"],
+                                  ["worker", "x"]])
+def test_a_command_that_only_reads_creates_no_store_where_there_is_none(workdir, monkeypatch, capsys, args):
+    _one_line_error(workdir, args, monkeypatch, capsys, "no Optuna storage at sqlite:///", "no study has run here yet")
+    assert sorted(p.name for p in workdir.iterdir()) == ["pairs.npz"]
+
+
+@pytest.mark.bare
+def test_studies_list_where_there_is_no_storage_says_so_and_creates_nothing(workdir, monkeypatch, capsys):
+    code, out, _err = run_cli(["studies", "list"], monkeypatch, capsys)
+    assert code == 0 and "no studies in sqlite:///" in out and "no Optuna storage there yet" in out
+    assert sorted(p.name for p in workdir.iterdir()) == ["pairs.npz"]

@@ -35,6 +35,10 @@ def studies_list(storage: StorageOpt = None) -> None:
     """Studies in the storage, oldest first."""
     from ablate import studies
 
+    url = stores.resolve_storage(storage)
+    if not stores.storage_exists(url):  # nothing to list, and nothing is created
+        console.print(f"no studies in {stores.mask_url(url)}: no Optuna storage there yet")
+        return
     rows = studies.list_studies(studies.open_storage(storage))
     table = Table(title=f"studies in {stores.mask_url(stores.resolve_storage(storage))}", title_justify="left",
                   box=box.SIMPLE_HEAD, show_edge=False, padding=(0, 1), pad_edge=False)

@@ -91,6 +91,7 @@ def dashboard(
     from ablate import studies
 
     url = stores.resolve_storage(storage)
+    stores.require_storage(url)
     optuna_storage = studies.open_storage(url, heartbeat_seconds=None)
     study = studies.load(name, optuna_storage)
     study_id = optuna_storage.get_study_id_from_name(study.name)
