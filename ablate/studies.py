@@ -127,6 +127,8 @@ def create_or_load(spec: StudySpec, storage: RDBStorage, budget: int | None = No
     if records.SPEC not in study.user_attrs:
         study.set_user_attr(records.SPEC_NAME, spec.name)
         study.set_user_attr(records.CREATED, time.time())
+    if study.metric_names != [spec.objective]:  # optuna-dashboard and Optuna's plots name the value by it
+        study.set_metric_names([spec.objective])
     document = spec_document(spec)
     if study.user_attrs.get(records.SPEC) != document:  # new, or more seeds, a new budget
         study.set_user_attr(records.SPEC, document)

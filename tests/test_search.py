@@ -238,3 +238,9 @@ def test_a_finite_space_caps_the_budget_and_never_repeats_a_configuration(workdi
     ref = _load(workdir, "batch")
     assert sorted(t.params["batch_size"] for t in _finished(ref.study)) == [4, 8, 16]
     assert len(ref.study.get_trials()) == 3
+
+
+def test_a_studys_value_is_named_by_its_objective(workdir, monkeypatch, capsys):
+    code, _, err = run_cli(["tune", "temperature", "--jobs", "0", "--n-trials", "2", *TINY_SEARCH], monkeypatch, capsys)
+    assert code == 0, err
+    assert _load(workdir, "temperature").study.metric_names == ["val/mrr"]  # what optuna-dashboard shows

@@ -329,7 +329,7 @@ for (const plot of document.querySelectorAll('.js-plotly-plot')) {
                                                 y: Array.from(t.y || [])});
 }
 const named = prefix => traces.some(t => t.name.startsWith(prefix) && t.x.length);
-return named('Objective 0 of ') && named('trial #') ? traces : null;
+return named('val/mrr of ') && named('trial #') ? traces : null;
 """
 
 
@@ -635,7 +635,7 @@ def test_dashboard_shows_the_studys_trials(tuned: Path, browser: Browser, tmp_pa
         browser.wait("return document.body.innerText.includes(arguments[0])", f"{study.study_name} (id=",
                      what="the study's name")
         traces = {t["name"]: t for t in browser.wait(DASHBOARD_PLOTS, what="the study's history and its trials")}
-        history = traces[f"Objective 0 of {study.study_name}"]
+        history = traces[f"val/mrr of {study.study_name}"]  # the objective named, not "Objective 0"
         assert list(zip(history["x"], history["y"], strict=True)) == [(t.number, t.value) for t in trials]
         for t in trials:  # each trial's intermediate values (the best value so far, per report)
             steps = sorted(t.intermediate_values)
