@@ -10,13 +10,14 @@ import dataclasses
 import hashlib
 import json
 import math
+from contextlib import suppress
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import optuna
 from optuna.trial import TrialState
 
-from ablate import stats, studies
+from ablate import records, stats, studies
 from ablate.designs import StudySpec, SuiteSpec
 from ablate.records import TrialRecord
 from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better, is_test, on_split
@@ -347,11 +348,20 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
 
 
 def _importances(study: optuna.Study) -> dict[str, float]:
+    """fANOVA importances of the complete trials, kept on the study for the trials they were computed from (fANOVA
+    and the scikit-learn it loads take seconds; a finished study's show or re-run reads them back)."""
     complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
     if len(complete) < 2 or not any(t.params for t in complete):
         return {}
+    key = [len(complete), max(t.number for t in complete)]
+    kept = study.user_attrs.get(records.IMPORTANCES)
+    if isinstance(kept, dict) and kept.get("trials") == key:
+        return dict(kept["values"])
     evaluator = optuna.importance.FanovaImportanceEvaluator(n_trees=64, max_depth=64, seed=0)
     try:
-        return dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
-    except (RuntimeError, ValueError, ImportError):
-        return {}
+        values = dict(optuna.importance.get_param_importances(study, evaluator=evaluator))
+    except (RuntimeError, ValueError, ImportError):  # e.g. every trial with the same value: nothing to apportion
+        values = {}
+    with suppress(Exception):  # a storage only read (read-only file, a reader's role): computed again next time
+        study.set_user_attr(records.IMPORTANCES, {"trials": key, "values": values})
+    return values

@@ -24,6 +24,8 @@ SPEC = "ablate.spec"
 SPEC_NAME = "ablate.spec_name"
 CREATED = "ablate.created"
 PARENT_RUN = "ablate.mlflow_parent_run_id"
+IMPORTANCES = "ablate.importances"
+"""fANOVA parameter importances and the complete trials they were computed from ([count, last number])."""
 
 # Trial attributes
 QUEUED = "ablate.queued"

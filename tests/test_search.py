@@ -244,3 +244,22 @@ def test_a_studys_value_is_named_by_its_objective(workdir, monkeypatch, capsys):
     code, _, err = run_cli(["tune", "temperature", "--jobs", "0", "--n-trials", "2", *TINY_SEARCH], monkeypatch, capsys)
     assert code == 0, err
     assert _load(workdir, "temperature").study.metric_names == ["val/mrr"]  # what optuna-dashboard shows
+
+
+@pytest.mark.slow
+def test_a_finished_searchs_rerun_reads_its_importances_back_and_touches_no_mlflow(workdir, monkeypatch, capsys):
+    args = ["tune", "temperature", "--n-trials", "3", *TINY_SEARCH]
+    code, _, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err
+    kept = _load(workdir, "temperature").study.user_attrs["ablate.importances"]
+    assert kept["trials"][0] == 3
+
+    def refuse(*_: object, **__: object) -> None:
+        raise AssertionError("computed again")
+
+    monkeypatch.setattr(optuna.importance, "get_param_importances", refuse)
+    monkeypatch.setattr("ablate.tracking.Tracker.__init__", refuse)
+    code, out, err = run_cli(args, monkeypatch, capsys)
+    assert code == 0, err + out
+    if kept["values"]:
+        assert "parameter importances (fANOVA): temperature 1.00" in out

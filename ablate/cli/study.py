@@ -83,13 +83,12 @@ def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, d
 def _train(session: StudySession, *, jobs: int | None, devices: list[str], array: int | None,
            keep: bool = False) -> None:
     """Train what the study has queued, with a live display; exit 130 when interrupted."""
-    from ablate.launch import plan
-    from ablate.render import LogLines, StudyDisplay
-
     pending = session.pending()
     if not pending:
         return
     session.check_trainable()
+    from ablate.launch import plan  # torch loads only where there is something to train
+    from ablate.render import LogLines, StudyDisplay
     p = plan(jobs, devices, pending, max((run.epochs for _, run in session.spec.preflight_runs()), default=0))
     where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"
     console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
@@ -249,11 +248,11 @@ def tune(
     if session is None:
         return
     summary = show_study(session)
-    if session.trained:
+    if session.trained:  # a re-run with nothing to train touches neither MLflow nor the plots
         files = session.search_plots(out, summary)
         if files:
             console.print(f"plots: {files[0].parent}")
-    session.finish()
+        session.finish()
     if confirm:
         suite = session.confirm(confirm)
         assert isinstance(suite.spec, designs.SuiteSpec)
