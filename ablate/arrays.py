@@ -10,7 +10,6 @@ memory the device has free. The choice is made once per kind of run and process,
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from typing import Any
 
@@ -94,30 +93,8 @@ def clearing_size(rates: dict[int, float], waiting: int) -> int:
 
 
 def memory_cap(run: RunSpec, pocket_dim: int, ligand_dim: int, device: Any) -> int:
-    """How many members fit in MEMORY_SHARE of the device's free memory (parameters, gradients,
-    two optimizer moments, and the activations of a batch)."""
-    from ablate.models import build_model
+    """How many members fit in MEMORY_SHARE of the device's free memory (``models.training_bytes`` each)."""
+    from ablate.devices import free_bytes
+    from ablate.models import training_bytes
 
-    model = build_model(run.model, pocket_dim, ligand_dim)
-    params = sum(p.numel() for p in model.parameters())
-    widths = [pocket_dim, *run.model.hidden, ligand_dim]
-    activations = run.effective_batch_size * (sum(widths) * 3 + run.effective_batch_size)
-    per_member = 4 * (4 * params + activations)
-    free = _free_bytes(device)
-    return int(free * MEMORY_SHARE // max(1, per_member))
-
-
-def _free_bytes(device: Any) -> int:
-    import torch
-
-    if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free)
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
-    except OSError:
-        pass
-    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))
+    return int(free_bytes(device) * MEMORY_SHARE // max(1, training_bytes(run, pocket_dim, ligand_dim)))

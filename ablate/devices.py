@@ -207,3 +207,18 @@ def use_threads(n: int) -> None:
     """torch (and with it OpenMP and MKL) uses ``n`` intra-op threads in this process."""
     if torch.get_num_threads() != n:
         torch.set_num_threads(n)
+
+
+def free_bytes(device: torch.device) -> int:
+    """Memory free for a run on a device: a CUDA device's free memory, else the machine's available memory."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free)
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return int(os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES"))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib
+import itertools
 from collections.abc import Sequence
 from typing import Any, Literal, cast
 
@@ -11,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.errors import AblateError
-from ablate.specs import ModelSpec
+from ablate.specs import ModelSpec, RunSpec
 
 
 class Dropout(nn.Dropout):
@@ -71,6 +72,41 @@ class SelectedModel(nn.Module):
             pocket = pocket.to(weight.dtype)
         out: Tensor = self.model(pocket)
         return out
+
+
+def head_parameters(spec: ModelSpec, in_dim: int, out_dim: int) -> int | None:
+    """How many parameters the built-in head has (None for a user's model factory), without building it."""
+    if spec.factory != "mlp":
+        return None
+    widths = [in_dim, *spec.hidden, out_dim]
+    return sum(a * b + b for a, b in itertools.pairwise(widths))
+
+
+def training_bytes(run: RunSpec, in_dim: int, out_dim: int) -> int:
+    """About what one run needs in float32: parameters, gradients and two optimizer moments, and a batch's
+    activations (a user's model is built to count its parameters)."""
+    params = head_parameters(run.model, in_dim, out_dim)
+    if params is None:
+        with torch.random.fork_rng(devices=[]):
+            params = sum(p.numel() for p in build_model(run.model, in_dim, out_dim).parameters())
+    widths = [in_dim, *run.model.hidden, out_dim]
+    activations = run.effective_batch_size * (sum(widths) * 3 + run.effective_batch_size)
+    return 4 * (4 * params + activations)
+
+
+def check_size(run: RunSpec, in_dim: int, out_dim: int, free: int) -> None:
+    """Refuse, in one line, a run that cannot fit in ``free`` bytes (before anything is allocated)."""
+    need = training_bytes(run, in_dim, out_dim)
+    if need > free:
+        params = head_parameters(run.model, in_dim, out_dim)
+        shape = f" ({params:.3g} parameters)" if params is not None else ""
+        raise AblateError(
+            f"model.hidden {list(run.model.hidden)}: a {in_dim} -> {out_dim} model{shape} needs about "
+            f"{_gib(need)} to train, and {_gib(free)} is free; use smaller hidden widths")
+
+
+def _gib(n: int) -> str:
+    return f"{n / 2**30:.3g} GiB"
 
 
 def build_model(spec: ModelSpec, in_dim: int, out_dim: int) -> nn.Module:

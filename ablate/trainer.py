@@ -36,12 +36,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate.data import PairedEmbeddings, Split, load_split
-from ablate.devices import AdamW, amp_for, resolve_device, threads_for, use_threads
+from ablate.devices import AdamW, amp_for, free_bytes, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
 from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
 from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model
+from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
 from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
 
 INBATCH_FLUSH = 64
@@ -130,7 +130,8 @@ def check(spec: RunSpec) -> Split:
     """
     split = load_split(spec.data)
     check_batch(spec, len(split.train))
-    resolve_device(spec.device)
+    device = resolve_device(spec.device)
+    check_size(spec, split.train.pocket_dim, split.train.ligand_dim, free_bytes(device))
     with torch.random.fork_rng(devices=[]):
         build_model(spec.model, split.train.pocket_dim, split.train.ligand_dim)
     return split
@@ -198,6 +199,8 @@ class Trainer:
         self.specs = runs
         self.device = device if device is not None else resolve_device(lead.device)
         check_batch(lead, len(train))
+        if lead.model.factory == "mlp":  # refused before anything is allocated (a user's model: by check())
+            check_size(lead, train.pocket_dim, train.ligand_dim, free_bytes(self.device))
         if self.device.type == "cuda" and self.device.index is not None:
             torch.cuda.set_device(self.device)  # so that nothing lands on GPU 0 by default
         self.train = _to(train, self.device, dtype)

@@ -904,3 +904,11 @@ def test_studies_list_where_there_is_no_storage_says_so_and_creates_nothing(work
     code, out, _err = run_cli(["studies", "list"], monkeypatch, capsys)
     assert code == 0 and "no studies in sqlite:///" in out and "no Optuna storage there yet" in out
     assert sorted(p.name for p in workdir.iterdir()) == ["pairs.npz"]
+
+
+@pytest.mark.parametrize("args", [["train", "--data", "pairs.npz", "--epochs", "2"],
+                                  ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--data", "pairs.npz"]])
+def test_a_model_that_cannot_fit_is_refused_before_it_is_built(workdir, monkeypatch, capsys, args):
+    _one_line_error(workdir, [*args, "--set", "model.hidden=[100000000000]"], monkeypatch, capsys,
+                    "model.hidden [100000000000]: a 8 -> 12 model (2.1e+12 parameters) needs about",
+                    "GiB is free; use smaller hidden widths")
