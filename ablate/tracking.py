@@ -68,8 +68,11 @@ class Tracker:
         _quiet_mlflow()
         try:
             with _first_use_lock(self.uri):
+                _create_whole(self.uri)
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self._sql = _sql_store(self.client)
+        except AblateError:
+            raise
         except Exception as e:
             raise AblateError(
                 f"cannot open the MLflow store {self._shown}: {_first_line(mask_url(str(e)))}"
@@ -264,6 +267,50 @@ def _first_use_lock(uri: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def _create_whole(uri: str) -> None:
+    """A new SQLite store appears whole or not at all: MLflow's schema is migrated in a file beside it, which is then
+    renamed into place (Ctrl-C or kill -9 during a first migration left a store every later command refused). A
+    store left half-created by an older version is explained in one line with the command that clears it."""
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix) or in_memory(uri):
+        return
+    db = Path(uri[len(prefix):].split("?", 1)[0])
+    if db.exists():
+        _refuse_half_created(db, uri)
+        return
+    from mlflow import MlflowClient
+
+    creating = db.with_name(f".{db.name}.{os.getpid()}-{time.monotonic_ns()}.creating")  # never a name reused
+    try:
+        store = MlflowClient(tracking_uri=f"{prefix}{creating}")._tracking_client.store  # migrates the schema
+        engine = getattr(store, "engine", None)
+        if engine is not None:
+            engine.dispose()  # closed before it moves
+        os.replace(creating, db)
+    finally:
+        creating.unlink(missing_ok=True)
+
+
+def _refuse_half_created(db: Path, uri: str) -> None:
+    import sqlite3
+    from urllib.parse import quote
+
+    try:
+        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=0.5)
+        try:
+            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+            runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in names else 0
+        finally:
+            con.close()
+    except sqlite3.Error:
+        return  # MLflow says what is wrong with it
+    if any(name.startswith("_alembic_tmp_") for name in names):
+        fix = f"remove it (rm {db}) and run the command again" if runs == 0 else \
+            f"run `mlflow db upgrade {uri}` to finish it"
+        raise AblateError(f"the MLflow store {mask_url(uri)} was left half-created (a command was stopped during "
+                          f"its schema migration) and holds {runs} run(s); {fix}")
 
 
 DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")

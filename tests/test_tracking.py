@@ -252,3 +252,37 @@ def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlf
     tracker.write_metrics(run_id, [Metric("a", 2.0, 1001, 1)])
     assert sorted(m.value for m in MlflowClient(tracker.uri).get_metric_history(run_id, "a")) == [1.0, 2.0]
     assert tracker._sql is None  # one that will fail again: the tracker does not try the direct path again
+
+
+def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
+    import mlflow.store.db.utils
+
+    from ablate.tracking import Tracker
+
+    def stopped(*_: object, **__: object) -> None:
+        raise KeyboardInterrupt  # Ctrl-C in the middle of the first schema migration
+
+    monkeypatch.setattr(mlflow.store.db.utils, "_initialize_tables", stopped)
+    with pytest.raises(KeyboardInterrupt):
+        Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == []
+    monkeypatch.undo()
+    tracker = Tracker(f"sqlite:///{tmp_path / 'mlflow.db'}")  # the next command creates it
+    assert tracker.experiment_id("x")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["mlflow.db", "mlflow.db.lock"]
+
+
+def test_a_store_left_half_created_is_explained_with_the_command_that_clears_it(tmp_path):
+    import sqlite3
+
+    from ablate.errors import AblateError
+    from ablate.tracking import Tracker
+
+    db = tmp_path / "mlflow.db"
+    con = sqlite3.connect(db)
+    con.execute("CREATE TABLE experiments (experiment_id INTEGER)")
+    con.execute("CREATE TABLE _alembic_tmp_latest_metrics (key TEXT)")
+    con.commit()
+    con.close()
+    with pytest.raises(AblateError, match=rf"was left half-created .* holds 0 run\(s\); remove it \(rm {db}\)"):
+        Tracker(f"sqlite:///{db}")
