@@ -168,6 +168,8 @@ class Server:
     process: subprocess.Popen[bytes]
     log: Path | None
     log_offset: int = 0
+    watchdog: subprocess.Popen[bytes] | None = None
+    """Stops the server's group once this process is gone, however it went (``kill -9`` included)."""
 
     def log_tail(self, lines: int = 3, width: int = 400) -> str:
         """The last lines of this run's log on one line (passwords masked), for an error message."""
@@ -214,15 +216,46 @@ def running(what: str, cmd: Sequence[str], env: Mapping[str, str], log: Path | N
 
 
 def _start(what: str, cmd: Sequence[str], env: Mapping[str, str], log: Path | None) -> Server:
-    """Popen ``cmd`` as the leader of a new process group, its output to ``log`` (None: this terminal)."""
+    """Popen ``cmd`` as the leader of a new process group, its output to ``log`` (None: this terminal), watched so
+    that it never outlives this process."""
     if log is None:
         process = subprocess.Popen(list(cmd), env=dict(env), stdin=subprocess.DEVNULL, start_new_session=True)
-        return Server(what, process, None)
+        return Server(what, process, None, watchdog=_watch(process.pid))
     with log.open("ab") as out:
         offset = out.tell()
         process = subprocess.Popen(list(cmd), env=dict(env), stdin=subprocess.DEVNULL, stdout=out,
                                    stderr=subprocess.STDOUT, start_new_session=True)
-    return Server(what, process, log, offset)
+    return Server(what, process, log, offset, _watch(process.pid))
+
+
+_WATCHDOG = """\
+import os, signal, sys, time
+sys.stdin.buffer.read()  # returns when the command that started the server is gone: its end of the pipe closed
+group = int(sys.argv[1])
+try:
+    os.killpg(group, signal.SIGTERM)
+except ProcessLookupError:
+    sys.exit(0)
+deadline = time.monotonic() + float(sys.argv[2])
+while time.monotonic() < deadline:
+    time.sleep(0.1)
+    try:
+        os.killpg(group, 0)
+    except ProcessLookupError:
+        sys.exit(0)
+try:
+    os.killpg(group, signal.SIGKILL)
+except ProcessLookupError:
+    pass
+"""
+
+
+def _watch(pgid: int) -> subprocess.Popen[bytes]:
+    """A small process that holds the read end of a pipe whose write end only this process has: when this process
+    ends in any way (a crash, ``kill -9``) the pipe closes, and it stops the server's group (SIGTERM, then SIGKILL).
+    A parent-death signal would reach the server's leader only, not the workers it starts."""
+    return subprocess.Popen([sys.executable, "-c", _WATCHDOG, str(pgid), str(STOP_SECONDS)], stdin=subprocess.PIPE,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
 def wait_ready(server: Server, url: str, accept: Callable[[bytes], bool], timeout: float = READY_SECONDS) -> None:
@@ -269,6 +302,10 @@ def stop(server: Server, grace: float = STOP_SECONDS) -> None:
                 _signal_group(proc.pid, signal.SIGKILL)
                 proc.wait()
         _signal_group(proc.pid, signal.SIGKILL)  # what the leader left behind (workers, job runners)
+        if server.watchdog is not None and server.watchdog.stdin is not None:
+            server.watchdog.stdin.close()  # nothing left to watch: it finds the group gone and exits
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                server.watchdog.wait(timeout=grace)
 
 
 def _signal_group(pgid: int, sig: signal.Signals) -> None:

@@ -125,14 +125,22 @@ def _wait_for_output(proc: subprocess.Popen[bytes], log: Path, pattern: str, tim
 
 
 def _server_pid(proc: subprocess.Popen[bytes], timeout: float = 30) -> int:
-    """The pid of the server a command started (its only child), read from /proc."""
+    """The pid of the server a command started (its child other than the watchdog), read from /proc."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         children = Path(f"/proc/{proc.pid}/task/{proc.pid}/children").read_text().split()
-        if children:
-            return int(children[0])
+        servers = [int(c) for c in children if b"sys.stdin.buffer.read()" not in _cmdline(int(c))]
+        if servers:
+            return servers[0]
         time.sleep(0.1)
     pytest.fail(f"{proc.args!r} started no server within {timeout:.0f} s")
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _group_members(pgid: int) -> list[int]:
@@ -445,6 +453,20 @@ def test_ui_on_port_0_prints_the_port_it_answers_on_and_ctrl_c_stops_it(tmp_path
     assert _until(lambda: not _group_members(server))
     assert _until(lambda: port not in _listening_ports())
     assert log.read_text().rstrip().endswith("MLflow UI stopped")
+
+
+@pytest.mark.slow
+def test_the_ui_server_does_not_outlive_a_command_killed_with_sigkill(tmp_path: Path) -> None:
+    """kill -9 of `ablate ui` runs no handler of its own: its watchdog stops the server's whole group."""
+    log = tmp_path / "ui.out"
+    with _started(ablate_command("ui", "--port", "0"), tmp_path, log) as ui:
+        found = _wait_for_output(ui, log, r"MLflow UI: (http://127\.0\.0\.1:(\d+)) \(Ctrl-C stops it\)", timeout=180)
+        port, server = int(found.group(2)), _server_pid(ui)
+        assert _group_members(server)
+        os.kill(ui.pid, signal.SIGKILL)  # the command only, not its group
+        ui.wait(timeout=30)
+        assert _until(lambda: not _group_members(server), timeout=40), _tail(log)
+        assert _until(lambda: port not in _listening_ports())
 
 
 @pytest.mark.slow
