@@ -670,3 +670,20 @@ def test_dashboard_shows_the_studys_trials(tuned: Path, browser: Browser, tmp_pa
         _signal_group(dashboard, signal.SIGINT)
         assert dashboard.wait(timeout=60) == 0, _tail(log)
     assert _until(lambda: port not in _listening_ports())
+
+
+def test_ui_on_a_database_that_does_not_answer_is_one_line_before_any_server_starts(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, err = run_cli(["ui", "--tracking-uri", "postgresql://postgres@127.0.0.1:1/x"], monkeypatch, capsys)
+    (line,) = [x for x in err.splitlines() if x.strip()]
+    assert code == 2 and "cannot reach the MLflow store postgresql://postgres@127.0.0.1:1/x" in line
+    assert "Starting" not in out and not (workdir / "mlflow-ui.log").exists()
+
+
+@pytest.mark.bare
+def test_dashboard_checks_its_own_arguments_before_the_storage(
+        workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    if not servers.dashboard_installed():
+        pytest.skip("optuna-dashboard not installed")
+    code, _, err = run_cli(["dashboard", "temperature", "--port", "70000"], monkeypatch, capsys)
+    assert code == 2 and err == "error: --port 70000: a port is a number from 1 to 65535 (0 picks a free one)\n"

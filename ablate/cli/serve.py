@@ -56,6 +56,10 @@ def ui(
     if uri.startswith(("http://", "https://")):
         console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
         return
+    port = servers.claim_port(host, port)  # the cheap checks first
+    from ablate.tracking import check_store
+
+    check_store(uri, writable=False)  # a database that does not answer: one line in seconds, not a retrying server
     port, base, log = _prepare("the MLflow UI", uri, host, port, "mlflow-ui.log", verbose)
     command, env = servers.mlflow_command(host, port), servers.mlflow_env(uri)
     with servers.running("the MLflow UI", command, env, log) as server:
@@ -88,10 +92,11 @@ def dashboard(
     """Start optuna-dashboard on the study's storage and print the study's URL once it answers (Ctrl-C stops it)."""
     if not servers.dashboard_installed():
         raise AblateError(f"optuna-dashboard is not installed; install it with: {servers.DASHBOARD_INSTALL}")
+    url = stores.resolve_storage(storage)
+    port = servers.claim_port(host, port)  # its own arguments before the storage: a wrong port answers at once
+    stores.require_storage(url)
     from ablate import studies
 
-    url = stores.resolve_storage(storage)
-    stores.require_storage(url)
     optuna_storage = studies.open_storage(url, heartbeat_seconds=None)
     study = studies.load(name, optuna_storage)
     study_id = optuna_storage.get_study_id_from_name(study.name)
