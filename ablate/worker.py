@@ -230,6 +230,7 @@ def end_parent_if_done(ctx: Context) -> bool:
     finished = [t for t in trials if t.state in studies.FINISHED and not t.user_attrs.get(records.SKIPPED)]
     status = "FAILED" if ctx.spec.missing(finished) else "FINISHED"
     end = studies.span_ms(ctx.study)[1]  # the study's end, not the moment this worker noticed it
+    end_abandoned_runs(ctx)  # nothing of the study runs any more: no child run may stay RUNNING
     run = ctx.tracker.client.get_run(ctx.parent_run_id).info
     if run.status != status or (end is not None and run.end_time != end):
         ctx.tracker.end_run(ctx.parent_run_id, status, end)
@@ -238,10 +239,11 @@ def end_parent_if_done(ctx: Context) -> bool:
 
 def end_abandoned_runs(ctx: Context) -> None:
     """End KILLED the MLflow runs still RUNNING of trials that failed or wait to be retried: their
-    worker was stopped before it could end them (a second Ctrl-C). A run a running trial continues is
-    left alone."""
+    worker was stopped before it could end them (a second Ctrl-C, or kill -9 between creating a trial's
+    run and recording it on the trial). A run a running trial continues is left alone."""
     trials = ctx.study.get_trials(deepcopy=False)
     live = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state == TrialState.RUNNING}
+    running = {t.number for t in trials if t.state == TrialState.RUNNING}
     ended = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state in (TrialState.FAIL, TrialState.WAITING)}
     for run_id in sorted(str(r) for r in ended - live if r):
         try:
@@ -249,6 +251,17 @@ def end_abandoned_runs(ctx: Context) -> None:
                 ctx.tracker.end_run(run_id, "KILLED")
         except Exception:  # the run lives in another MLflow store
             continue
+    try:  # runs no trial records: their worker died before it could say which run it had started
+        orphans = ctx.tracker.client.search_runs(
+            [ctx.experiment_id], f"tags.`ablate.study` = '{ctx.name}' and attributes.status = 'RUNNING'")
+    except Exception:
+        return
+    for run in orphans:
+        trial = run.data.tags.get("ablate.trial")
+        if run.info.run_id in live or run.info.run_id == ctx.parent_run_id or trial is None \
+                or not trial.isdigit() or int(trial) in running:
+            continue
+        ctx.tracker.end_run(run.info.run_id, "KILLED")
 
 
 def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:

@@ -912,3 +912,30 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(workdir, monkeypa
     _one_line_error(workdir, [*args, "--set", "model.hidden=[100000000000]"], monkeypatch, capsys,
                     "model.hidden [100000000000]: a 8 -> 12 model (2.1e+12 parameters) needs about",
                     "GiB is free; use smaller hidden widths")
+
+
+def test_a_run_no_trial_recorded_is_ended_by_the_next_command(workdir, mlflow_template, monkeypatch, capsys):
+    from optuna.trial import TrialState
+
+    from ablate import worker
+    from ablate.session import StudySession
+    from ablate.stores import Stores
+
+    shutil.copy(mlflow_template, workdir / "mlflow.db")
+    path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))
+    args = ["run-suite", path, "--array", "1", "--epochs", "1"]
+    code, _, err = run_cli([*args, "--jobs", "0"], monkeypatch, capsys)
+    assert code == 0, err
+    # A worker started the trial's MLflow run and was killed before it recorded the run on the trial.
+    ctx = StudySession.open("probe", Stores()).context()
+    (trial,) = worker.take(ctx)
+    run_id = ctx.tracker.start_run(ctx.experiment_id, "orphan", {"ablate.study": ctx.name,
+                                                                 "ablate.trial": trial.number}, ctx.parent_run_id)
+    ctx.study.tell(trial, state=TrialState.FAIL)  # as the stale check fails it
+    code, out, err = run_cli([*args, "--jobs", "1"], monkeypatch, capsys)
+    assert code == 0, err + out
+    client = ctx.tracker.client
+    assert client.get_run(run_id).info.status == "KILLED"
+    assert client.get_run(ctx.parent_run_id).info.status == "FINISHED"
+    statuses = {r.info.status for r in client.search_runs([ctx.experiment_id])}
+    assert "RUNNING" not in statuses
