@@ -321,9 +321,8 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
     out += [
         f"Seeds: {', '.join(map(str, spec.seeds))}. Data: `{spec.experiments[report.baseline].data.source}`"
         + (f" ({split})" if split else "")
-        + f". Headline metric: `{spec.objective}` ({where(spec.objective, report.headline_at)}).",
-        "",
-        selection_rule(report),
+        + f". Headline metric: `{spec.objective}` ({where(spec.objective, report.headline_at)}); what chose what is "
+        "the verdict's first line.",
         "",
         "Each cell: mean ± half-width of the 95 % Student-t confidence interval over seeds; "
         f"in brackets the change of the mean against `{report.baseline}` and the p-value of the test "

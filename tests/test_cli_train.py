@@ -71,3 +71,14 @@ def test_help_shows_each_default_and_the_stores_it_uses(monkeypatch, capsys):
     assert "[default: $MLFLOW_TRACKING_URI or" in out
     code, out, _ = run_cli(["run-suite", "--help"], monkeypatch, capsys)
     assert "[default: $ABLATE_STORAGE or sqlite:///optuna.db]" in out
+
+
+def test_without_a_terminal_train_prints_plain_lines_and_a_markdown_table(workdir, monkeypatch, capsys):
+    code, out, err = run_cli(["train", "--data", "pairs.npz", "--epochs", "10", "--set", "model.hidden=[16]"],
+                             monkeypatch, capsys)
+    assert code == 0, err
+    assert "━" not in out and "┃" not in out and "\r" not in out  # no live display, no box drawing
+    assert [line.split(":")[1].split()[1] for line in out.splitlines() if line.startswith("mse: epoch ")] == [
+        f"{k}/10" for k in range(1, 11)]
+    assert "| metric | final epoch | selected epoch | test, selected model |" in out
+    assert any(line.startswith("| top1 | ") and line.count("|") == 5 for line in out.splitlines())

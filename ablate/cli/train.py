@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
 
@@ -107,12 +108,16 @@ def train(
         console=console,
     )
     task = progress.add_task(f"{run.loss}", total=run.epochs, info="")
+    live = console.is_terminal  # without a terminal (a log, a pipe): a plain line every tenth of the epochs
+    every = max(1, run.epochs // 10)
 
     def on_epoch(result: EpochResult, history: list[dict[str, float]]) -> None:
         m = result.metrics
         info = (f"loss {m['train/loss']:.4f}  val cos {m['val/cosine']:.3f}  "
                 f"top1 {m['val/top1']:.3f}" + (f"  [{result.stage}]" if result.stage else ""))
         progress.update(task, completed=result.epoch + 1, info=info)
+        if not live and ((result.epoch + 1) % every == 0 or result.stopped_early):
+            console.print(f"{run.loss}: epoch {result.epoch + 1}/{run.epochs} {info}", highlight=False)
 
     started: list[str] = []
 
@@ -122,7 +127,7 @@ def train(
 
     split = load_split(run.data)
     try:
-        with progress, sigterm_as_interrupt():
+        with progress if live else contextlib.nullcontext(), sigterm_as_interrupt():
             outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
                                     on_start=on_start)
     except KeyboardInterrupt:
@@ -134,17 +139,24 @@ def train(
     chosen = outcome.best_run
     selected = (f"epoch {chosen.epoch + 1} selected by {chosen.select} (validation), its model scored once on test"
                 if chosen.epoch >= 0 else f"no epoch selected: {chosen.select} was never finite")
-    table = Table(title=f"{run.loss}: {len(outcome.history)} epochs; {selected} ({split.how})")
-    table.add_column("metric")
-    table.add_column("final epoch", justify="right")
-    table.add_column("selected epoch", justify="right")
-    table.add_column("test", justify="right")
+    title = f"{run.loss}: {len(outcome.history)} epochs; {selected} ({split.how})"
+    columns = ("metric", "final epoch", "selected epoch", "test, selected model")
+    rows = []
     for key in ("train/loss", "val/loss", *specs.SUMMARY_METRICS, "val/median_rank"):
         if key in outcome.final:
-            cells = [outcome.selected.get(key), outcome.test.get(specs.on_split(key, "test"))]
-            table.add_row(key, f"{outcome.final[key]:.4f}",
-                          *("" if v is None else f"{v:.4f}" for v in cells))
-    console.print(table)
+            cells = [outcome.final[key], outcome.selected.get(key), outcome.test.get(specs.on_split(key, "test"))]
+            name = "train loss" if key == "train/loss" else key.split("/", 1)[1]
+            rows.append([name, *("" if v is None else f"{v:.4f}" for v in cells)])
+    if live:
+        table = Table(title=title, caption="final and selected epoch: validation pairs (train loss: training)")
+        for i, column in enumerate(columns):
+            table.add_column(column, justify="right" if i else "left")
+        for row in rows:
+            table.add_row(*row)
+        console.print(table)
+    else:
+        lines = [f"**{title}**", "", "| " + " | ".join(columns) + " |", "|---|---:|---:|---:|"]
+        console.print("\n".join([*lines, *("| " + " | ".join(row) + " |" for row in rows)]), highlight=False)
     if outcome.stopped is not None:
         console.print(f"stopped: {outcome.stopped.message}", style="yellow")
     if outcome.stopped_early_at is not None:
