@@ -14,6 +14,8 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
+from torch import nn
+
 from ablate import checkpoints, stability
 from ablate.data import load_split, split_fingerprint
 from ablate.specs import RunSpec, StabilitySpec
@@ -202,10 +204,11 @@ def train_and_log_members(
                 elif on_checkpoint is not None:
                     snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
             for k in ended:
-                outcomes[k].test, test_floors = trainer.score_test(k)
+                model = trainer.selected_model(k)  # built once: scored on test, then logged
+                outcomes[k].test, test_floors = trainer.score_test(k, model)
                 outcomes[k].floors = {**trainer.floors, **test_floors}
                 snapshots.pop(k, None)
-                _finish(tracker, outcomes[k], batches[k], trainer, ended=True)
+                _finish(tracker, outcomes[k], batches[k], model)
                 if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
                     checkpoints.remove(tracker, outcomes[k].run_id)
                 tracker.end_run(outcomes[k].run_id, "FINISHED")
@@ -219,7 +222,7 @@ def train_and_log_members(
         for k in sorted(open_runs):
             try:
                 if k in batches:
-                    _finish(tracker, outcomes[k], batches[k], trainer)
+                    _finish(tracker, outcomes[k], batches[k])
                 if isinstance(e, KeyboardInterrupt):
                     write([k])  # the state of its last finished epoch: the next run continues from there
             finally:
@@ -230,9 +233,9 @@ def train_and_log_members(
     return outcomes
 
 
-def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, trainer: Trainer, ended: bool = False) -> None:
+def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn.Module | None = None) -> None:
     """Send the run's last metrics, then its end tags and summary; for a run that ended (not one interrupted) also
-    its test metrics (step = the selected epoch) and its selected model."""
+    its test metrics (step = the selected epoch) and its selected ``model``."""
     batch.close()
     run_id, best = outcome.run_id, outcome.best_run
     end_tags: dict[str, Any] = {"ablate.epochs_trained": len(outcome.history)}
@@ -250,7 +253,7 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, trainer: 
     if outcome.floors:  # constant for the run: parameters, not per-epoch metrics
         tracker.log_params(run_id, {f"random {k}": round(v, 6) for k, v in outcome.floors.items()
                                     if math.isfinite(v)})
-    if ended and outcome.test:
+    if outcome.test:  # measured only for a run that ended
         tracker.log_metrics(run_id, outcome.test, step=best.epoch)
     if outcome.history:
         tracker.log_dict(
@@ -260,5 +263,5 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, trainer: 
              "test": {k: v for k, v in outcome.test.items() if math.isfinite(v)}},
             "final_metrics.json",
         )
-    if ended and (model := trainer.selected_model(outcome.member.index)) is not None:
+    if model is not None:
         tracker.log_model(run_id, model.cpu())

@@ -571,12 +571,13 @@ class Trainer:
         return SelectedModel(model).eval()
 
     @torch.no_grad()
-    def score_test(self, index: int = 0) -> tuple[dict[str, float], dict[str, float]]:
-        """Run ``index``'s selected model scored once on the test pairs: its ``test/...`` metrics (empty without a
-        selected epoch or test pairs) and what a random ranking scores there. The loss is the run's at the selected
-        epoch (its stage, its learnable temperature then). The model runs as it is logged: without autocast, so
-        the logged model reproduces these numbers."""
-        model = self.selected_model(index)
+    def score_test(self, index: int = 0, model: SelectedModel | None = None
+                   ) -> tuple[dict[str, float], dict[str, float]]:
+        """Run ``index``'s selected model (``selected_model``, or the one given) scored once on the test pairs: its
+        ``test/...`` metrics (empty without a selected epoch or test pairs) and what a random ranking scores there.
+        The loss is the run's at the selected epoch (its stage, its learnable temperature then). The model runs as
+        it is logged: without autocast, so the logged model reproduces these numbers."""
+        model = model if model is not None else self.selected_model(index)
         if model is None or self.test is None or len(self.test) == 0:
             return {}, {}
         m = self.every[index]
