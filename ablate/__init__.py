@@ -12,12 +12,13 @@ __version__ = "0.1.0"
 
 _EXPORTS = {
     "AblateError": "ablate.errors",
-    "CombinedLoss": "ablate.losses",
-    "CosineSimilarityLoss": "ablate.losses",
-    "InfoNCELoss": "ablate.losses",
-    "MSELoss": "ablate.losses",
-    "MultiStageScheduler": "ablate.losses",
-    "SupervisedContrastiveLoss": "ablate.losses",
+    "CombinedLoss": "ablate.losses.combined",
+    "CosineSimilarityLoss": "ablate.losses.cosine",
+    "InfoNCELoss": "ablate.losses.infonce",
+    "MSELoss": "ablate.losses.mse",
+    "MultiStageScheduler": "ablate.losses.multistage",
+    "SigLIPLoss": "ablate.losses.siglip",
+    "SupervisedContrastiveLoss": "ablate.losses.supcon",
     "build_loss": "ablate.losses",
     "compute_retrieval_metrics": "ablate.metrics",
     "PairedEmbeddings": "ablate.data",
@@ -31,15 +32,14 @@ __all__ = sorted(_EXPORTS)
 if TYPE_CHECKING:
     from ablate.data import PairedEmbeddings, load_pairs, split, synthetic_pairs
     from ablate.errors import AblateError
-    from ablate.losses import (
-        CombinedLoss,
-        CosineSimilarityLoss,
-        InfoNCELoss,
-        MSELoss,
-        MultiStageScheduler,
-        SupervisedContrastiveLoss,
-        build_loss,
-    )
+    from ablate.losses import build_loss
+    from ablate.losses.combined import CombinedLoss
+    from ablate.losses.cosine import CosineSimilarityLoss
+    from ablate.losses.infonce import InfoNCELoss
+    from ablate.losses.mse import MSELoss
+    from ablate.losses.multistage import MultiStageScheduler
+    from ablate.losses.siglip import SigLIPLoss
+    from ablate.losses.supcon import SupervisedContrastiveLoss
     from ablate.metrics import compute_retrieval_metrics
 
 

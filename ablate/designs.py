@@ -10,6 +10,7 @@ of study is one more class here and one more entry in ``KINDS``.
 from __future__ import annotations
 
 import abc
+import contextlib
 import re
 import types
 import typing
@@ -18,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_validator, model_validator
 
+from ablate import losses
 from ablate.errors import AblateError
 from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
 from ablate.specs import (
@@ -32,6 +34,7 @@ from ablate.specs import (
     apply_values,
     better,
     is_test,
+    loss_fields,
     on_split,
     validate,
 )
@@ -324,10 +327,11 @@ class SearchSpec(StudyDesign):
         for key, p in self.params.items():
             targets = p.names if p.type == "simplex" else [key]
             for t in targets or []:
-                if t.split(".")[0] not in RUN_FIELDS:
+                if t.split(".")[0] not in RUN_FIELDS and t not in loss_fields(self.base.loss):
+                    own = [f for f in loss_fields(self.base.loss) if f not in RUN_FIELDS]
                     raise ValueError(
                         f"params.{key}: {t!r} is not a run field; valid fields: "
-                        f"{', '.join(sorted(RUN_FIELDS))}"
+                        f"{', '.join(sorted(RUN_FIELDS - {'loss_args'}) + own)}"
                     )
                 if t in searched:
                     raise ValueError(f"params.{key}: {t!r} is already searched by params.{searched[t]}; "
@@ -531,6 +535,9 @@ def _suite_from_document(doc: dict[str, Any], source: str) -> SuiteSpec:
     experiments = doc.get("experiments")
     if not isinstance(experiments, dict) or not experiments:
         raise AblateError(f"{source}: a suite needs at least one [experiments.NAME] table")
+    for exp in experiments.values():  # every loss the suite names is known before its runs are validated
+        with contextlib.suppress(AblateError):
+            losses.resolve(_deep_merge(base, exp).get("loss", "mse") if isinstance(exp, dict) else "mse")
     resolved = {}
     for exp_name, exp in experiments.items():
         if not isinstance(exp, dict):

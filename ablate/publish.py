@@ -11,6 +11,7 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from ablate import losses
 from ablate.compare import SearchSummary, SuiteReport
 from ablate.designs import SearchSpec
 from ablate.errors import AblateError
@@ -40,9 +41,9 @@ def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str]) -> dict[s
 
 
 def stage_switches(report: SuiteReport) -> dict[str, list[int]]:
-    """The epochs where each multi-stage experiment switches its loss."""
-    return {e: sorted({run.stage1_epochs, run.stage3}) for e, run in report.spec.experiments.items()
-            if run.loss == "multistage"}
+    """The epochs where each experiment with a loss schedule (multi-stage) switches its loss."""
+    switches = {e: losses.resolve(run.loss).switches(run) for e, run in report.spec.experiments.items()}
+    return {e: epochs for e, epochs in switches.items() if epochs}
 
 
 REPORT_JSON = "report.json"

@@ -43,6 +43,8 @@ class RunOutcome:
     """The epoch after which early stopping ended the run (``patience``)."""
     split: str = ""
     """How the run's pairs were split (``data.Split.how``)."""
+    error: str | None = None
+    """Why the run failed (its loss raised or returned no usable value); such a run ends FAILED."""
 
     @property
     def spec(self) -> RunSpec:
@@ -188,6 +190,11 @@ def train_and_log_members(
             ended = []
             for k, result in results.items():
                 outcome = outcomes[k]
+                if result.error is not None:  # the epoch's numbers are not the run's: it ends here, FAILED
+                    outcome.error = result.error
+                    trainer.stop(k)
+                    ended.append(k)
+                    continue
                 outcome.history.append(result.metrics)
                 if result.epoch > logged.get(k, -1):  # the stopped run may have sent epochs it then lost
                     batches[k].add(result.metrics, step=result.epoch)
@@ -204,14 +211,16 @@ def train_and_log_members(
                 elif on_checkpoint is not None:
                     snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
             for k in ended:
-                model = trainer.selected_model(k)  # built once: scored on test, then logged
-                outcomes[k].test, test_floors = trainer.score_test(k, model)
-                outcomes[k].floors = {**trainer.floors, **test_floors}
+                failed = outcomes[k].error is not None
+                model = None if failed else trainer.selected_model(k)  # built once: scored on test, then logged
+                if model is not None:
+                    outcomes[k].test, test_floors = trainer.score_test(k, model)
+                    outcomes[k].floors = {**trainer.floors, **test_floors}
                 snapshots.pop(k, None)
                 _finish(tracker, outcomes[k], batches[k], model)
                 if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
                     checkpoints.remove(tracker, outcomes[k].run_id)
-                tracker.end_run(outcomes[k].run_id, "FINISHED")
+                tracker.end_run(outcomes[k].run_id, "FAILED" if failed else "FINISHED")
                 open_runs.discard(k)
                 if on_end is not None:
                     on_end(k, outcomes[k])
@@ -244,6 +253,8 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn
     if outcome.stopped is not None:
         end_tags["ablate.stopped_by"] = outcome.stopped.rule
         end_tags["ablate.stop_reason"] = outcome.stopped.message
+    if outcome.error is not None:
+        end_tags["ablate.stop_reason"] = outcome.error
     if outcome.stopped_early_at is not None:
         end_tags["ablate.stopped_early_at"] = outcome.stopped_early_at
     if best.epoch >= 0:

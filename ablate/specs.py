@@ -16,12 +16,11 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from ablate import losses
 from ablate.errors import AblateError
 
 DEFAULT_EXPERIMENT = "ablate"
 """The MLflow experiment of ``ablate train`` runs."""
-
-LossName = Literal["mse", "cosine", "infonce", "combined", "multistage", "supcon"]
 
 MetricKey = Literal[
     "train/loss",
@@ -189,7 +188,8 @@ class DataSpec(_Strict):
 class RunSpec(_Strict):
     """Everything one training run needs; `ablate train` flags and study files fill it."""
 
-    loss: LossName = "mse"
+    loss: str = "mse"
+    """A built-in loss (``ablate.losses``), "path/file.py:Class", "package.module:Class" or an entry point."""
     temperature: PositiveFloat = 0.07
     learnable_temperature: bool = False
     symmetric: bool = True
@@ -217,70 +217,76 @@ class RunSpec(_Strict):
     patience: Annotated[int, Field(ge=1)] | None = None
     model: ModelSpec = ModelSpec()
     data: DataSpec = DataSpec()
+    loss_args: dict[str, Any] = {}
+    """The settings of a loss that are not fields above (a user's loss's own keywords), each filled in with
+    its constructor's default; a study file and ``--set`` name them at the top level (``siglip_scale``)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _loss_settings(cls, data: Any) -> Any:
+        """Gather the loss's own settings into ``loss_args`` and fill in their defaults; drop settings that
+        belong to another loss (a suite's base may set them for some of its experiments)."""
+        if not isinstance(data, dict) or not isinstance(data.get("loss", "mse"), str):
+            return data
+        try:
+            definition = losses.resolve(data.get("loss", "mse"))
+        except AblateError:
+            return data  # the field's own check names the problem
+        own = [f for f in definition.fields if f not in cls.model_fields]
+        given = data.get("loss_args", {})
+        if not isinstance(given, dict):
+            return data
+        unknown = [k for k in given if k not in own]
+        if unknown:
+            raise ValueError(f"loss_args.{unknown[0]}: loss {definition.name!r} takes no setting {unknown[0]!r}"
+                             + (f"; it takes {', '.join(own)}" if own else ""))
+        others = losses.known_fields() - set(cls.model_fields) - set(own)
+        out = {k: v for k, v in data.items() if k not in own and k not in others}
+        args: dict[str, Any] = {}
+        for field in own:
+            value = data.get(field, given.get(field, definition.defaults[field]))
+            if value is losses.REQUIRED:
+                raise ValueError(f"loss {definition.name!r} needs {field} (its constructor has no default); set it, "
+                                 f"e.g. --set {field}=...")
+            args[field] = _loss_setting(definition.annotations[field], field, value)
+        out["loss_args"] = args
+        return out
+
+    @field_validator("loss")
+    @classmethod
+    def _known_loss(cls, v: str) -> str:
+        try:
+            losses.resolve(v)
+        except AblateError as e:
+            raise ValueError(str(e)) from None
+        return v
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
-        if self.loss in ("combined", "multistage") and self.alpha + self.beta + self.gamma <= 0:
-            raise ValueError("alpha, beta and gamma are all zero; give at least one a positive weight")
-        if self.loss == "multistage" and self.stage3 < self.stage1_epochs:
-            raise ValueError(
-                f"stage3_start ({self.stage3_start}) is before the end of stage 1 "
-                f"({self.stage1_epochs}); it must be at least stage1_epochs"
-            )
-        if self.loss == "multistage" and self.stage1_epochs >= self.epochs:
-            raise ValueError(
-                f"the run has {self.epochs} epochs but the MSE warm-up alone takes "
-                f"{self.stage1_epochs}; lower stage1_epochs or raise epochs"
-            )
+        losses.resolve(self.loss).check(self)
         return self
-
-    @property
-    def stage3(self) -> int:
-        """The first epoch (0-based) of the multi-stage fine-tuning stage."""
-        if self.stage3_start is not None:
-            return self.stage3_start
-        return self.stage1_epochs + self.stage2_epochs
 
     @property
     def last_stage_start(self) -> int:
         """The first epoch (0-based) of the run's last stage: where early stopping starts counting."""
-        if self.loss != "multistage":
-            return 0
-        return self.stage3 if self.stage3 < self.epochs else self.stage1_epochs
+        return losses.resolve(self.loss).last_stage_start(self)
 
     @property
     def effective_batch_size(self) -> int:
         """Pairs per optimizer step: the batch size times the accumulation steps."""
         return self.batch_size * self.accumulation_steps
 
-    def loss_params(self) -> dict[str, Any]:
-        """The keyword arguments of ablate.losses.build_loss for this spec's loss."""
-        if self.loss == "infonce":
-            return {"temperature": self.temperature, "symmetric": self.symmetric,
-                    "learnable": self.learnable_temperature}
-        if self.loss == "combined":
-            return {"alpha": self.alpha, "beta": self.beta, "gamma": self.gamma,
-                    "temperature": self.temperature, "symmetric": self.symmetric,
-                    "learnable": self.learnable_temperature}
-        if self.loss == "supcon":
-            return {"temperature": self.temperature, "threshold": self.supcon_threshold}
-        if self.loss == "multistage":
-            return {"stage1_epochs": self.stage1_epochs, "stage2_epochs": self.stage2_epochs,
-                    "stage3_start": self.stage3_start, "lrs": self.stage_lrs,
-                    "temperature": self.temperature, "alpha": self.alpha, "beta": self.beta,
-                    "gamma": self.gamma, "symmetric": self.symmetric,
-                    "learnable": self.learnable_temperature}
-        return {}
-
     def flat(self) -> dict[str, Any]:
-        """All fields as one flat dict with dotted keys."""
-        return flatten(self.model_dump(mode="json"))
+        """All fields as one flat dict with dotted keys; the loss's own settings at the top level, as they are set."""
+        doc = self.model_dump(mode="json")
+        return flatten({**{k: v for k, v in doc.items() if k != "loss_args"}, **doc["loss_args"]})
 
     def applicable(self) -> dict[str, Any]:
         """The fields that matter for this run's loss and data, flat with dotted keys (its MLflow params)."""
-        unused = set(_LOSS_FIELDS) - set(_LOSS_FIELDS_USED.get(self.loss, ()))
-        if self.loss == "multistage":
-            unused.add("lr")  # each stage has its own (stage_lrs)
+        definition = losses.resolve(self.loss)
+        unused = (_loss_fields() - set(definition.fields)) | set(definition.replaces)
+        if not definition.contrastive:
+            unused.add("mask_shared_ligands")
         out = {k: v for k, v in self.flat().items() if k.split(".")[0] not in unused}
         if self.data.source != "synthetic":
             out = {k: v for k, v in out.items() if not k.startswith("data.synthetic.")}
@@ -289,16 +295,35 @@ class RunSpec(_Strict):
 
 RUN_FIELDS = frozenset(RunSpec.model_fields)
 
-_LOSS_FIELDS = ("temperature", "learnable_temperature", "symmetric", "mask_shared_ligands", "alpha", "beta", "gamma",
-                "supcon_threshold", "stage1_epochs", "stage2_epochs", "stage3_start", "stage_lrs")
-_CONTRASTIVE_FIELDS = ("temperature", "learnable_temperature", "symmetric", "mask_shared_ligands")
-_LOSS_FIELDS_USED: dict[str, tuple[str, ...]] = {
-    "infonce": _CONTRASTIVE_FIELDS,
-    "combined": (*_CONTRASTIVE_FIELDS, "alpha", "beta", "gamma"),
-    "multistage": (*_CONTRASTIVE_FIELDS, "alpha", "beta", "gamma", "stage1_epochs", "stage2_epochs",
-                   "stage3_start", "stage_lrs"),
-    "supcon": ("temperature", "mask_shared_ligands", "supcon_threshold"),
-}
+
+
+def _loss_fields() -> set[str]:
+    """The run fields some built-in loss reads (a run whose loss does not read one does not log it)."""
+    return {f for name in losses.builtin_names() for f in losses.resolve(name).fields if f in RUN_FIELDS}
+
+
+def loss_fields(loss: str) -> tuple[str, ...]:
+    """The run fields a loss reads, its own settings included ('' for a loss that cannot be resolved)."""
+    try:
+        return tuple(losses.resolve(loss).fields)
+    except AblateError:
+        return ()
+
+
+def _loss_setting(annotation: Any, field: str, value: Any) -> Any:
+    """A loss's own setting, checked against its constructor's type hint (booleans are not numbers)."""
+    from pydantic import TypeAdapter
+
+    if _bool_for_number(annotation, value):
+        raise ValueError(f"{field}: {json.dumps(value)} is a boolean where a number belongs; write a number")
+    try:
+        adapter: TypeAdapter[Any] = TypeAdapter(annotation)
+    except Exception:
+        return value
+    try:
+        return adapter.validate_python(value)
+    except ValidationError as e:
+        raise ValueError(f"{field}: {_clean(e.errors()[0]['msg'])} (got {value!r})") from None
 
 SHAPING_FIELDS = ("model", "batch_size", "accumulation_steps", "epochs", "data", "device", "amp")
 """The run fields that shape the computation: runs that agree on them can train as one array."""
@@ -366,7 +391,7 @@ def describe(
             msg += f" Valid keys: {', '.join(valid)}"
         return where, msg
     got = err.get("input")
-    shown = "" if isinstance(got, dict) else f" (got {got!r})"
+    shown = "" if isinstance(got, dict) or repr(got) in err["msg"] else f" (got {got!r})"
     return where, f"{_clean(err['msg'])}{shown}"
 
 

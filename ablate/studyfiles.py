@@ -18,6 +18,7 @@ import tomllib
 from pathlib import Path
 from typing import Any
 
+from ablate import losses
 from ablate.designs import NAME_RULE, SearchSpec, StudySpec, SuiteSpec, from_document, valid_study_name
 from ablate.errors import AblateError
 from ablate.specs import RUN_FIELDS, RunSpec, set_path
@@ -93,7 +94,7 @@ def apply_overrides(doc: dict[str, Any], overrides: dict[str, Any]) -> dict[str,
     for key, value in overrides.items():
         head = key.split(".")[0]
         top_level = set(SuiteSpec.model_fields) | set(SearchSpec.model_fields)
-        if head in RUN_FIELDS and head not in top_level:
+        if (head in RUN_FIELDS or head in _loss_settings(doc)) and head not in top_level:
             set_path(_table(doc, "base", f"--set {key}"), key, value)
             for exp in _table(doc, "experiments", f"--set {key}", create=False).values():
                 if isinstance(exp, dict):
@@ -139,7 +140,8 @@ def _drop_path(doc: dict[str, Any], dotted: str) -> None:
 def scale_epochs(doc: dict[str, Any], epochs: int) -> dict[str, Any]:
     """A copy of a study document where every run trains `epochs` epochs.
 
-    Multi-stage boundaries keep their proportions: 50/100 of 300 epochs become 10/20 of 60.
+    A loss's settings counted in epochs keep their proportions (the multi-stage boundaries: 50/100 of 300
+    epochs become 10/20 of 60).
     """
     doc = copy.deepcopy(doc)
     base = _table(doc, "base", "--epochs")
@@ -148,14 +150,39 @@ def scale_epochs(doc: dict[str, Any], epochs: int) -> dict[str, Any]:
     for run in runs:
         old = run.get("epochs", base_epochs)
         merged = {**base, **run}
-        if merged.get("loss") == "multistage" and _is_number(old) and old > 0:
-            for key in ("stage1_epochs", "stage2_epochs", "stage3_start"):
-                value = merged.get(key, RunSpec.model_fields[key].default)
+        loss = merged.get("loss", RunSpec.model_fields["loss"].default)
+        definition = _definition(loss)
+        if definition is not None and definition.epoch_fields and _is_number(old) and old > 0:
+            for key in definition.epoch_fields:
+                field = RunSpec.model_fields.get(key)
+                value = merged.get(key, field.default if field is not None else definition.defaults[key])
                 if _is_number(value) and value:  # a stage of 0 epochs stays 0; a wrong type is validated later
                     run[key] = max(1, round(value * epochs / old))
         run.pop("epochs", None)
     base["epochs"] = epochs
     return doc
+
+
+def _definition(loss: Any) -> losses.LossDefinition | None:
+    """A loss's definition, or None for a name that is not one (validated, and explained, later)."""
+    try:
+        return losses.resolve(loss) if isinstance(loss, str) else None
+    except AblateError:
+        return None
+
+
+def _loss_settings(doc: dict[str, Any]) -> set[str]:
+    """The settings of the losses a study document names that are not run spec fields (a user's loss's own)."""
+    named = [t.get("loss") for t in [doc.get("base"), *(_values(doc.get("experiments")))] if isinstance(t, dict)]
+    params = doc.get("params")
+    if isinstance(params, dict) and isinstance(params.get("loss"), dict):
+        named += list(params["loss"].get("choices") or [])
+    found = {f for d in map(_definition, named) if d is not None for f in d.fields}
+    return found - RUN_FIELDS
+
+
+def _values(table: Any) -> list[Any]:
+    return list(table.values()) if isinstance(table, dict) else []
 
 
 def _is_number(value: Any) -> bool:

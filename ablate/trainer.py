@@ -35,11 +35,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from ablate import losses as loss_registry
 from ablate.data import PairedEmbeddings, Split, load_split
 from ablate.devices import AdamW, amp_for, free_bytes, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
 from ablate.gradcache import grad_cache
-from ablate.losses import MemberLosses, MultiStageScheduler, build_loss
+from ablate.losses._members import MemberLosses
 from ablate.metrics import retrieval_by_member, screening_by_member
 from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
 from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
@@ -62,6 +63,8 @@ class EpochResult:
     diverged: bool = False
     stopped_early: bool = False
     """Early stopping ends the run here (``patience`` epochs without a better selection metric)."""
+    error: str | None = None
+    """Why the run's loss failed in this epoch (a user's loss that raised or returned no usable value)."""
 
 
 class Best:
@@ -212,12 +215,12 @@ class Trainer:
         for k, spec in enumerate(runs):
             torch.manual_seed(spec.seed)  # each member's initialisation is the one it has alone
             model = build_model(spec.model, train.pocket_dim, train.ligand_dim).to(self.device, dtype)
-            criterion = build_loss(spec.loss, **spec.loss_params()).to(self.device, dtype)
+            criterion = loss_registry.build(spec).to(self.device, dtype)
             self.every.append(Member(k, spec, model, criterion, self.device))
         self.members = list(self.every)
         """The members still training (``every`` holds them all)."""
         self.models = MemberModels([m.model for m in self.members], fusion)
-        self.losses = MemberLosses([m.criterion for m in self.members], [s.mask_shared_ligands for s in runs])
+        self.losses = _member_losses([m.criterion for m in self.members], runs)
         n_params = sum(p.numel() for p in self.members[0].model.parameters())
         use_threads(threads_for(lead.batch_size, n_params * len(runs), self.device))
         self.amp = amp_for(self.device, lead.amp)
@@ -290,19 +293,20 @@ class Trainer:
             for k, member in enumerate(self.members):
                 metrics = {**{key: v[k] for key, v in train.items() if math.isfinite(v[k]) or key in _ALWAYS},
                            **val[k], "lr": lrs[k]}
-                if isinstance(member.criterion, MultiStageScheduler):
-                    metrics["stage"] = float(member.criterion.stage + 1)
-                temperature = self.losses.temperature(k)
-                if member.spec.learnable_temperature and temperature is not None:
-                    metrics["temperature"] = temperature
+                if stages[k] is not None:  # a schedule: its 1-based stage
+                    metrics["stage"] = float(getattr(member.criterion, "stage", 0)) + 1
+                metrics.update(self.losses.logged(k))
                 metrics["epoch_seconds"] = seconds
-                diverged = not (math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
-                if not diverged and member.best.update(epoch, metrics):
+                error = self.losses.failed[k]
+                diverged = error is None and not (
+                    math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
+                if error is None and not diverged and member.best.update(epoch, metrics):
                     member.best.state = _kept(member.model.state_dict())
                     member.best.criterion_state = _kept(member.criterion.state_dict())
-                early = not diverged and patience_over(member.spec, member.best, epoch)
-                results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged, early)
-                member.stopped |= diverged or early
+                early = error is None and not diverged and patience_over(member.spec, member.best, epoch)
+                results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged, early,
+                                                    error)
+                member.stopped |= diverged or early or error is not None
             yield results
             self._drop_stopped()
 
@@ -581,10 +585,10 @@ class Trainer:
         if model is None or self.test is None or len(self.test) == 0:
             return {}, {}
         m = self.every[index]
-        criterion = build_loss(m.spec.loss, **m.spec.loss_params()).to(self.device, self.dtype)
+        criterion = loss_registry.build(m.spec).to(self.device, self.dtype)
         if m.best.criterion_state is not None:
             criterion.load_state_dict(m.best.criterion_state)
-        losses = MemberLosses([criterion], [m.spec.mask_shared_ligands])
+        losses = _member_losses([criterion], [m.spec])
         losses.set_epoch(m.best.epoch)
         pred = _embed(model, self.test.pocket, 8192, contextlib.nullcontext)
         (metrics,), floors = self._score(pred[None], self.test, losses, "test")
@@ -673,6 +677,13 @@ CHECKPOINT_FORMAT = 2
 
 _NOISE_SEED = 0x5DEECE66D
 """Mixed into a run's seed for its dropout stream, which then differs from its batch-order stream."""
+
+
+def _member_losses(criteria: list[nn.Module], runs: Sequence[RunSpec]) -> MemberLosses:
+    """The members' losses on the member axis; a loss that is not built in is watched (see ``MemberLosses``)."""
+    definitions = [loss_registry.resolve(s.loss) for s in runs]
+    return MemberLosses(criteria, [s.mask_shared_ligands for s in runs], [s.loss for s in runs],
+                        [not d.builtin for d in definitions])
 
 
 def _kept(state: dict[str, Tensor]) -> dict[str, Tensor]:

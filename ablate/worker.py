@@ -309,7 +309,11 @@ class _Objective:
             trial = trials[k]
             self._record(trial, outcome)
             value = self._value(outcome)
-            if outcome.stopped is not None or value is None:
+            if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
+                records.write_error(trial, outcome.error)
+                ctx.study.tell(trial, state=TrialState.FAIL)
+                end(k, "FAIL", outcome.error)
+            elif outcome.stopped is not None or value is None:
                 ctx.study.tell(trial, state=TrialState.PRUNED)
                 end(k, "PRUNED", outcome.stopped.message if outcome.stopped else f"{spec.objective} is not finite")
             else:

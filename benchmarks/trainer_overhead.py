@@ -28,8 +28,8 @@ from pathlib import Path
 
 import torch
 
+from ablate import losses
 from ablate.data import load_split
-from ablate.losses import build_loss
 from ablate.metrics import compute_retrieval_metrics
 from ablate.models import build_model
 from ablate.runs import train_and_log
@@ -68,7 +68,7 @@ def _setup(spec: RunSpec):
     train, val = split.train, split.val
     torch.manual_seed(spec.seed)
     model = build_model(spec.model, train.pocket_dim, train.ligand_dim)
-    criterion = build_loss(spec.loss, **spec.loss_params())
+    criterion = losses.build(spec)
     opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
     return train, val, model, criterion, opt
 

@@ -36,7 +36,7 @@ def test_train_logs_a_finished_run_and_prints_its_id(workdir, monkeypatch, capsy
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--loss-fn", "infonse"], "--loss-fn: Input should be 'mse', 'cosine', 'infonce', 'combined', 'multistage'"),
+        (["--loss-fn", "infonse"], "--loss-fn: unknown loss 'infonse' (did you mean 'infonce'?)"),
         (["--temperature", "-0.1"], "--temperature: Input should be greater than 0"),
         (["--loss-fn", "combined", "--alpha", "0", "--beta", "0", "--gamma", "0"],
          "alpha, beta and gamma are all zero"),

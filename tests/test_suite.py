@@ -182,7 +182,7 @@ def test_the_suite_file_encodes_the_quick_start_experiments():
 def test_epochs_shortcut_keeps_the_multistage_proportions():
     spec = load_study("baseline-vs-multistage", epochs=60)
     m = spec.experiments["multistage"]
-    assert (m.epochs, m.stage1_epochs, m.stage2_epochs, m.stage3) == (60, 10, 20, 30)
+    assert (m.epochs, m.stage1_epochs, m.stage2_epochs, m.stage3_start) == (60, 10, 20, None)
     assert all(r.epochs == 60 for r in spec.experiments.values())
 
 

@@ -22,6 +22,7 @@ from ablate.cli.app import (
     flag,
 )
 from ablate.errors import AblateError
+from ablate.losses import builtin_names
 
 if TYPE_CHECKING:
     pass
@@ -37,8 +38,9 @@ _TRAIN_FLAGS = {"loss": "--loss-fn", "epochs": "--epochs", "data.source": "--dat
 
 @app.command()
 def train(
-    loss_fn: Annotated[str, typer.Option("--loss-fn", metavar="LOSS", help="mse | cosine | infonce | combined | "
-                                         "multistage | supcon")] = default_of("loss"),
+    loss_fn: Annotated[str, typer.Option("--loss-fn", metavar="LOSS", help=" | ".join(builtin_names()) + ", or your "
+                                         "own: path/file.py:Class, package.module:Class or an installed entry point "
+                                         "(its settings with --set)")] = default_of("loss"),
     lr: Annotated[float | None, flag("Learning rate (multistage uses its stage rates)", "lr")] = None,
     batch_size: Annotated[int | None, flag("Pairs per forward pass", "batch_size")] = None,
     num_epochs: Annotated[int | None, typer.Option(
