@@ -219,7 +219,7 @@ class RunSpec(_Strict):
     data: DataSpec = DataSpec()
     loss_args: dict[str, Any] = {}
     """The settings of a loss that are not fields above (a user's loss's own keywords), each filled in with
-    its constructor's default; a study file and ``--set`` name them at the top level (``siglip_scale``)."""
+    its constructor's default; a study file and ``--set`` name them at the top level (``margin = 0.2``)."""
 
     @model_validator(mode="before")
     @classmethod

@@ -138,6 +138,9 @@ def train(
                           + (f"MLflow run {started[0]} ended KILLED with the metrics of those epochs"
                              if started else "no MLflow run was created"))
         raise typer.Exit(130) from None
+    if outcome.error is not None:
+        raise AblateError(f"{outcome.error}; MLflow run {outcome.run_id} ended FAILED after "
+                          f"{len(outcome.history)} epochs")
     chosen = outcome.best_run
     selected = (f"epoch {chosen.epoch + 1} selected by {chosen.select} (validation), its model scored once on test"
                 if chosen.epoch >= 0 else f"no epoch selected: {chosen.select} was never finite")
