@@ -1,7 +1,7 @@
 """The vocabulary of a run: metric keys and the validated specs of a training run. Defaults live here.
 
 A study file, ``ablate train``'s flags and ``--set`` all end up in a ``RunSpec``; the study kinds
-that hold runs are in ``ablate.designs``. A mistake in any spec becomes one ``AblateError`` that names
+that hold runs are in ``ablate.study.designs``. A mistake in any spec becomes one ``AblateError`` that names
 the source, the dotted key and what is wrong (``validate``).
 """
 
@@ -147,7 +147,7 @@ class ModelSpec(_Strict):
 
 
 class SyntheticSpec(_Strict):
-    """Sizes and difficulty of the built-in synthetic benchmark (see ablate.data.synthetic_pairs)."""
+    """Sizes and difficulty of the built-in synthetic benchmark (see ablate.training.data.synthetic_pairs)."""
 
     n_ligands: Annotated[int, Field(ge=8)] = 400
     n_families: Annotated[int, Field(ge=1)] = 60

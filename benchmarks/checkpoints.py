@@ -19,10 +19,10 @@ from pathlib import Path
 
 import torch
 
-from ablate.runs import train_and_log_members
 from ablate.specs import RunSpec
-from ablate.tracking import Tracker
-from ablate.trainer import Trainer
+from ablate.tracking.client import Tracker
+from ablate.tracking.runs import train_and_log_members
+from ablate.training.trainer import Trainer
 
 
 def run(spec: RunSpec, tracker: Tracker, exp: str, checkpoints: bool) -> tuple[float, int]:

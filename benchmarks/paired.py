@@ -28,10 +28,11 @@ from pathlib import Path
 import numpy as np
 from scipy import stats as sps
 
-from ablate import stats, studies
-from ablate.compare import collect, report_metrics
-from ablate.designs import SuiteSpec
+from ablate.report import stats
+from ablate.report.compare import collect, report_metrics
 from ablate.specs import better, on_split
+from ablate.study import studies
+from ablate.study.designs import SuiteSpec
 
 SUITE = "baseline-vs-multistage"
 

@@ -20,8 +20,8 @@ from pathlib import Path
 
 import optuna
 
-from ablate import studies
-from ablate.studyfiles import load_study
+from ablate.study import studies
+from ablate.study.studyfiles import load_study
 
 
 def run_search(workdir: Path, n_trials: int, jobs: int, extra: list[str]) -> tuple[optuna.Study, float]:

@@ -23,12 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from ablate.data import load_split
-from ablate.designs import SuiteSpec
 from ablate.metrics import CHUNK_ELEMENTS, compute_retrieval_metrics, compute_screening_metrics
 from ablate.specs import DataSpec
-from ablate.studyfiles import load_study
-from ablate.trainer import Trainer
+from ablate.study.designs import SuiteSpec
+from ablate.study.studyfiles import load_study
+from ablate.training.data import load_split
+from ablate.training.trainer import Trainer
 
 
 def _status_kib(field: str) -> int | None:

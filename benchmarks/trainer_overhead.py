@@ -29,12 +29,12 @@ from pathlib import Path
 import torch
 
 from ablate import losses
-from ablate.data import load_split
 from ablate.metrics import compute_retrieval_metrics
-from ablate.models import build_model
-from ablate.runs import train_and_log
 from ablate.specs import RunSpec
-from ablate.tracking import Tracker
+from ablate.tracking.client import Tracker
+from ablate.tracking.runs import train_and_log
+from ablate.training.data import load_split
+from ablate.training.models import build_model
 
 
 def per_epoch(stamps: list[float]) -> float:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import optuna
 
-from ablate import studies
+from ablate.study import studies
 
 
 def scratch_storage(admin: str, workdir: Path) -> tuple[str, object]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 from support import TINY
 
-from ablate.data import synthetic_pairs
+from ablate.training.data import synthetic_pairs
 
 ROOT = Path(__file__).resolve().parent.parent
 BACKGROUND = pytest.StashKey[dict[str, "Future[subprocess.CompletedProcess[str]]"]]()
@@ -63,7 +63,7 @@ def background_result(request: pytest.FixtureRequest) -> subprocess.CompletedPro
 @pytest.fixture(scope="session")
 def mlflow_template(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An empty MLflow store, made once: creating one (its schema migrations) takes seconds."""
-    from ablate.tracking import Tracker
+    from ablate.tracking.client import Tracker
 
     path = tmp_path_factory.mktemp("mlflow-template") / "mlflow.db"
     Tracker(f"sqlite:///{path}")

@@ -85,7 +85,7 @@ def two_layer(in_dim: int, out_dim: int, hidden: int = 12) -> nn.Module:
 
 def wrapped_head(in_dim: int, out_dim: int, dropout: float = 0.3) -> nn.Module:
     """A user model that holds the built-in head (with dropout) inside its own module: it runs vmapped."""
-    from ablate.models import ProjectionHead
+    from ablate.training.models import ProjectionHead
 
     return nn.Sequential(ProjectionHead(in_dim, out_dim, (16,), dropout))
 

@@ -8,9 +8,9 @@ import pytest
 import torch
 from support import tiny_run
 
-from ablate.arrays import choose, clearing_size
-from ablate.data import load_split
-from ablate.trainer import Trainer, fusion_key
+from ablate.training.arrays import choose, clearing_size
+from ablate.training.data import load_split
+from ablate.training.trainer import Trainer, fusion_key
 
 TOL = 1e-9
 
@@ -119,7 +119,7 @@ def test_a_stopped_member_is_dropped_and_the_others_train_on_unchanged():
 
 
 def test_a_dropped_member_keeps_its_weights_and_frees_the_stacked_tensors():
-    from ablate.models import MemberModels, ProjectionHead
+    from ablate.training.models import MemberModels, ProjectionHead
 
     def storage_bytes(p):
         return p.untyped_storage().nbytes()
@@ -192,7 +192,7 @@ def test_an_interrupted_array_leaves_each_member_fail_and_killed_and_resumes(wor
     from mlflow import MlflowClient
     from support import run_cli
 
-    from ablate import records, studies
+    from ablate.study import records, studies
 
     args = ["run-suite", "baseline-vs-multistage", "--epochs", "4", "--seeds", "0,1", "--jobs", "1", "--array", "4",
             "--data", "pairs.npz", "--set", "model.hidden=[16]"]

@@ -15,9 +15,9 @@ import torch
 from mlflow import MlflowClient
 from support import ablate_command, tiny_run
 
-from ablate import records, studies
-from ablate.data import load_split
-from ablate.trainer import Trainer
+from ablate.study import records, studies
+from ablate.training.data import load_split
+from ablate.training.trainer import Trainer
 
 
 def _trained(trainer: Trainer, stop_after: int | None = None) -> list[dict[str, float]]:

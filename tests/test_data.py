@@ -12,9 +12,9 @@ import pytest
 import torch
 from pydantic import ValidationError
 
-from ablate.data import PairedEmbeddings, load_pairs, load_split, split, split_rows, synthetic_pairs
 from ablate.errors import AblateError
 from ablate.specs import DataSpec, SyntheticSpec
+from ablate.training.data import PairedEmbeddings, load_pairs, load_split, split, split_rows, synthetic_pairs
 
 FORMATS = ("npz", "pt", "parquet")
 

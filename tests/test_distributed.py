@@ -15,7 +15,7 @@ import pytest
 from mlflow import MlflowClient
 from support import ablate_command, run_cli
 
-from ablate import records, studies
+from ablate.study import records, studies
 
 pytestmark = pytest.mark.slow
 

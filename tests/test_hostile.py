@@ -21,13 +21,13 @@ from typing import Any, ClassVar
 import pytest
 from support import run_cli
 
-from ablate.designs import valid_study_name
 from ablate.errors import AblateError
-from ablate.models import build_model
 from ablate.specs import ModelSpec
 from ablate.stores import mask_url, split_credentials
-from ablate.studyfiles import MAX_NESTING, MAX_STUDY_FILE_BYTES, load_study, safe_folder
-from ablate.tracking import API_PROBE, Tracker, check_store
+from ablate.study.designs import valid_study_name
+from ablate.study.studyfiles import MAX_NESTING, MAX_STUDY_FILE_BYTES, load_study, safe_folder
+from ablate.tracking.client import API_PROBE, Tracker, check_store
+from ablate.training.models import build_model
 
 pytestmark = pytest.mark.bare  # the tests check that no store is created
 
@@ -272,8 +272,8 @@ def test_a_good_step_gives_exactly_the_grid(workdir):
 
 
 def test_a_search_kept_in_a_store_validates_again(workdir):
-    from ablate.designs import from_document
-    from ablate.studyfiles import spec_document
+    from ablate.study.designs import from_document
+    from ablate.study.studyfiles import spec_document
 
     params = '[params.temperature]\ntype = "float"\nlow = 0.05\nhigh = 0.2\n' \
              '[params.w]\ntype = "simplex"\nnames = ["alpha", "beta"]'
@@ -631,7 +631,7 @@ def test_a_full_disk_at_save_best_is_one_line_and_the_run_is_kept(workdir, monke
 def test_save_best_writes_a_whole_file_or_none(tmp_path, monkeypatch):
     from support import tiny_run
 
-    from ablate.trainer import Trainer
+    from ablate.training.trainer import Trainer
 
     trainer = Trainer.from_spec(tiny_run(epochs=1))
     for _ in trainer.epochs():
@@ -650,7 +650,7 @@ def test_save_best_writes_a_whole_file_or_none(tmp_path, monkeypatch):
 
 
 def test_a_save_best_folder_that_cannot_be_written_is_one_line(tmp_path, make_readonly):
-    from ablate.studyfiles import writable_folder
+    from ablate.study.studyfiles import writable_folder
 
     (tmp_path / "ro").mkdir()
     folder = make_readonly(tmp_path / "ro")
@@ -673,7 +673,8 @@ def test_a_full_disk_while_writing_the_report_is_one_line_and_the_results_stay(w
                                                                                 capsys):
     import errno
 
-    from ablate import publish, studies
+    from ablate.report import publish
+    from ablate.study import studies
 
     shutil.copy(mlflow_template, workdir / "mlflow.db")
     path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))
@@ -707,7 +708,7 @@ def test_a_dead_worker_s_trial_is_failed_within_the_grace_period_while_the_other
     from mlflow import MlflowClient
     from support import ablate_command
 
-    from ablate import studies
+    from ablate.study import studies
 
     shutil.copy(mlflow_template, workdir / "mlflow.db")
     code, _, err = run_cli(["tune", "temperature", "--n-trials", "4", "--jobs", "0", "--storage", postgres_url,
@@ -761,9 +762,9 @@ def test_a_dead_worker_s_trial_is_failed_within_the_grace_period_while_the_other
 def test_a_rerun_ends_the_mlflow_runs_a_second_ctrl_c_left_running(workdir, mlflow_template, monkeypatch, capsys):
     from optuna.trial import TrialState
 
-    from ablate import records, worker
-    from ablate.session import StudySession
     from ablate.stores import Stores
+    from ablate.study import records, worker
+    from ablate.study.session import StudySession
 
     shutil.copy(mlflow_template, workdir / "mlflow.db")
     path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))
@@ -787,8 +788,8 @@ def test_a_rerun_ends_the_mlflow_runs_a_second_ctrl_c_left_running(workdir, mlfl
 
 def _taken_study(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> Any:
     """A 2-trial search created for remote workers (--jobs 0) on the embedded SQLite store, and its worker context."""
-    from ablate import worker
     from ablate.stores import Stores
+    from ablate.study import worker
 
     code, _, err = run_cli(["tune", "temperature", "--n-trials", "2", "--epochs", "2", "--jobs", "0",
                             "--heartbeat", "1", "--data", "pairs.npz", "--set", "model.hidden=[16]"],
@@ -802,7 +803,7 @@ def _taken_study(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.
 def test_a_trial_taken_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(workdir, monkeypatch, capsys):
     from optuna.trial import TrialState
 
-    from ablate import worker
+    from ablate.study import worker
 
     ctx = _taken_study(workdir, monkeypatch, capsys)
     (taken,) = worker.take(ctx)  # the worker dies here: RUNNING, and nothing more happens to it
@@ -818,7 +819,7 @@ def test_a_trial_taken_by_a_worker_that_dies_before_its_first_heartbeat_is_retri
 def test_ctrl_c_while_taking_trials_sends_the_ones_taken_back_as_fail(workdir, monkeypatch, capsys):
     from optuna.trial import TrialState
 
-    from ablate import worker
+    from ablate.study import worker
 
     ctx = _taken_study(workdir, monkeypatch, capsys)
     real = ctx.storage.set_trial_state_values
@@ -875,7 +876,7 @@ def test_ablate_train_refuses_a_tracking_uri_it_cannot_log_to_before_training(wo
 
 
 def test_a_study_made_before_test_splits_is_not_trained_further(workdir, monkeypatch, capsys):
-    from ablate import records, studies
+    from ablate.study import records, studies
 
     code, _, err = run_cli(["tune", "temperature", "--n-trials", "2", "--epochs", "2", "--jobs", "0", "--data",
                             "pairs.npz", "--set", "model.hidden=[16]"], monkeypatch, capsys)
@@ -917,9 +918,9 @@ def test_a_model_that_cannot_fit_is_refused_before_it_is_built(workdir, monkeypa
 def test_a_run_no_trial_recorded_is_ended_by_the_next_command(workdir, mlflow_template, monkeypatch, capsys):
     from optuna.trial import TrialState
 
-    from ablate import worker
-    from ablate.session import StudySession
     from ablate.stores import Stores
+    from ablate.study import worker
+    from ablate.study.session import StudySession
 
     shutil.copy(mlflow_template, workdir / "mlflow.db")
     path = _write(workdir, "probe.toml", SUITE.format(extra='name = "probe"'))

@@ -11,9 +11,9 @@ import pytest
 from rich.console import Console
 from support import ablate_command
 
-from ablate import render
-from ablate.compare import SearchSummary, TrialRow
-from ablate.studyfiles import load_study
+from ablate.report import render
+from ablate.report.compare import SearchSummary, TrialRow
+from ablate.study.studyfiles import load_study
 
 EXPERIMENTS = list(load_study("baseline-vs-multistage").experiments)
 ANSI = re.compile(r"\x1b\[[0-9;?]*[A-Za-z]")

@@ -18,7 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats as sps
 
-from ablate.plots import search_plots, suite_curves
+from ablate.report.plots import search_plots, suite_curves
 
 NAN = float("nan")
 
@@ -237,6 +237,6 @@ def test_a_search_without_finished_trials_draws_nothing(tmp_path: Path) -> None:
 
 
 def test_importing_plots_leaves_matplotlib_unloaded() -> None:
-    code = "import sys, ablate.plots; print('matplotlib' in sys.modules)"
+    code = "import sys, ablate.report.plots; print('matplotlib' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, check=True)
     assert out.stdout.strip() == "False"

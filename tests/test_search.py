@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from support import run_cli
 
-from ablate import records, studies
-from ablate.space import simplex_point
-from ablate.studyfiles import load_study, study_name
+from ablate.study import records, studies
+from ablate.study.space import simplex_point
+from ablate.study.studyfiles import load_study, study_name
 
 TINY_SEARCH = ["--epochs", "4", "--set", "data.source=pairs.npz", "--set", "batch_size=16",
                "--set", "model.hidden=[16]", "--set", "model.dropout=0.0", "--set", "sampler.n_startup_trials=2",
@@ -173,7 +173,7 @@ def _temperatures(workdir):
 def test_a_seeded_search_run_twice_from_scratch_draws_the_same_configurations(tmp_path, monkeypatch, capsys):
     from support import TINY
 
-    from ablate.data import synthetic_pairs
+    from ablate.training.data import synthetic_pairs
 
     draws = []
     for run in ("first", "second"):
@@ -258,7 +258,7 @@ def test_a_finished_searchs_rerun_reads_its_importances_back_and_touches_no_mlfl
         raise AssertionError("computed again")
 
     monkeypatch.setattr(optuna.importance, "get_param_importances", refuse)
-    monkeypatch.setattr("ablate.tracking.Tracker.__init__", refuse)
+    monkeypatch.setattr("ablate.tracking.client.Tracker.__init__", refuse)
     code, out, err = run_cli(args, monkeypatch, capsys)
     assert code == 0, err + out
     if kept["values"]:

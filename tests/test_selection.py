@@ -15,11 +15,11 @@ import torch.nn.functional as F
 from mlflow import MlflowClient
 from support import TINY, run_cli, tiny_run
 
-from ablate.compare import SuiteReport, TrialResult, compute
-from ablate.data import PairedEmbeddings, load_split
-from ablate.designs import SuiteSpec
+from ablate.report.compare import SuiteReport, TrialResult, compute
 from ablate.specs import DataSpec, RunSpec, SyntheticSpec
-from ablate.trainer import Trainer
+from ablate.study.designs import SuiteSpec
+from ablate.training.data import PairedEmbeddings, load_split
+from ablate.training.trainer import Trainer
 
 
 def _train(trainer: Trainer, stop_after: int | None = None) -> list[tuple[int, dict[str, float], bool]]:
@@ -225,7 +225,7 @@ def test_a_searchs_objective_cannot_be_a_test_metric(workdir, monkeypatch, capsy
 
 
 def test_a_search_selects_each_trials_epoch_by_its_objective():
-    from ablate.studyfiles import load_study
+    from ablate.study.studyfiles import load_study
 
     spec = load_study("temperature", {"objective": "val/top1"})
     assert spec.base.select_metric == "val/top1"
@@ -295,7 +295,7 @@ def test_bad_split_values_through_the_cli_are_one_line(workdir, monkeypatch, cap
 
 
 def test_an_external_test_set_through_the_cli(workdir, monkeypatch, capsys):
-    from ablate.data import synthetic_pairs
+    from ablate.training.data import synthetic_pairs
 
     synthetic_pairs(SyntheticSpec(**{**TINY.model_dump(), "n_ligands": 30}), seed=7).save(workdir / "bench.npz")
     code, _out, err = run_cli(["train", "--data", "pairs.npz", "--test-data", "bench.npz", "--epochs", "2",

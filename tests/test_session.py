@@ -7,7 +7,8 @@ from collections import Counter
 import pytest
 from support import run_cli
 
-from ablate import studies, tracking
+from ablate.study import studies
+from ablate.tracking import client as tracking
 
 TINY = ["--epochs", "2", "--set", "data.source=pairs.npz", "--set", "model.hidden=[16]", "--set", "batch_size=16"]
 
@@ -61,8 +62,8 @@ def test_run_suite_report_and_tune_confirm_open_each_store_once(workdir, monkeyp
 
 
 def test_auto_jobs_start_every_worker_at_once_only_when_the_queue_holds_real_work():
-    from ablate.devices import available_cpus
-    from ablate.launch import SPAWN_AFTER_SECONDS, plan
+    from ablate.study.launch import SPAWN_AFTER_SECONDS, plan
+    from ablate.training.devices import available_cpus
 
     if available_cpus() < 2:
         pytest.skip("needs 2 CPUs")

@@ -5,10 +5,10 @@ from __future__ import annotations
 import pytest
 from support import tiny_run
 
-from ablate.data import load_split
 from ablate.specs import StabilitySpec
-from ablate.stability import check
-from ablate.trainer import Trainer
+from ablate.training.data import load_split
+from ablate.training.stability import check
+from ablate.training.trainer import Trainer
 
 RULES = StabilitySpec(max_loss=10.0, growth_factor=2.0, growth_patience=3, max_grad_norm=100.0,
                       min_spread=0.05, grace_epochs=2)

@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ablate.stats import (
+from ablate.report.stats import (
     Comparison,
     compare,
     expected_max,

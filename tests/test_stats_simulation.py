@@ -1,4 +1,4 @@
-"""Monte Carlo checks of ablate.stats: interval coverage, paired power, Holm's FWER, the precision stopping rule.
+"""Monte Carlo checks of ablate.report.stats: interval coverage, paired power, Holm's FWER, the precision stopping rule.
 
 Every simulation is seeded and vectorised over replications with numpy; `_paired_t` and `_welch_t` are written
 here from the textbook formulas and checked against `compare()` on a few replications. Bounds are the nominal
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from scipy import stats as sps
 
-from ablate.stats import compare, holm, next_seed_count, seeds_for_power, t_test_power
+from ablate.report.stats import compare, holm, next_seed_count, seeds_for_power, t_test_power
 
 CONFIDENCE = 0.95
 ALPHA = 0.05

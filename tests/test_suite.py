@@ -14,9 +14,9 @@ import pytest
 from mlflow import MlflowClient
 from support import run_cli
 
-from ablate import records
 from ablate.errors import AblateError
-from ablate.studyfiles import load_study, study_name
+from ablate.study import records
+from ablate.study.studyfiles import load_study, study_name
 
 SUITE = ["run-suite", "baseline-vs-multistage", "--epochs", "3", "--seeds", "0,1", "--data", "pairs.npz",
          "--set", "model.hidden=[16]", "--set", "model.dropout=0.0"]
@@ -120,7 +120,7 @@ def test_suite_trains_each_experiment_and_seed_once_and_reports(workdir, monkeyp
 
 @pytest.mark.slow
 def test_an_interrupted_suite_resumes_where_it_stopped(workdir, monkeypatch, capsys):
-    from ablate import worker
+    from ablate.study import worker
 
     real = worker._Objective.__call__
     calls = {"n": 0}

@@ -9,10 +9,10 @@ import pytest
 from mlflow import MlflowClient
 from support import tiny_run
 
-from ablate.runs import train_and_log
-from ablate.stability import Instability
 from ablate.stores import mask_url
-from ablate.tracking import MetricBatch, Tracker
+from ablate.tracking.client import MetricBatch, Tracker
+from ablate.tracking.runs import train_and_log
+from ablate.training.stability import Instability
 
 
 @pytest.fixture
@@ -231,7 +231,7 @@ def test_rows_mlflow_must_judge_go_through_log_batch(tracker):
 def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlflow_uri, monkeypatch, request):
     from mlflow.entities import Metric
 
-    import ablate.tracking as tracking
+    import ablate.tracking.client as tracking
 
     tracker = _sql_store_tracker(mlflow_uri, request.node.name)
     run_id = tracker.start_run(tracker.test_experiment, "fallback")
@@ -257,7 +257,7 @@ def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlf
 def test_a_new_sqlite_store_appears_whole_or_not_at_all(tmp_path, monkeypatch):
     import mlflow.store.db.utils
 
-    from ablate.tracking import Tracker
+    from ablate.tracking.client import Tracker
 
     def stopped(*_: object, **__: object) -> None:
         raise KeyboardInterrupt  # Ctrl-C in the middle of the first schema migration
@@ -276,7 +276,7 @@ def test_a_store_left_half_created_is_explained_with_the_command_that_clears_it(
     import sqlite3
 
     from ablate.errors import AblateError
-    from ablate.tracking import Tracker
+    from ablate.tracking.client import Tracker
 
     db = tmp_path / "mlflow.db"
     con = sqlite3.connect(db)

@@ -8,15 +8,15 @@ import pytest
 import torch
 from support import tiny_run
 
-from ablate.data import load_split
-from ablate.devices import resolve_device
 from ablate.errors import AblateError
-from ablate.gradcache import grad_cache
 from ablate.losses import CombinedLoss, InfoNCELoss, SupervisedContrastiveLoss
 from ablate.metrics import compute_retrieval_metrics
-from ablate.models import ProjectionHead
 from ablate.specs import METRIC_KEYS
-from ablate.trainer import Trainer
+from ablate.training.data import load_split
+from ablate.training.devices import resolve_device
+from ablate.training.gradcache import grad_cache
+from ablate.training.models import ProjectionHead
+from ablate.training.trainer import Trainer
 
 
 def _history(spec):
@@ -210,7 +210,7 @@ def test_inbatch_top1_counts_rows_that_rank_their_own_ligand_first():
 def test_adamw_equals_torch_optim_adamw(dtype, fused):
     """ablate's AdamW against torch.optim.AdamW (the reference): two groups with their own learning
     rate and weight decay, a parameter that gets no gradient at first, a changed learning rate."""
-    from ablate.devices import AdamW
+    from ablate.training.devices import AdamW
 
     torch.manual_seed(0)
     shapes = [(5, 3), (3,), (4, 4), (2,)]
@@ -243,7 +243,7 @@ def test_adamw_equals_torch_optim_adamw(dtype, fused):
 def test_a_gradient_scaler_steps_ablates_adamw_as_if_unscaled_and_skips_overflowing_steps():
     """torch.amp.GradScaler (float16 training) drives ablate's AdamW through unscale_ and step: a
     power-of-two scale changes nothing, and a step whose scaled gradients overflow is skipped."""
-    from ablate.devices import Amp
+    from ablate.training.devices import Amp
 
     spec = tiny_run(loss="infonce", epochs=2)
     plain, _ = _history(spec)
@@ -264,7 +264,7 @@ def test_a_gradient_scaler_steps_ablates_adamw_as_if_unscaled_and_skips_overflow
 
 
 def test_adamw_takes_a_group_of_mixed_dtypes_like_torch_optim_adamw():
-    from ablate.devices import AdamW
+    from ablate.training.devices import AdamW
 
     torch.manual_seed(1)
     ours = [torch.randn(4, 3, requires_grad=True), torch.randn(3, dtype=torch.float64, requires_grad=True)]

@@ -31,7 +31,7 @@ from typing import Any
 import pytest
 from support import TINY, ablate_command, run_cli
 
-from ablate import servers
+from ablate.cli import servers
 from ablate.errors import AblateError
 
 CHROMIUM = shutil.which("chromium")
@@ -621,7 +621,7 @@ TUNE_ARGS = [
 @pytest.fixture(scope="module")
 def tuned(tmp_path_factory: pytest.TempPathFactory, mlflow_template: Path) -> Path:
     """A folder with a three-trial search on the tiny data in its ./optuna.db."""
-    from ablate.data import synthetic_pairs
+    from ablate.training.data import synthetic_pairs
 
     work = tmp_path_factory.mktemp("tune")
     synthetic_pairs(TINY).save(work / "pairs.npz")

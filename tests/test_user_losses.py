@@ -16,11 +16,12 @@ import torch
 from mlflow.tracking import MlflowClient
 from support import run_cli, tiny_run
 
-from ablate import SigLIPLoss, losses, records
-from ablate.data import load_split
+from ablate import SigLIPLoss, losses
 from ablate.errors import AblateError
 from ablate.specs import RunSpec, validate
-from ablate.trainer import Trainer
+from ablate.study import records
+from ablate.training.data import load_split
+from ablate.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -322,7 +323,7 @@ def test_ablate_train_takes_a_user_loss_and_its_settings_and_names_a_failing_one
 
 
 def test_a_search_searches_a_user_losss_own_setting(user_file):
-    from ablate.designs import from_document
+    from ablate.study.designs import from_document
 
     doc = {"kind": "search", "name": "margins", "objective": "val/mrr", "n_trials": 2,
            "base": {"loss": f"{user_file}:Margin", "epochs": 1},
@@ -336,8 +337,8 @@ def test_a_search_searches_a_user_losss_own_setting(user_file):
 
 
 def test_the_infonce_vs_siglip_study_pairs_each_batch_size_into_one_array():
-    from ablate.studyfiles import load_study
-    from ablate.trainer import fusion_key
+    from ablate.study.studyfiles import load_study
+    from ablate.training.trainer import fusion_key
 
     spec = load_study("infonce-vs-siglip", {}, epochs=4)
     assert spec.baseline == "infonce-b32" and len(spec.experiments) == 6

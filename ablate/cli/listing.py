@@ -21,8 +21,8 @@ from ablate.cli.app import (
 from ablate.errors import AblateError
 
 if TYPE_CHECKING:
-    from ablate.compare import SearchSummary
-    from ablate.session import StudySession
+    from ablate.report.compare import SearchSummary
+    from ablate.study.session import StudySession
 
 
 # --------------------------------------------------------------------------------------
@@ -33,7 +33,7 @@ if TYPE_CHECKING:
 @studies_app.command("list")
 def studies_list(storage: StorageOpt = None) -> None:
     """Studies in the storage, oldest first."""
-    from ablate import studies
+    from ablate.study import studies
 
     url = stores.resolve_storage(storage)
     if not stores.storage_exists(url):  # nothing to list, and nothing is created
@@ -57,14 +57,14 @@ def studies_show(
     storage: StorageOpt = None,
 ) -> None:
     """A study's trials and why any stopped early, the best trial, importances, the expected best per budget."""
-    from ablate.session import StudySession
+    from ablate.study.session import StudySession
 
     show_study(StudySession.open(name, stores_of(storage, None)))
 
 
 def show_study(session: StudySession) -> SearchSummary:
     """Print a study's trials, best trial, importances and expected best value; returns what it printed."""
-    from ablate import render
+    from ablate.report import render
 
     summary = session.summary()
     if console.is_terminal:  # fits the terminal: lines word-wrap, the table is made for 80 columns
@@ -84,8 +84,9 @@ def studies_export(
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""
-    from ablate import render, studyfiles
-    from ablate.session import StudySession
+    from ablate.report import render
+    from ablate.study import studyfiles
+    from ablate.study.session import StudySession
 
     if format not in ("csv", "json"):
         raise AblateError(f"--format {format!r}: use csv or json")

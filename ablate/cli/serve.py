@@ -8,7 +8,8 @@ from typing import Annotated
 
 import typer
 
-from ablate import servers, stores
+from ablate import stores
+from ablate.cli import servers
 from ablate.cli.app import StorageOpt, TrackingOpt, app, console, err_console
 from ablate.errors import AblateError
 
@@ -57,13 +58,13 @@ def ui(
         console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
         return
     port = servers.claim_port(host, port)  # the cheap checks first
-    from ablate.tracking import check_store
+    from ablate.tracking.client import check_store
 
     check_store(uri, writable=False)  # a database that does not answer: one line in seconds, not a retrying server
     port, base, log = _prepare("the MLflow UI", uri, host, port, "mlflow-ui.log", verbose)
     command, env = servers.mlflow_command(host, port), servers.mlflow_env(uri)
     with servers.running("the MLflow UI", command, env, log) as server:
-        from ablate.tracking import Tracker, grouped_url, runs_url  # imported while the server starts
+        from ablate.tracking.client import Tracker, grouped_url, runs_url  # imported while the server starts
 
         servers.wait_ready(server, f"{base}/health", lambda body: body.strip() == b"OK")
         experiments = Tracker(uri).experiments()
@@ -95,7 +96,7 @@ def dashboard(
     url = stores.resolve_storage(storage)
     port = servers.claim_port(host, port)  # its own arguments before the storage: a wrong port answers at once
     stores.require_storage(url)
-    from ablate import studies
+    from ablate.study import studies
 
     optuna_storage = studies.open_storage(url, heartbeat_seconds=None)
     study = studies.load(name, optuna_storage)

@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 from rich.text import Text
 
-from ablate import designs, stores, studyfiles
+from ablate import stores
 from ablate.cli.app import (
     ArrayOpt,
     DevicesOpt,
@@ -30,6 +30,7 @@ from ablate.cli.app import (
 )
 from ablate.cli.listing import show_study
 from ablate.errors import AblateError
+from ablate.study import designs, studyfiles
 
 PatienceOpt = Annotated[int | None, typer.Option(
     min=1, metavar="N", help="Early stopping: end a run when its selection metric (validation) has not improved for "
@@ -47,7 +48,7 @@ def _data_overrides(overrides: dict[str, object], data: str | None, test_data: s
             overrides[key] = value
 
 if TYPE_CHECKING:
-    from ablate.session import StudySession
+    from ablate.study.session import StudySession
 
 
 # --------------------------------------------------------------------------------------
@@ -58,7 +59,7 @@ if TYPE_CHECKING:
 def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
            array: int | None, keep: bool = False, budget: int | None = None) -> StudySession | None:
     """Open the study and train its queued trials; None when only created (--jobs 0)."""
-    from ablate.session import StudySession
+    from ablate.study.session import StudySession
 
     session = StudySession.start(spec, store, budget=budget, devices=devices)
     if isinstance(spec, designs.SearchSpec):
@@ -87,8 +88,8 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
     if not pending:
         return
     session.check_trainable()
-    from ablate.launch import plan  # torch loads only where there is something to train
-    from ablate.render import LogLines, StudyDisplay
+    from ablate.report.render import LogLines, StudyDisplay
+    from ablate.study.launch import plan  # torch loads only where there is something to train
     p = plan(jobs, devices, pending, max((run.epochs for _, run in session.spec.preflight_runs()), default=0))
     where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"
     console.print(f"training {pending} trial(s) with {'up to ' if p.spawn_after else ''}{p.workers} worker(s), "
@@ -169,8 +170,8 @@ def run_suite(
 
 
 def _report(session: StudySession, out: Path, finish: bool = False) -> None:
-    from ablate import render
-    from ablate.tracking import ui_hint
+    from ablate.report import render
+    from ablate.tracking.client import ui_hint
 
     report, files, rebuilt = session.report(out)
     if console.is_terminal:
@@ -205,7 +206,7 @@ def report(
     out: Annotated[Path, typer.Option(metavar="FOLDER", help="Folder for report.md and the plots.")] = Path("reports"),
 ) -> None:
     """Re-create a suite's comparison from the stores, without training."""
-    from ablate.session import StudySession
+    from ablate.study.session import StudySession
 
     studyfiles.writable_folder(out, f"--out {out}")
     _report(StudySession.open(suite_run, stores_of(storage, tracking_uri)), out)
@@ -276,8 +277,8 @@ def worker(
     keep_checkpoints: KeepOpt = False,
 ) -> None:
     """Join an existing study: take its waiting trials until none is left, then exit."""
-    from ablate import studies
-    from ablate.session import StudySession
+    from ablate.study import studies
+    from ablate.study.session import StudySession
 
     session = StudySession.open(name, stores_of(storage, tracking_uri, heartbeat))
     console.print(Text.assemble("worker on study ", (session.name, "bold"), f" (pid {os.getpid()})"))

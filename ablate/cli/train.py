@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ablate import specs, studyfiles
+from ablate import specs
 from ablate.cli.app import (
     SetOpt,
     TrackingOpt,
@@ -23,6 +23,7 @@ from ablate.cli.app import (
 )
 from ablate.errors import AblateError
 from ablate.losses import builtin_names
+from ablate.study import studyfiles
 
 if TYPE_CHECKING:
     pass
@@ -87,7 +88,7 @@ def train(
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
     run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
     from ablate.stores import resolve_tracking_uri
-    from ablate.tracking import check_store
+    from ablate.tracking.client import check_store
 
     check_store(resolve_tracking_uri(tracking_uri))  # the MLflow store answers (seconds at most) before training
     if save_best is not None:
@@ -95,11 +96,11 @@ def train(
             raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
                               f"{save_best / 'best.pt'}")
         studyfiles.writable_folder(save_best.parent, f"--save-best {save_best}")
-    from ablate.data import load_split
-    from ablate.launch import sigterm_as_interrupt
-    from ablate.runs import train_and_log
-    from ablate.tracking import SPLIT_FILE, Tracker, ui_hint
-    from ablate.trainer import EpochResult, Trainer
+    from ablate.study.launch import sigterm_as_interrupt
+    from ablate.tracking.client import SPLIT_FILE, Tracker, ui_hint
+    from ablate.tracking.runs import train_and_log
+    from ablate.training.data import load_split
+    from ablate.training.trainer import EpochResult, Trainer
 
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
     tracker = Tracker(tracking_uri)

@@ -21,11 +21,11 @@ from optuna.trial import FrozenTrial, TrialState
 from sqlalchemy import event
 from sqlalchemy.engine import Engine
 
-from ablate import records
-from ablate.designs import StudySpec, from_document
 from ablate.errors import AblateError
 from ablate.stores import DEFAULT_HEARTBEAT_SECONDS, DEFAULT_MAX_RETRY, mask_url, resolve_storage
-from ablate.studyfiles import spec_document, study_name
+from ablate.study import records
+from ablate.study.designs import StudySpec, from_document
+from ablate.study.studyfiles import spec_document, study_name
 
 COUNTED = (TrialState.COMPLETE, TrialState.PRUNED, TrialState.RUNNING, TrialState.WAITING)
 """Trial states that use up a study's budget (a FAIL is run again on the next invocation)."""

@@ -16,7 +16,7 @@ if TYPE_CHECKING:
     import optuna
     from optuna.trial import FrozenTrial
 
-    from ablate.stability import Instability
+    from ablate.training.stability import Instability
 
 # Study attributes
 SPEC = "ablate.spec"

@@ -42,7 +42,7 @@ def choose(run: RunSpec, waiting: int, array: int | None) -> ArrayChoice:
         return ArrayChoice(max(1, min(array, waiting)))
     if waiting <= 1:
         return ArrayChoice(1)
-    from ablate.trainer import fusion_key
+    from ablate.training.trainer import fusion_key
 
     key = (fusion_key(run), min(waiting, CANDIDATES[-1]))
     if key not in _CHOSEN:
@@ -53,9 +53,9 @@ def choose(run: RunSpec, waiting: int, array: int | None) -> ArrayChoice:
 def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
     import torch
 
-    from ablate.data import load_split
-    from ablate.devices import amp_for, resolve_device
-    from ablate.trainer import time_steps
+    from ablate.training.data import load_split
+    from ablate.training.devices import amp_for, resolve_device
+    from ablate.training.trainer import time_steps
 
     device = resolve_device(run.device)
     if amp_for(device, run.amp).scaler is not None:
@@ -94,7 +94,7 @@ def clearing_size(rates: dict[int, float], waiting: int) -> int:
 
 def memory_cap(run: RunSpec, pocket_dim: int, ligand_dim: int, device: Any) -> int:
     """How many members fit in MEMORY_SHARE of the device's free memory (``models.training_bytes`` each)."""
-    from ablate.devices import free_bytes
-    from ablate.models import training_bytes
+    from ablate.training.devices import free_bytes
+    from ablate.training.models import training_bytes
 
     return int(free_bytes(device) * MEMORY_SHARE // max(1, training_bytes(run, pocket_dim, ligand_dim)))

@@ -18,9 +18,9 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
-from ablate.compare import Row, SearchSummary, SuiteReport, report_metrics
-from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
+from ablate.report.compare import Row, SearchSummary, SuiteReport, report_metrics
 from ablate.specs import SCREENING_METRICS, is_test, on_split
+from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
 
 
 def _num(x: float, digits: int = 3) -> str:

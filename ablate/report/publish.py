@@ -12,13 +12,13 @@ from pathlib import Path
 from typing import Any
 
 from ablate import losses
-from ablate.compare import SearchSummary, SuiteReport
-from ablate.designs import SearchSpec
 from ablate.errors import AblateError
-from ablate.plots import search_plots, suite_curves
-from ablate.render import markdown, verdict
+from ablate.report.compare import SearchSummary, SuiteReport
+from ablate.report.plots import search_plots, suite_curves
+from ablate.report.render import markdown, verdict
 from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
-from ablate.tracking import Tracker
+from ablate.study.designs import SearchSpec
+from ablate.tracking.client import Tracker
 
 
 def curve_keys(report: SuiteReport) -> list[str]:

@@ -21,7 +21,6 @@ from pydantic import AliasChoices, BaseModel, Field, ValidationError, field_vali
 
 from ablate import losses
 from ablate.errors import AblateError
-from ablate.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
 from ablate.specs import (
     METRIC_KEYS,
     RUN_FIELDS,
@@ -38,6 +37,7 @@ from ablate.specs import (
     on_split,
     validate,
 )
+from ablate.study.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec
 
 if TYPE_CHECKING:
     import optuna
@@ -377,11 +377,11 @@ class SearchSpec(StudyDesign):
     def make_sampler(self) -> optuna.samplers.BaseSampler:
         """TPE (constant liar, so parallel workers spread out) or random sampling, seeded per trial.
 
-        Each trial's sampler is seeded by (sampler.seed, trial number): see ``ablate.sampling``.
+        Each trial's sampler is seeded by (sampler.seed, trial number): see ``ablate.study.sampling``.
         """
         import optuna
 
-        from ablate.sampling import TrialSeededSampler
+        from ablate.study.sampling import TrialSeededSampler
 
         s = self.sampler
 
@@ -402,7 +402,7 @@ class SearchSpec(StudyDesign):
 
     def space_size(self) -> int | None:
         """How many configurations the space has (None: infinitely many)."""
-        from ablate.sampling import finite_size
+        from ablate.study.sampling import finite_size
 
         return finite_size(self.space())
 

@@ -17,11 +17,12 @@ from typing import Any, Literal
 import optuna
 from optuna.trial import TrialState
 
-from ablate import records, stats, studies
-from ablate.designs import StudySpec, SuiteSpec
-from ablate.records import TrialRecord
+from ablate.report import stats
+from ablate.report.stats import Comparison, Summary
 from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better, is_test, on_split
-from ablate.stats import Comparison, Summary
+from ablate.study import records, studies
+from ablate.study.designs import StudySpec, SuiteSpec
+from ablate.study.records import TrialRecord
 
 ALPHA = 0.05
 AT = ("final", "selected")

@@ -19,18 +19,19 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
-from ablate import records, stability, studies
-from ablate.designs import StudySpec
 from ablate.errors import AblateError
-from ablate.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
 from ablate.specs import RunSpec, is_test
-from ablate.stability import Instability
 from ablate.stores import Stores, mask_url
-from ablate.tracking import Tracker
+from ablate.study import records, studies
+from ablate.study.designs import StudySpec
+from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
+from ablate.tracking.client import Tracker
+from ablate.training import stability
+from ablate.training.stability import Instability
 
 if TYPE_CHECKING:  # the trainer (and torch) load only where a trial trains: `studies show` needs neither
-    from ablate.runs import EpochHook, RunOutcome
-    from ablate.trainer import Best, EpochResult
+    from ablate.tracking.runs import EpochHook, RunOutcome
+    from ablate.training.trainer import Best, EpochResult
 
 OnEvent = Callable[[Event], None]
 
@@ -85,7 +86,7 @@ def work(
     """Take trials of the study until none is left to take, then return.
 
     A worker takes only trials the study has queued, so a study never has more trials than its
-    budget; with ``array`` other than 1 (None: auto, see ``ablate.arrays``) it takes several
+    budget; with ``array`` other than 1 (None: auto, see ``ablate.training.arrays``) it takes several
     compatible trials at once and trains them as one array. While other workers' trials are still
     running, it waits for them (when heartbeats are on): a trial whose worker died is failed after
     the grace period and put back in the queue. A trial that fails on an error is recorded and the
@@ -125,8 +126,8 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     creates a trial past the queue. The first waiting trial decides the kind of run; more are taken
     while they train with the same shapes, up to the array size (``arrays.choose``).
     """
-    from ablate.arrays import choose
-    from ablate.trainer import fusion_key
+    from ablate.training.arrays import choose
+    from ablate.training.trainer import fusion_key
 
     storage, study, spec = ctx.storage, ctx.study, ctx.spec
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -328,8 +329,8 @@ class _Objective:
                     end(k, "FAIL", reason)
 
         try:
-            from ablate.runs import train_and_log_members
-            from ablate.trainer import Trainer
+            from ablate.tracking.runs import train_and_log_members
+            from ablate.training.trainer import Trainer
 
             trainer = Trainer.from_spec(runs)
             resume = self._resume(trials)
@@ -367,8 +368,8 @@ class _Objective:
         for k, t in enumerate(trials):
             run_id = t.user_attrs.get(records.RUN_ID)
             if run_id and t.user_attrs.get(records.CHECKPOINT) is not None:
-                from ablate import checkpoints
-                from ablate.trainer import CHECKPOINT_FORMAT
+                from ablate.tracking import checkpoints
+                from ablate.training.trainer import CHECKPOINT_FORMAT
 
                 state = checkpoints.load(self.ctx.tracker, str(run_id))
                 if state is not None and state.get("format") == CHECKPOINT_FORMAT:  # an older one: start afresh
@@ -377,7 +378,7 @@ class _Objective:
 
     def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]], select: str) -> None:
         """Report again what a resumed trial reported before it stopped, replayed through a fresh ``Best``."""
-        from ablate.trainer import Best
+        from ablate.training.trainer import Best
 
         interval = self.ctx.spec.report_interval
         if interval is None:

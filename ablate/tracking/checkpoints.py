@@ -16,7 +16,7 @@ from typing import Any
 
 import torch
 
-from ablate.tracking import Tracker
+from ablate.tracking.client import Tracker
 
 FOLDER = "checkpoint"
 FILE = "state.pt"

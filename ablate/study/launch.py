@@ -20,11 +20,11 @@ from typing import Any
 
 from optuna.trial import TrialState
 
-from ablate.devices import available_cpus, cpu_share, set_cpu_share
 from ablate.errors import AblateError
-from ablate.records import WorkerFailed
 from ablate.stores import Stores
-from ablate.worker import Context, OnEvent, work
+from ablate.study.records import WorkerFailed
+from ablate.study.worker import Context, OnEvent, work
+from ablate.training.devices import available_cpus, cpu_share, set_cpu_share
 
 SPAWN_AFTER_SECONDS = 3.0
 """With --jobs auto, more worker processes start only once this process has trained for this long with

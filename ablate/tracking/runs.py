@@ -16,12 +16,13 @@ from typing import Any
 
 from torch import nn
 
-from ablate import checkpoints, stability
-from ablate.data import load_split, split_fingerprint
 from ablate.specs import RunSpec, StabilitySpec
-from ablate.stability import Instability
-from ablate.tracking import MetricBatch, Tracker, environment_tags
-from ablate.trainer import Best, EpochResult, Member, Trainer
+from ablate.tracking import checkpoints
+from ablate.tracking.client import MetricBatch, Tracker, environment_tags
+from ablate.training import stability
+from ablate.training.data import load_split, split_fingerprint
+from ablate.training.stability import Instability
+from ablate.training.trainer import Best, EpochResult, Member, Trainer
 
 EpochHook = Callable[[EpochResult, list[dict[str, float]]], Instability | None]
 """Called after each epoch with its result and the run's history; a returned Instability stops the run."""
@@ -124,7 +125,7 @@ def train_and_log_members(
     still training end KILLED, on an error FAILED. NaN or inf never reaches MLflow.
 
     With ``on_checkpoint`` the members are checkpointed into their runs' artifacts (see
-    ``ablate.checkpoints``; ``on_checkpoint(k, epoch)`` follows each write), also when stopped, and a
+    ``ablate.tracking.checkpoints``; ``on_checkpoint(k, epoch)`` follows each write), also when stopped, and a
     finished member's checkpoint is removed unless ``keep_checkpoints``. ``resume`` maps a member to
     (its earlier MLflow run, a checkpoint): the member continues that run from the checkpoint's epoch.
     """

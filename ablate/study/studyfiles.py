@@ -19,13 +19,13 @@ from pathlib import Path
 from typing import Any
 
 from ablate import losses
-from ablate.designs import NAME_RULE, SearchSpec, StudySpec, SuiteSpec, from_document, valid_study_name
 from ablate.errors import AblateError
 from ablate.specs import RUN_FIELDS, RunSpec, set_path
+from ablate.study.designs import NAME_RULE, SearchSpec, StudySpec, SuiteSpec, from_document, valid_study_name
 
 STUDY_DIRS = (
     Path("studies"),  # the working directory's own
-    Path(__file__).resolve().parent.parent / "studies",  # a source checkout (editable install)
+    Path(__file__).resolve().parents[2] / "studies",  # a source checkout (editable install)
     Path(sysconfig.get_path("data")) / "share" / "ablate" / "studies",  # installed from a wheel
 )
 

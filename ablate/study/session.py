@@ -16,15 +16,16 @@ import optuna
 from optuna.storages import RDBStorage
 from optuna.trial import TrialState
 
-from ablate import records, stats, studies
-from ablate.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
-from ablate.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.errors import AblateError
-from ablate.publish import cached_report, publish, search_report, write_report
+from ablate.report import stats
+from ablate.report.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
+from ablate.report.publish import cached_report, publish, search_report, write_report
 from ablate.stores import Stores, require_storage, resolve_tracking_uri, storage_exists
-from ablate.studyfiles import safe_folder, spec_document
-from ablate.tracking import Tracker, check_store, check_uri, environment_tags
-from ablate.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
+from ablate.study import records, studies
+from ablate.study.designs import SearchSpec, StudySpec, SuiteSpec
+from ablate.study.studyfiles import safe_folder, spec_document
+from ablate.study.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
+from ablate.tracking.client import Tracker, check_store, check_uri, environment_tags
 
 
 class StudySession:
@@ -63,7 +64,7 @@ class StudySession:
               devices: Sequence[str] = ()) -> StudySession:
         """Create or resume the study; every input is checked first unless the study has nothing left to train."""
         for device in devices:
-            from ablate.devices import resolve_device  # torch loads where a command trains
+            from ablate.training.devices import resolve_device  # torch loads where a command trains
 
             resolve_device(device)
         check_uri(resolve_tracking_uri(stores.tracking_uri))  # its shape, at once; reaching it comes later
@@ -150,8 +151,8 @@ class StudySession:
     def _log_splits(self, parent: str) -> None:
         """The row indices of every split the study's runs train, validate and test on (``split.json``; one file per
         data spec, named by its fingerprint, when runs differ in their data)."""
-        from ablate.data import load_split  # torch loads where a command trains
-        from ablate.tracking import SPLIT_FILE
+        from ablate.tracking.client import SPLIT_FILE
+        from ablate.training.data import load_split  # torch loads where a command trains
 
         splits = [load_split(data) for data in dict.fromkeys(run.data for _, run in self.spec.preflight_runs())]
         for split in splits:
@@ -202,7 +203,7 @@ class StudySession:
         self.tracker.set_status(self.parent_run_id, "RUNNING")
         end_abandoned_runs(self.context())  # once per command, before any worker starts
         try:
-            from ablate.launch import execute
+            from ablate.study.launch import execute
 
             finished = execute(self.context(), self.stores, jobs=jobs, devices=devices, on_event=on_event,
                                spawn_after=spawn_after, array=array, keep_checkpoints=keep_checkpoints)
@@ -297,7 +298,7 @@ def preflight(spec: StudySpec) -> None:
     """Every run of the study checked (data, batch, device, model) before any trial starts."""
     for label, run in spec.preflight_runs():
         try:
-            from ablate import trainer
+            from ablate.training import trainer
 
             trainer.check(run)
         except AblateError as e:

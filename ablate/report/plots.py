@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from ablate import stats
+from ablate.report import stats
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes

@@ -13,7 +13,7 @@ dropped at the end of the epoch and never touches the others' numbers.
 
 Data stay on the device as tensors and batches are taken by index from a per-epoch permutation.
 With ``accumulation_steps > 1`` a batch is processed in micro-batches: per-sample losses (MSE,
-cosine) accumulate their gradients directly; contrastive losses use GradCache (``ablate.gradcache``),
+cosine) accumulate their gradients directly; contrastive losses use GradCache (``ablate.training.gradcache``),
 so the parameter gradient equals the one of a single large batch.
 """
 
@@ -36,14 +36,14 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate import losses as loss_registry
-from ablate.data import PairedEmbeddings, Split, load_split
-from ablate.devices import AdamW, amp_for, free_bytes, resolve_device, threads_for, use_threads
 from ablate.errors import AblateError
-from ablate.gradcache import grad_cache
 from ablate.losses._members import MemberLosses
 from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
 from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
+from ablate.training.data import PairedEmbeddings, Split, load_split
+from ablate.training.devices import AdamW, amp_for, free_bytes, resolve_device, threads_for, use_threads
+from ablate.training.gradcache import grad_cache
+from ablate.training.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
