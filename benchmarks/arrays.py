@@ -23,8 +23,8 @@ from pathlib import Path
 import torch
 
 from ablate.specs import DataSpec, RunSpec, SyntheticSpec
+from ablate.training.arrays import time_steps
 from ablate.training.data import load_split
-from ablate.training.trainer import time_steps
 
 HEADS = {
     "default 64->256->128": (SyntheticSpec(), [256]),

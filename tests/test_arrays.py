@@ -10,7 +10,8 @@ from support import tiny_run
 
 from ablate.training.arrays import choose, clearing_size
 from ablate.training.data import load_split
-from ablate.training.trainer import Trainer, fusion_key
+from ablate.training.preflight import fusion_key
+from ablate.training.trainer import Trainer
 
 TOL = 1e-9
 

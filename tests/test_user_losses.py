@@ -338,7 +338,7 @@ def test_a_search_searches_a_user_losss_own_setting(user_file):
 
 def test_the_infonce_vs_siglip_study_pairs_each_batch_size_into_one_array():
     from ablate.study.studyfiles import load_study
-    from ablate.training.trainer import fusion_key
+    from ablate.training.preflight import fusion_key
 
     spec = load_study("infonce-vs-siglip", {}, epochs=4)
     assert spec.baseline == "infonce-b32" and len(spec.experiments) == 6

@@ -100,7 +100,8 @@ def train(
     from ablate.tracking.client import SPLIT_FILE, Tracker, ui_hint
     from ablate.tracking.runs import train_and_log
     from ablate.training.data import load_split
-    from ablate.training.trainer import EpochResult, Trainer
+    from ablate.training.selection import EpochResult
+    from ablate.training.trainer import Trainer
 
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
     tracker = Tracker(tracking_uri)

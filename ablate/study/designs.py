@@ -147,7 +147,7 @@ class StudyDesign(_Strict):
 
     @abc.abstractmethod
     def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
-        """A run with the shapes a queued trial will train (trials of equal ``trainer.fusion_key`` can
+        """A run with the shapes a queued trial will train (trials of equal ``preflight.fusion_key`` can
         train as one array), or None when its sampled parameters decide them."""
 
     def identity(self) -> dict[str, Any]:

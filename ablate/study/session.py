@@ -298,9 +298,9 @@ def preflight(spec: StudySpec) -> None:
     """Every run of the study checked (data, batch, device, model) before any trial starts."""
     for label, run in spec.preflight_runs():
         try:
-            from ablate.training import trainer
+            from ablate.training import preflight
 
-            trainer.check(run)
+            preflight.check(run)
         except AblateError as e:
             raise AblateError(f"{spec.name}: {label}: {e}") from None
 

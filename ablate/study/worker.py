@@ -31,7 +31,7 @@ from ablate.training.stability import Instability
 
 if TYPE_CHECKING:  # the trainer (and torch) load only where a trial trains: `studies show` needs neither
     from ablate.tracking.runs import EpochHook, RunOutcome
-    from ablate.training.trainer import Best, EpochResult
+    from ablate.training.selection import Best, EpochResult
 
 OnEvent = Callable[[Event], None]
 
@@ -127,7 +127,7 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     while they train with the same shapes, up to the array size (``arrays.choose``).
     """
     from ablate.training.arrays import choose
-    from ablate.training.trainer import fusion_key
+    from ablate.training.preflight import fusion_key
 
     storage, study, spec = ctx.storage, ctx.study, ctx.spec
     study_id = storage.get_study_id_from_name(study.study_name)
@@ -369,7 +369,7 @@ class _Objective:
             run_id = t.user_attrs.get(records.RUN_ID)
             if run_id and t.user_attrs.get(records.CHECKPOINT) is not None:
                 from ablate.tracking import checkpoints
-                from ablate.training.trainer import CHECKPOINT_FORMAT
+                from ablate.training.snapshots import CHECKPOINT_FORMAT
 
                 state = checkpoints.load(self.ctx.tracker, str(run_id))
                 if state is not None and state.get("format") == CHECKPOINT_FORMAT:  # an older one: start afresh
@@ -378,7 +378,7 @@ class _Objective:
 
     def _report_history(self, trial: optuna.Trial, history: list[dict[str, float]], select: str) -> None:
         """Report again what a resumed trial reported before it stopped, replayed through a fresh ``Best``."""
-        from ablate.training.trainer import Best
+        from ablate.training.selection import Best
 
         interval = self.ctx.spec.report_interval
         if interval is None:

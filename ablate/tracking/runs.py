@@ -21,8 +21,9 @@ from ablate.tracking import checkpoints
 from ablate.tracking.client import MetricBatch, Tracker, environment_tags
 from ablate.training import stability
 from ablate.training.data import load_split, split_fingerprint
+from ablate.training.selection import Best, EpochResult
 from ablate.training.stability import Instability
-from ablate.training.trainer import Best, EpochResult, Member, Trainer
+from ablate.training.trainer import Member, Trainer
 
 EpochHook = Callable[[EpochResult, list[dict[str, float]]], Instability | None]
 """Called after each epoch with its result and the run's history; a returned Instability stops the run."""

@@ -10,10 +10,14 @@ memory the device has free. The choice is made once per kind of run and process,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from ablate.specs import RunSpec
+
+if TYPE_CHECKING:
+    from ablate.training.data import PairedEmbeddings
 
 CANDIDATES = (1, 2, 4, 8, 16, 32)
 """Array sizes auto measures (up to the number of compatible trials waiting)."""
@@ -42,7 +46,7 @@ def choose(run: RunSpec, waiting: int, array: int | None) -> ArrayChoice:
         return ArrayChoice(max(1, min(array, waiting)))
     if waiting <= 1:
         return ArrayChoice(1)
-    from ablate.training.trainer import fusion_key
+    from ablate.training.preflight import fusion_key
 
     key = (fusion_key(run), min(waiting, CANDIDATES[-1]))
     if key not in _CHOSEN:
@@ -55,8 +59,6 @@ def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
 
     from ablate.training.data import load_split
     from ablate.training.devices import amp_for, resolve_device
-    from ablate.training.trainer import time_steps
-
     device = resolve_device(run.device)
     if amp_for(device, run.amp).scaler is not None:
         return ArrayChoice(1, "float16 with a gradient scaler: members train alone")
@@ -98,3 +100,32 @@ def memory_cap(run: RunSpec, pocket_dim: int, ligand_dim: int, device: Any) -> i
     from ablate.training.models import training_bytes
 
     return int(free_bytes(device) * MEMORY_SHARE // max(1, training_bytes(run, pocket_dim, ligand_dim)))
+
+
+def time_steps(specs: Sequence[RunSpec], train: PairedEmbeddings, val: PairedEmbeddings, steps: int = 6) -> float:
+    """Seconds per optimizer step (``Trainer.step``) of an array of ``specs`` (one warm-up step first), for planning."""
+    import time
+
+    import torch
+
+    from ablate.training.trainer import Trainer
+
+    trainer = Trainer(specs, train, val)
+    trainer.losses.set_epoch(0)
+    trainer._set_lr(0)
+    trainer.models.train()
+    eff = trainer.spec.effective_batch_size
+    n = min(len(trainer.train) // eff, steps + 1)
+    idx = torch.arange(n * eff, device=trainer.device).expand(len(specs), -1)
+    x, y, lid = trainer.train.pocket[idx], trainer.train.ligand[idx], trainer.train.ligand_id[idx]
+    start = time.perf_counter()
+    for step in range(n):
+        if step == 1:
+            if trainer.device.type == "cuda":
+                torch.cuda.synchronize(trainer.device)
+            start = time.perf_counter()
+        window = slice(step * eff, (step + 1) * eff)
+        trainer.step(x[:, window], y[:, window], lid[:, window])
+    if trainer.device.type == "cuda":
+        torch.cuda.synchronize(trainer.device)
+    return (time.perf_counter() - start) / max(1, n - 1)

@@ -20,14 +20,9 @@ so the parameter gradient equals the one of a single large batch.
 from __future__ import annotations
 
 import contextlib
-import io
-import json
 import math
-import os
 import time
-from collections.abc import Callable, Hashable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,119 +31,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ablate import losses as loss_registry
-from ablate.errors import AblateError
 from ablate.losses._members import MemberLosses
-from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.specs import SCREENING_METRICS, SHAPING_FIELDS, RunSpec, better
-from ablate.training.data import PairedEmbeddings, Split, load_split
-from ablate.training.devices import AdamW, amp_for, free_bytes, resolve_device, threads_for, use_threads
+from ablate.specs import RunSpec
+from ablate.training.data import PairedEmbeddings, load_split
+from ablate.training.devices import amp_for, free_bytes, resolve_device, threads_for, use_threads
 from ablate.training.gradcache import grad_cache
 from ablate.training.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
+from ablate.training.optimizer import MemberOptimizer, mean_norm
+from ablate.training.preflight import check_batch, fusion_key
+from ablate.training.scoring import embed, score, widen
+from ablate.training.selection import Best, EpochResult, patience_over
+from ablate.training.snapshots import NOISE_SEED, capture, kept, restore, write_state
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
-
-
-@dataclass(frozen=True)
-class EpochResult:
-    """What one epoch reports: metrics under the vocabulary's keys (may be non-finite).
-
-    ``best_epoch`` is the selected epoch so far: the best selection metric (-1 before the first finite one).
-    """
-
-    epoch: int
-    metrics: dict[str, float]
-    stage: str | None = None
-    best_epoch: int = -1
-    diverged: bool = False
-    stopped_early: bool = False
-    """Early stopping ends the run here (``patience`` epochs without a better selection metric)."""
-    error: str | None = None
-    """Why the run's loss failed in this epoch (a user's loss that raised or returned no usable value)."""
-
-
-class Best:
-    """A run's selected epoch: the epoch with the best selection metric so far (a validation metric), every
-    metric at that epoch, and the model and loss state (a learnable temperature) kept there.
-
-    One instance per run serves the run's summary, the value a search reports to its pruner, early
-    stopping, the model scored on the test split and the model logged.
-    """
-
-    def __init__(self, select: str):
-        self.select = select
-        self.epoch = -1
-        """The selected epoch (-1 before the first finite selection metric)."""
-        self.metrics: dict[str, float] = {}
-        """Every finite metric at the selected epoch."""
-        self.state: dict[str, Tensor] | None = None
-        self.criterion_state: dict[str, Tensor] | None = None
-
-    def update(self, epoch: int, metrics: dict[str, float]) -> bool:
-        """Take in one epoch's metrics; returns whether the selection metric improved (the epoch is then selected)."""
-        v = metrics.get(self.select)
-        if v is None or not math.isfinite(v):
-            return False
-        old = self.metrics.get(self.select)
-        if old is not None and not (v > old if better(self.select) == "maximize" else v < old):
-            return False
-        self.epoch, self.metrics = epoch, {k: x for k, x in metrics.items() if math.isfinite(x)}
-        return True
-
-    @property
-    def value(self) -> float:
-        """The selection metric at the selected epoch (NaN before the first finite value)."""
-        return self.metrics.get(self.select, float("nan"))
-
-    def document(self) -> dict[str, Any]:
-        """The selection as a checkpoint keeps it."""
-        return {"epoch": self.epoch, "metrics": dict(self.metrics), "state": self.state,
-                "criterion_state": self.criterion_state}
-
-    def load(self, doc: dict[str, Any]) -> None:
-        """The selection as ``document`` gave it."""
-        self.epoch, self.metrics = int(doc["epoch"]), dict(doc["metrics"])
-        self.state, self.criterion_state = doc["state"], doc["criterion_state"]
-
-
-def patience_over(spec: RunSpec, best: Best, epoch: int) -> bool:
-    """Whether early stopping ends the run after ``epoch``: its selection metric has not improved for
-    ``patience`` epochs, counted from the start of its last stage (a multi-stage run), never at the last epoch."""
-    if spec.patience is None or epoch >= spec.epochs - 1:
-        return False
-    return epoch - max(best.epoch, spec.last_stage_start - 1) >= spec.patience
-
-
-def fusion_key(spec: RunSpec) -> Hashable:
-    """What runs must share to train as one array: model, batch size, accumulation, epochs, data,
-    device and precision. Everything else may differ between members."""
-    doc = spec.model_dump(mode="json")
-    return json.dumps([doc[f] for f in SHAPING_FIELDS], sort_keys=True)
-
-
-def check(spec: RunSpec) -> Split:
-    """Everything about a run that fails the same way for every trial: data, batch, device, model.
-
-    Returns the run's split. A study checks its runs with this before any trial starts.
-    """
-    split = load_split(spec.data)
-    check_batch(spec, len(split.train))
-    device = resolve_device(spec.device)
-    check_size(spec, split.train.pocket_dim, split.train.ligand_dim, free_bytes(device))
-    with torch.random.fork_rng(devices=[]):
-        build_model(spec.model, split.train.pocket_dim, split.train.ligand_dim)
-    return split
-
-
-def check_batch(spec: RunSpec, n_train: int) -> None:
-    """A batch must fit in the training set (batches that do not fill up are dropped)."""
-    eff = spec.effective_batch_size
-    if eff > n_train:
-        raise AblateError(
-            f"batch of {eff} pairs (batch_size {spec.batch_size} x accumulation_steps "
-            f"{spec.accumulation_steps}) is larger than the training set ({n_train} pairs); "
-            "lower the batch size or use more data"
-        )
 
 
 class Member:
@@ -160,7 +56,7 @@ class Member:
         self.model = model
         self.criterion = criterion
         self.generator = torch.Generator().manual_seed(spec.seed)
-        self.noise = torch.Generator(device).manual_seed(spec.seed ^ _NOISE_SEED)
+        self.noise = torch.Generator(device).manual_seed(spec.seed ^ NOISE_SEED)
         """The built-in head's dropout stream: the member's own, whatever trains beside it. (A user's model draws
         from torch's stream, alone and under vmap alike.)"""
         if isinstance(model, ProjectionHead):
@@ -226,16 +122,8 @@ class Trainer:
         self.amp = amp_for(self.device, lead.amp)
         if self.amp.scaler is not None and len(runs) > 1:
             raise ValueError("float16 with a gradient scaler skips steps for the whole array: train such runs alone")
-        self._sets: list[tuple[int, list[nn.Parameter], float]] = []
-        """What the optimizer's groups are made of: (member index, parameters, weight decay)."""
-        for m in self.members:
-            self._sets.append((m.index, list(m.model.parameters()), m.spec.weight_decay))
-            extra = [p for p in m.criterion.parameters() if p.requires_grad]
-            if extra:
-                self._sets.append((m.index, extra, 0.0))
-        self._grouping: tuple[tuple[int, ...], ...] = ()
-        self._owners: tuple[tuple[int, ...], Tensor] = ((), torch.zeros(0))
-        self.optimizer = AdamW([{"params": [p for _, ps, _ in self._sets for p in ps]}], lead.lr, self.device)
+        self.updates = MemberOptimizer(self.members, lead.lr, self.device)
+        self.optimizer = self.updates.adamw
         self.train_unit = F.normalize(self.train.ligand, dim=1)
         self.floors: dict[str, float] = {}
         """What a random ranking scores on the validation set (val/ef1 -> 1.0, ...), known after an epoch."""
@@ -301,8 +189,8 @@ class Trainer:
                 diverged = error is None and not (
                     math.isfinite(metrics["train/loss"]) and math.isfinite(metrics["val/cosine"]))
                 if error is None and not diverged and member.best.update(epoch, metrics):
-                    member.best.state = _kept(member.model.state_dict())
-                    member.best.criterion_state = _kept(member.criterion.state_dict())
+                    member.best.state = kept(member.model.state_dict())
+                    member.best.criterion_state = kept(member.criterion.state_dict())
                 early = error is None and not diverged and patience_over(member.spec, member.best, epoch)
                 results[member.index] = EpochResult(epoch, metrics, stages[k], member.best.epoch, diverged, early,
                                                     error)
@@ -321,10 +209,7 @@ class Trainer:
         if len(keep) == len(self.members):
             return
         gone = {m.index for m in self.members if m.stopped}
-        for p in (p for index, ps, _ in self._sets if index in gone for p in ps):
-            self.optimizer.state.pop(p, None)
-        self._sets = [entry for entry in self._sets if entry[0] not in gone]
-        self._regroup({m.index: 0.0 for m in self.members if not m.stopped})  # the next epoch sets the rates
+        self.updates.drop(gone, [m.index for m in self.members if not m.stopped])
         self.members = [self.members[k] for k in keep]
         self.models.keep(keep)
         self.losses.keep(keep)
@@ -340,25 +225,8 @@ class Trainer:
                 span = max(1, s.epochs - s.warmup_epochs)
                 factor = 0.5 * (1.0 + math.cos(math.pi * (epoch - s.warmup_epochs) / span))
             lrs.append(self.losses.lr(k, s.lr) * factor)
-        self._regroup({m.index: lr for m, lr in zip(self.members, lrs, strict=True)})
+        self.updates.set_lrs({m.index: lr for m, lr in zip(self.members, lrs, strict=True)})
         return lrs
-
-    def _regroup(self, lr_of: dict[int, float]) -> None:
-        """One optimizer group per distinct (learning rate, weight decay) among the members, so fused
-        AdamW runs once per group rather than once per member; every parameter's update is the same."""
-        keyed: dict[tuple[float, float], list[int]] = {}
-        for i, (index, _, wd) in enumerate(self._sets):
-            keyed.setdefault((lr_of[index], wd), []).append(i)
-        grouping = tuple(tuple(v) for v in keyed.values())
-        if grouping == self._grouping:
-            for group, (lr, _) in zip(self.optimizer.param_groups, keyed, strict=True):
-                group["lr"] = lr
-            return
-        defaults = self.optimizer.defaults
-        self.optimizer.param_groups = [
-            {**defaults, "params": [p for i in sets for p in self._sets[i][1]], "lr": lr, "weight_decay": wd}
-            for (lr, wd), sets in keyed.items()]
-        self._grouping = grouping
 
     # ---------------------------------------------------------------- training
 
@@ -372,7 +240,6 @@ class Trainer:
         perms = torch.stack([torch.randperm(len(data), generator=m.generator) for m in members]).to(self.device)
         xs, ys = data.pocket[perms], data.ligand[perms]  # [K, N, D]
         masking = any(self.losses.masks(k) for k in range(len(members)))
-        contrastive = any(self.losses.contrastive(k) for k in range(len(members)))
         ids_all = data.ligand_id[perms] if masking else None
         losses: list[Tensor] = []
         norms: list[Tensor] = []
@@ -383,18 +250,9 @@ class Trainer:
             lo, hi = step * eff, (step + 1) * eff
             x, y = xs[:, lo:hi], ys[:, lo:hi]
             lid = None if ids_all is None else ids_all[:, lo:hi]
-            if s.accumulation_steps == 1:
-                with self.amp.autocast():
-                    p = self.models(x)
-                loss, parts = self.losses(p, y, lid)
-                self._backward(loss.sum())
-                reps = p.detach()
-            elif contrastive:
-                loss, parts, reps = self._gradcache(x, y, lid)
-            else:
-                loss, parts, reps = self._accumulate(x, y)
-            norms.append(self._optimizer_step())
-            losses.append(loss.detach())
+            loss, parts, reps, norm = self.step(x, y, lid)
+            norms.append(norm)
+            losses.append(loss)
             for name, value in parts.items():
                 components.setdefault(name, []).append(value)
             pending.append(reps)
@@ -403,7 +261,7 @@ class Trainer:
                 idx = perms[:, first:(step + 1) * eff].view(len(members), len(pending), eff).transpose(0, 1)
                 correct += self._inbatch_correct(torch.stack(pending), idx)
                 pending = []
-        grad_norm, skipped = _mean_norm(torch.stack(norms), skip_nonfinite=self.amp.scaler is not None)
+        grad_norm, skipped = mean_norm(torch.stack(norms), skip_nonfinite=self.amp.scaler is not None)
         out = {
             "train/loss": torch.stack(losses).float().mean(0),
             "train/inbatch_top1": correct / (steps * eff),
@@ -416,6 +274,24 @@ class Trainer:
         numbers: list[list[float]] = torch.stack([v.float() for v in out.values()]).tolist()
         return dict(zip(out, numbers, strict=True))
 
+    def step(self, x: Tensor, y: Tensor, ligand_ids: Tensor | None = None
+             ) -> tuple[Tensor, dict[str, Tensor], Tensor, Tensor]:
+        """One optimizer step of every training member on its batch ``x``, ``y`` [K, B, D] (``ligand_ids`` [K, B]
+        where a loss masks shared ligands): each member's loss [K], the parts its loss logs, its embeddings
+        [K, B, D] (detached) and its gradient norm [K] before clipping. With accumulation, per-sample losses add up
+        micro-batch gradients and contrastive ones use GradCache."""
+        if self.spec.accumulation_steps == 1:
+            with self.amp.autocast():
+                p = self.models(x)
+            loss, parts = self.losses(p, y, ligand_ids)
+            self._backward(loss.sum())
+            reps = p.detach()
+        elif any(self.losses.contrastive(k) for k in range(len(self.members))):
+            loss, parts, reps = self._gradcache(x, y, ligand_ids)
+        else:
+            loss, parts, reps = self._accumulate(x, y)
+        return loss.detach(), parts, reps, self._optimizer_step()
+
     def _backward(self, loss: Tensor) -> None:
         if self.amp.scaler is not None:
             self.amp.scaler.scale(loss).backward()
@@ -423,33 +299,11 @@ class Trainer:
             loss.backward()
 
     def _optimizer_step(self) -> Tensor:
-        """Clip each member's gradient by its own norm (never one norm across members), step, and
-        return each member's total gradient norm [K] (before clipping)."""
-        scaler = self.amp.scaler
+        """Step every member (each clipped by its own norm); returns each member's gradient norm [K]."""
         self.models.collect_grads()
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)  # type: ignore[arg-type]  # duck-typed: param_groups, step
-        by_member = [[p.grad for p in m.params if p.grad is not None] for m in self.members]
-        grads = [g for mine in by_member for g in mine]
-        per_tensor = torch.stack(torch._foreach_norm(grads))
-        counts = tuple(len(mine) for mine in by_member)
-        if counts != self._owners[0]:  # which member each gradient belongs to, kept while it holds
-            self._owners = counts, torch.repeat_interleave(torch.arange(len(counts)), torch.tensor(counts)).to(
-                per_tensor.device)
-        total = torch.zeros(len(by_member), dtype=per_tensor.dtype, device=per_tensor.device)
-        total = total.index_add_(0, self._owners[1], per_tensor.pow(2)).sqrt()
-        for k, m in enumerate(self.members):
-            if m.spec.grad_clip is not None and by_member[k]:
-                coef = torch.clamp(m.spec.grad_clip / (total[k] + 1e-6), max=1.0)
-                torch._foreach_mul_(by_member[k], coef)
-        if scaler is not None:
-            scaler.step(self.optimizer)  # type: ignore[arg-type]
-            scaler.update()
-        else:
-            self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        norms = self.updates.step(self.members, self.amp)
         self.models.zero_grad()
-        return total
+        return norms
 
     def _accumulate(self, x: Tensor, y: Tensor) -> tuple[Tensor, dict[str, Tensor], Tensor]:
         """Per-sample losses: each micro-batch's gradient, weighted by its share of the batch."""
@@ -497,7 +351,7 @@ class Trainer:
     @torch.no_grad()
     def predict(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
         """The (first) run's ligand-space embeddings for pocket features (eval mode, float32 or wider)."""
-        return _embed(self.model, pocket.to(self.device), chunk, self.amp.autocast)
+        return embed(self.model, pocket.to(self.device), chunk, self.amp.autocast)
 
     @torch.no_grad()
     def predict_members(self, pocket: Tensor, chunk: int = 8192) -> Tensor:
@@ -507,59 +361,14 @@ class Trainer:
         outs = []
         for xc in x.split(chunk):
             with self.amp.autocast():
-                outs.append(_widen(self.models(xc.expand(len(self.members), -1, -1))))
+                outs.append(widen(self.models(xc.expand(len(self.members), -1, -1))))
         return torch.cat(outs, dim=1)
 
     @torch.no_grad()
     def _validate(self) -> list[dict[str, float]]:
-        out, self.floors = self._score(self.predict_members(self.val.pocket), self.val, self.losses, "val")
+        out, self.floors = score(self.predict_members(self.val.pocket), self.val, self.losses, "val",
+                                 self.spec.effective_batch_size)
         return out
-
-    @torch.no_grad()
-    def _score(self, pred: Tensor, data: PairedEmbeddings, losses: MemberLosses, split: str
-               ) -> tuple[list[dict[str, float]], dict[str, float]]:
-        """Each member's metrics ``split/...`` for its embeddings ``pred`` [K, N, D] of ``data``, and what a random
-        ranking scores on ``data`` (``split/ef1`` -> 1.0, ...)."""
-        k_members = pred.shape[0]
-        target = data.ligand.expand(k_members, -1, -1)
-        ids = data.ligand_id.expand(k_members, -1)
-        n_batches = max(1, math.ceil(len(data) / self.spec.effective_batch_size))
-        batched = [k for k in range(k_members) if losses.contrastive(k)] if n_batches > 1 else []
-        # a loss over the whole set for the members whose loss is per sample; a contrastive one is taken
-        # over batches of the training size
-        vloss = losses(pred, target, ids)[0].tolist() if len(batched) < k_members else [0.0] * k_members
-        if batched:
-            total = torch.zeros(k_members, dtype=pred.dtype, device=self.device)
-            for part in torch.arange(len(data), device=self.device).tensor_split(n_batches):
-                total += losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()
-            chunked = (total / len(data)).tolist()
-            for k in batched:
-                vloss[k] = chunked[k]
-        retrieval = retrieval_by_member(pred, data.ligand, data.ligand_id)
-        screening = screening_by_member(pred, data.ligand, data.pocket_id, data.ligand_id)
-        floors = {f"{split}/{key[len('random_'):]}": v for key, v in screening[0].items() if key.startswith("random_")}
-        out = []
-        for k in range(k_members):
-            r, sc = retrieval[k], screening[k]
-            metrics = {
-                f"{split}/loss": float(vloss[k]),
-                f"{split}/cosine": r["mean_cosine"],
-                f"{split}/top1": r["top1_accuracy"],
-                f"{split}/top5": r["top5_accuracy"],
-                f"{split}/top10": r["top10_accuracy"],
-                f"{split}/mrr": r["mrr"],
-                f"{split}/median_rank": r["median_rank"],
-                f"{split}/alignment": r["alignment"],
-                f"{split}/uniformity": r["uniformity"],
-                f"{split}/spread": r["spread"],
-            }
-            for key in ("ef0.5", "ef1", "ef2", "ef5", "bedroc", "auroc"):
-                metrics[f"{split}/{key}"] = sc[key]
-            for key in SCREENING_METRICS:
-                name = key.removeprefix("val/")
-                metrics[f"{split}/{name}_median"] = sc[f"{name}_median"]
-            out.append(metrics)
-        return out, floors
 
     # ---------------------------------------------------------------- the selected model
 
@@ -590,82 +399,23 @@ class Trainer:
             criterion.load_state_dict(m.best.criterion_state)
         losses = _member_losses([criterion], [m.spec])
         losses.set_epoch(m.best.epoch)
-        pred = _embed(model, self.test.pocket, 8192, contextlib.nullcontext)
-        (metrics,), floors = self._score(pred[None], self.test, losses, "test")
+        pred = embed(model, self.test.pocket, 8192, contextlib.nullcontext)
+        (metrics,), floors = score(pred[None], self.test, losses, "test", self.spec.effective_batch_size)
         return metrics, floors
 
     # ---------------------------------------------------------------- checkpoints
 
     def checkpoint(self, index: int, epoch: int) -> dict[str, Any]:
-        """Everything member ``index`` needs to continue after ``epoch`` exactly as if never stopped: model,
-        optimizer and loss state (a learnable temperature), batch order and random state, best epoch."""
-        m = self.every[index]
-        return {
-            "format": CHECKPOINT_FORMAT,
-            "epoch": epoch,
-            "model": _cloned(m.model.state_dict()),
-            "criterion": _cloned(m.criterion.state_dict()),
-            "optimizer": [_cloned(self.optimizer.state.get(p, {})) for p in m.params],
-            "generator": m.generator.get_state(),
-            "noise": m.noise.get_state(),
-            "noise_device": self.device.type,
-            "rng": torch.get_rng_state(),
-            "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
-            "best": m.best.document(),
-            "scaler": self.amp.scaler.state_dict() if self.amp.scaler is not None else None,
-        }
+        """Everything member ``index`` needs to continue after ``epoch`` exactly as if never stopped (``snapshots``)."""
+        return capture(self.every[index], self.optimizer, self.device, self.amp, epoch)
 
     def restore(self, index: int, state: dict[str, Any]) -> None:
         """Continue member ``index`` from a checkpoint: training resumes at the epoch after the checkpoint's."""
-        if state.get("format") != CHECKPOINT_FORMAT:
-            raise ValueError(f"checkpoint format {state.get('format')!r} is not {CHECKPOINT_FORMAT}")
-        m = self.every[index]
-        m.model.load_state_dict(state["model"])
-        m.criterion.load_state_dict(state["criterion"])
-        for p, saved in zip(m.params, state["optimizer"], strict=True):
-            if saved:
-                # copies: training must not change the caller's checkpoint
-                self.optimizer.state[p] = {k: v.to(p.device, copy=True) if isinstance(v, Tensor) else v
-                                           for k, v in saved.items()}
-        m.generator.set_state(state["generator"])
-        if state.get("noise_device") == self.device.type:
-            m.noise.set_state(state["noise"])
-        else:  # saved on another kind of device (or before runs had a dropout stream): a fresh stream per epoch
-            m.noise.manual_seed((m.spec.seed ^ _NOISE_SEED) + int(state["epoch"]) + 1)
-        torch.set_rng_state(state["rng"])
-        if state.get("cuda_rng") is not None and self.device.type == "cuda":
-            torch.cuda.set_rng_state(state["cuda_rng"], self.device)
-        m.best.load(state["best"])
-        if state.get("scaler") is not None and self.amp.scaler is not None:
-            self.amp.scaler.load_state_dict(state["scaler"])
-        self.start_epoch = int(state["epoch"]) + 1
-
-    # ---------------------------------------------------------------- results
+        self.start_epoch = restore(self.every[index], self.optimizer, self.device, self.amp, state)
 
     def save_best(self, path: str | Path, index: int = 0) -> Path:
-        """Write a run's selected epoch's model state (state_dict) to a file: whole or not at all (through a
-        temporary file beside it), and a failed write (a full disk) as one AblateError."""
-        state = self.every[index].best.state
-        if state is None:
-            raise AblateError("no selected model to save: no epoch produced a finite selection metric")
-        out = Path(path)
-        buffer = io.BytesIO()
-        torch.save({k: v.cpu() for k, v in state.items()}, buffer)
-        try:
-            out.parent.mkdir(parents=True, exist_ok=True)
-            if out.exists() and not out.is_file():  # a device or a pipe is written as it is
-                out.write_bytes(buffer.getvalue())
-                return out
-            partial = out.with_name(f".{out.name}.{os.getpid()}.partial")
-            try:
-                partial.write_bytes(buffer.getvalue())
-                os.replace(partial, out)
-            finally:
-                partial.unlink(missing_ok=True)
-        except OSError as e:
-            raise AblateError(f"could not write the selected model to {out}: {e.strerror or e}") from None
-        return out
-
+        """Write a run's selected epoch's model state (state_dict) to a file, whole or not at all."""
+        return write_state(self.every[index].best.state, path)
 
 
 _ALWAYS = frozenset({"train/loss", "train/inbatch_top1", "grad_norm", "amp_skipped_steps"})
@@ -673,10 +423,6 @@ _ALWAYS = frozenset({"train/loss", "train/inbatch_top1", "grad_norm", "amp_skipp
 of members whose loss has none are NaN and left out."""
 
 
-CHECKPOINT_FORMAT = 2
-
-_NOISE_SEED = 0x5DEECE66D
-"""Mixed into a run's seed for its dropout stream, which then differs from its batch-order stream."""
 
 
 def _member_losses(criteria: list[nn.Module], runs: Sequence[RunSpec]) -> MemberLosses:
@@ -686,32 +432,6 @@ def _member_losses(criteria: list[nn.Module], runs: Sequence[RunSpec]) -> Member
                         [not d.builtin for d in definitions])
 
 
-def _kept(state: dict[str, Tensor]) -> dict[str, Tensor]:
-    """A copy of a state dict, where it is (device and dtype), that training can no longer change."""
-    return {k: v.detach().clone() for k, v in state.items()}
-
-
-def _cloned(state: Any) -> Any:
-    """A copy of a state dict (tensors cloned, on the CPU) that training can no longer change."""
-    return {k: v.detach().to("cpu", copy=True) if isinstance(v, Tensor) else v for k, v in state.items()}
-
-
-def _embed(model: nn.Module, pocket: Tensor, chunk: int, context: Callable[[], AbstractContextManager[Any]]
-           ) -> Tensor:
-    """A model's embeddings of pocket rows, in chunks, in eval mode and ``context`` (autocast or none), widened."""
-    model.eval()
-    outs = []
-    for xc in pocket.split(chunk):
-        with context():
-            outs.append(_widen(model(xc)))
-    return torch.cat(outs)
-
-
-def _widen(x: Tensor) -> Tensor:
-    """Half precision -> float32; float32 and float64 stay."""
-    return x.to(torch.promote_types(x.dtype, torch.float32))
-
-
 def _to(data: PairedEmbeddings, device: torch.device, dtype: torch.dtype | None) -> PairedEmbeddings:
     moved = data.to(device)
     if dtype is None:
@@ -719,47 +439,4 @@ def _to(data: PairedEmbeddings, device: torch.device, dtype: torch.dtype | None)
     return PairedEmbeddings(moved.pocket.to(dtype), moved.ligand.to(dtype), moved.ligand_id, moved.pocket_id)
 
 
-def _mean_norm(per_step: Tensor, skip_nonfinite: bool = False) -> tuple[Tensor, Tensor]:
-    """Each member's mean over steps of its total gradient norm ([steps, K] -> [K]), and the number
-    of steps left out as non-finite (with ``skip_nonfinite``: the steps a float16 grad scaler
-    skipped after an overflow, which are not a divergence)."""
-    if not skip_nonfinite:
-        return per_step.mean(0), torch.zeros(per_step.shape[1])
-    finite = torch.isfinite(per_step)
-    kept = torch.where(finite, per_step, torch.zeros_like(per_step)).sum(0)
-    count = finite.sum(0)
-    mean = torch.where(count > 0, kept / count.clamp(min=1), torch.full_like(kept, float("nan")))
-    return mean, (~finite).sum(0).float()
 
-
-def time_steps(specs: Sequence[RunSpec], train: PairedEmbeddings, val: PairedEmbeddings, steps: int = 6) -> float:
-    """Seconds per optimizer step of an array of ``specs`` (one warm-up step first), for planning."""
-    trainer = Trainer(specs, train, val)
-    trainer.losses.set_epoch(0)
-    trainer._set_lr(0)
-    trainer.models.train()
-    eff = trainer.spec.effective_batch_size
-    n = min(len(trainer.train) // eff, steps + 1)
-    k = len(specs)
-    idx = torch.arange(n * eff, device=trainer.device).expand(k, -1)
-    x, y = trainer.train.pocket[idx], trainer.train.ligand[idx]
-    lid = trainer.train.ligand_id[idx]
-    contrastive = any(trainer.losses.contrastive(m) for m in range(k))
-    start = time.perf_counter()
-    for step in range(n):
-        if step == 1:
-            if trainer.device.type == "cuda":
-                torch.cuda.synchronize(trainer.device)
-            start = time.perf_counter()
-        window = slice(step * eff, (step + 1) * eff)
-        xb, yb, ib = x[:, window], y[:, window], lid[:, window]
-        if trainer.spec.accumulation_steps > 1 and contrastive:
-            trainer._gradcache(xb, yb, ib)
-        else:
-            with trainer.amp.autocast():
-                p = trainer.models(xb)
-            trainer._backward(trainer.losses(p, yb, ib)[0].sum())
-        trainer._optimizer_step()
-    if trainer.device.type == "cuda":
-        torch.cuda.synchronize(trainer.device)
-    return (time.perf_counter() - start) / max(1, n - 1)
