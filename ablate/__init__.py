@@ -27,7 +27,7 @@ _EXPORTS = {
     "compute_retrieval_metrics": "ablate.metrics",
     "PairedEmbeddings": "ablate.training.data",
     "load_pairs": "ablate.training.data",
-    "split": "ablate.training.data",
+    "split": "ablate.training.splits",
     "synthetic_pairs": "ablate.training.data",
 }
 
@@ -44,7 +44,8 @@ if TYPE_CHECKING:
     from ablate.losses.siglip import SigLIPLoss
     from ablate.losses.supcon import SupervisedContrastiveLoss
     from ablate.metrics import compute_retrieval_metrics
-    from ablate.training.data import PairedEmbeddings, load_pairs, split, synthetic_pairs
+    from ablate.training.data import PairedEmbeddings, load_pairs, synthetic_pairs
+    from ablate.training.splits import split
 
 
 _MOVED = {"ablate.models": "ablate.training.models"}

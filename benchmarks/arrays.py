@@ -24,7 +24,7 @@ import torch
 
 from ablate.specs import DataSpec, RunSpec, SyntheticSpec
 from ablate.training.arrays import time_steps
-from ablate.training.data import load_split
+from ablate.training.splits import load_split
 
 HEADS = {
     "default 64->256->128": (SyntheticSpec(), [256]),

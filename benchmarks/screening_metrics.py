@@ -27,7 +27,7 @@ from ablate.metrics import CHUNK_ELEMENTS, compute_retrieval_metrics, compute_sc
 from ablate.specs import DataSpec
 from ablate.study.designs import SuiteSpec
 from ablate.study.studyfiles import load_study
-from ablate.training.data import load_split
+from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
 
 

@@ -47,7 +47,8 @@ def run(cwd: Path, extra: list[str]) -> tuple[float, dict[str, Any]]:
 def swapped_data(cwd: Path) -> Path:
     """The suite's data as a file whose own split swaps the validation and the test pairs."""
     from ablate.specs import DataSpec
-    from ablate.training.data import load_split, synthetic_pairs
+    from ablate.training.data import synthetic_pairs
+    from ablate.training.splits import load_split
 
     spec = DataSpec()
     data, rows = synthetic_pairs(spec.synthetic, seed=spec.seed), load_split(spec).rows

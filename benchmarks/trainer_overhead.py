@@ -33,8 +33,8 @@ from ablate.metrics import compute_retrieval_metrics
 from ablate.specs import RunSpec
 from ablate.tracking.client import Tracker
 from ablate.tracking.runs import train_and_log
-from ablate.training.data import load_split
 from ablate.training.models import build_model
+from ablate.training.splits import load_split
 
 
 def per_epoch(stamps: list[float]) -> float:

@@ -9,8 +9,8 @@ import torch
 from support import tiny_run
 
 from ablate.training.arrays import choose, clearing_size
-from ablate.training.data import load_split
 from ablate.training.preflight import fusion_key
+from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
 
 TOL = 1e-9

@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from support import ablate_command, tiny_run
 
 from ablate.study import records, studies
-from ablate.training.data import load_split
+from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
 
 

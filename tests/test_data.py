@@ -14,7 +14,8 @@ from pydantic import ValidationError
 
 from ablate.errors import AblateError
 from ablate.specs import DataSpec, SyntheticSpec
-from ablate.training.data import PairedEmbeddings, load_pairs, load_split, split, split_rows, synthetic_pairs
+from ablate.training.data import PairedEmbeddings, load_pairs, synthetic_pairs
+from ablate.training.splits import load_split, split, split_rows
 
 FORMATS = ("npz", "pt", "parquet")
 

@@ -24,9 +24,10 @@ from support import run_cli
 from ablate.errors import AblateError
 from ablate.specs import ModelSpec
 from ablate.stores import mask_url, split_credentials
-from ablate.study.designs import valid_study_name
+from ablate.study.interface import valid_study_name
 from ablate.study.studyfiles import MAX_NESTING, MAX_STUDY_FILE_BYTES, load_study, safe_folder
-from ablate.tracking.client import API_PROBE, Tracker, check_store
+from ablate.tracking.client import Tracker
+from ablate.tracking.store import API_PROBE, check_store
 from ablate.training.models import build_model
 
 pytestmark = pytest.mark.bare  # the tests check that no store is created

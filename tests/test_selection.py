@@ -18,7 +18,8 @@ from support import TINY, run_cli, tiny_run
 from ablate.report.compare import SuiteReport, TrialResult, compute
 from ablate.specs import DataSpec, RunSpec, SyntheticSpec
 from ablate.study.designs import SuiteSpec
-from ablate.training.data import PairedEmbeddings, load_split
+from ablate.training.data import PairedEmbeddings
+from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
 
 

@@ -6,7 +6,7 @@ import pytest
 from support import tiny_run
 
 from ablate.specs import StabilitySpec
-from ablate.training.data import load_split
+from ablate.training.splits import load_split
 from ablate.training.stability import check
 from ablate.training.trainer import Trainer
 

@@ -10,7 +10,8 @@ from mlflow import MlflowClient
 from support import tiny_run
 
 from ablate.stores import mask_url
-from ablate.tracking.client import MetricBatch, Tracker
+from ablate.tracking.batches import MetricBatch
+from ablate.tracking.client import Tracker
 from ablate.tracking.runs import train_and_log
 from ablate.training.stability import Instability
 
@@ -245,10 +246,10 @@ def test_a_direct_write_that_fails_unexpectedly_leaves_the_rows_to_log_batch(mlf
 
         raise MlflowException("database is locked") from sa.exc.OperationalError("INSERT", {}, Exception("locked"))
 
-    monkeypatch.setattr(tracking, "_insert_metrics", locked)
+    monkeypatch.setattr(tracking, "insert_metrics", locked)
     tracker.write_metrics(run_id, [Metric("a", 1.0, 1000, 0)])
     assert tracker._sql is not None  # a passing failure: that batch went through log_batch, the next tries again
-    monkeypatch.setattr(tracking, "_insert_metrics", broken)
+    monkeypatch.setattr(tracking, "insert_metrics", broken)
     tracker.write_metrics(run_id, [Metric("a", 2.0, 1001, 1)])
     assert sorted(m.value for m in MlflowClient(tracker.uri).get_metric_history(run_id, "a")) == [1.0, 2.0]
     assert tracker._sql is None  # one that will fail again: the tracker does not try the direct path again

@@ -20,7 +20,7 @@ from ablate import SigLIPLoss, losses
 from ablate.errors import AblateError
 from ablate.specs import RunSpec, validate
 from ablate.study import records
-from ablate.training.data import load_split
+from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
 
 ROOT = Path(__file__).resolve().parents[1]

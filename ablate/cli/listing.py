@@ -84,8 +84,7 @@ def studies_export(
     storage: StorageOpt = None,
 ) -> None:
     """Export every trial (state, parameters, value, user attributes) as CSV or JSON."""
-    from ablate.report import render
-    from ablate.study import studyfiles
+    from ablate.study import records, studyfiles
     from ablate.study.session import StudySession
 
     if format not in ("csv", "json"):
@@ -95,7 +94,7 @@ def studies_export(
             raise AblateError(f"--output {output}: that is a folder; give a file name, e.g. {output / 'trials.csv'}")
         studyfiles.writable_folder(output.parent, f"--output {output}", create=False)
     session = StudySession.open(name, stores_of(storage, None))
-    text = render.export(session.study, format)
+    text = records.export(session.study, format)
     if output is None:
         sys.stdout.write(text)
         return

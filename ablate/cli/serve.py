@@ -58,7 +58,7 @@ def ui(
         console.print(f"{stores.mask_url(uri)} is a tracking server: open it in a browser")
         return
     port = servers.claim_port(host, port)  # the cheap checks first
-    from ablate.tracking.client import check_store
+    from ablate.tracking.store import check_store
 
     check_store(uri, writable=False)  # a database that does not answer: one line in seconds, not a retrying server
     port, base, log = _prepare("the MLflow UI", uri, host, port, "mlflow-ui.log", verbose)

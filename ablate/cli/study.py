@@ -88,7 +88,7 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
     if not pending:
         return
     session.check_trainable()
-    from ablate.report.render import LogLines, StudyDisplay
+    from ablate.report.live import LogLines, StudyDisplay
     from ablate.study.launch import plan  # torch loads only where there is something to train
     p = plan(jobs, devices, pending, max((run.epochs for _, run in session.spec.preflight_runs()), default=0))
     where = f"on {', '.join(p.devices)}" if p.devices else f"up to {p.threads} CPU thread(s) each"

@@ -88,7 +88,7 @@ def train(
     flags = {k: _TRAIN_FLAGS.get(k, "--" + k.replace("_", "-")) for k in named if k not in overrides}
     run = specs.run_from_options({**named, **overrides}, flags)  # mistakes end here, before torch is imported
     from ablate.stores import resolve_tracking_uri
-    from ablate.tracking.client import check_store
+    from ablate.tracking.store import check_store
 
     check_store(resolve_tracking_uri(tracking_uri))  # the MLflow store answers (seconds at most) before training
     if save_best is not None:
@@ -99,8 +99,8 @@ def train(
     from ablate.study.launch import sigterm_as_interrupt
     from ablate.tracking.client import SPLIT_FILE, Tracker, ui_hint
     from ablate.tracking.runs import train_and_log
-    from ablate.training.data import load_split
     from ablate.training.selection import EpochResult
+    from ablate.training.splits import load_split
     from ablate.training.trainer import Trainer
 
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched

@@ -4,23 +4,15 @@ verdict sentences, the live progress of a running study, and exports of a study'
 
 from __future__ import annotations
 
-import json
 import math
-import threading
-import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
 
-import optuna
 from rich import box
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from ablate.report.compare import Row, SearchSummary, SuiteReport, report_metrics
 from ablate.specs import SCREENING_METRICS, is_test, on_split
-from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialRecord, TrialStarted
 
 
 def _num(x: float, digits: int = 3) -> str:
@@ -348,89 +340,6 @@ def markdown(report: SuiteReport, plots: Sequence[str] = ()) -> str:
 
 
 
-# --------------------------------------------------------------------------------------
-# A running study
-# --------------------------------------------------------------------------------------
-
-
-class StudyDisplay:
-    """Live progress of a study: trials done / running / left, and each running trial's epoch."""
-
-    def __init__(self, console: Console, total: int, done: int):
-        self.progress = Progress(
-            TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
-            TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), console=console,
-        )
-        self.total = total
-        self.done = done
-        self.overall = self.progress.add_task("[bold]trials", total=total, completed=done, info="")
-        self.running: dict[int, TaskID] = {}
-        self.lock = threading.Lock()
-        self._refresh()
-
-    def _refresh(self) -> None:
-        left = max(0, self.total - self.done - len(self.running))
-        self.progress.update(self.overall, completed=self.done,
-                             info=f"running {len(self.running)}, left {left}")
-
-    def __call__(self, event: Event) -> None:
-        with self.lock:
-            if isinstance(event, TrialStarted):
-                self.running[event.trial] = self.progress.add_task(
-                    f"  #{event.trial} {event.label}", total=event.epochs, info="")
-            elif isinstance(event, EpochEnded) and event.trial in self.running:
-                v = event.value
-                shown = f"{v:.3f}" if math.isfinite(v) else str(v)
-                self.progress.update(self.running[event.trial], completed=event.epoch + 1,
-                                     info=f"{event.metric} {shown}")
-            elif isinstance(event, Note):
-                self.progress.console.print(f"  {event.message}")
-            elif isinstance(event, TrialEnded) and event.trial in self.running:
-                self.progress.remove_task(self.running.pop(event.trial))
-                if event.state in ("COMPLETE", "PRUNED"):
-                    self.done += 1
-                if event.state != "COMPLETE":
-                    self.progress.console.print(f"  #{event.trial} {event.label}: {event.state}"
-                                                + (f" ({event.reason})" if event.reason else ""))
-            self._refresh()
-
-
-class LogLines:
-    """A study's progress without a terminal (nohup, a scheduler, docker logs): one plain line per trial
-    event: started; every tenth of its epochs, with the headline metric; ended, with outcome, reason and
-    duration."""
-
-    def __init__(self, write: Callable[[str], None], total: int, done: int):
-        self.write = write
-        self.total = total
-        self.done = done
-        self.started: dict[int, tuple[float, int, str]] = {}
-        self.lock = threading.Lock()
-
-    def __call__(self, event: Event) -> None:
-        with self.lock:
-            if isinstance(event, TrialStarted):
-                self.started[event.trial] = (time.monotonic(), event.epochs, event.label)
-                self.write(f"trial #{event.trial} {event.label}: started ({event.epochs} epochs, pid {event.pid})")
-            elif isinstance(event, EpochEnded) and event.trial in self.started:
-                _, epochs, label = self.started[event.trial]
-                every = max(1, epochs // 10)
-                if (event.epoch + 1) % every == 0 and event.epoch + 1 < epochs:
-                    self.write(f"trial #{event.trial} {label}: epoch {event.epoch + 1}/{epochs} "
-                               f"{event.metric} {_num(event.value, 4)}")
-            elif isinstance(event, Note):
-                self.write(event.message)
-            elif isinstance(event, TrialEnded):
-                began = self.started.pop(event.trial, (time.monotonic(), 0, event.label))[0]
-                if event.state in ("COMPLETE", "PRUNED"):
-                    self.done += 1
-                value = f", last value {_num(event.value, 4)}" if event.value is not None else ""
-                why = f": {event.reason}" if event.reason else ""
-                self.write(f"trial #{event.trial} {event.label}: {event.state}{why}{value}, "
-                           f"{time.monotonic() - began:.1f} s ({self.done}/{self.total} done)")
-
-
-
 def suite_markdown(report: SuiteReport) -> str:
     """The comparison as full-width Markdown tables (for logs: nothing is cut to a terminal's width)."""
     return "\n".join([*_against_baseline(report), *_tables_markdown(report, "####", marks=False),
@@ -507,34 +416,3 @@ def summary_markdown(name: str, summary: SearchSummary) -> str:
     lines += [f"| {t.number} | {t.state} | {escaped(t.label)} | {fmt(t.value)} | {t.epochs} | {escaped(t.note)} |"
               for t in summary.trials]
     return "\n".join([*lines, "", *_facts(summary)])
-
-
-def export(study: optuna.Study, kind: str) -> str:
-    """Every trial with its state, parameters, value and user attributes, as CSV or JSON."""
-    records = []
-    for t in study.get_trials(deepcopy=False):
-        rec: dict[str, Any] = {
-            "number": t.number, "state": t.state.name, "value": t.value,
-            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
-            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
-        }
-        rec["note"] = TrialRecord.of(t).note
-        rec.update({f"params_{k}": v for k, v in t.params.items()})
-        for k, v in t.user_attrs.items():
-            if isinstance(v, dict):
-                rec.update({f"{k}.{kk}": vv for kk, vv in v.items()})
-            else:
-                rec[k] = v
-        records.append(rec)
-    if kind == "json":
-        return json.dumps(records, indent=2, default=str) + "\n"
-    import csv
-    import io
-
-    columns = list(dict.fromkeys(k for r in records for k in r))
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=columns)
-    w.writeheader()
-    for r in records:
-        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
-    return buf.getvalue()

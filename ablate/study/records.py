@@ -7,6 +7,7 @@ that started them what happens through the ``Event`` types (they travel through 
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -215,3 +216,34 @@ class WorkerFailed:
 
 
 Event = TrialStarted | EpochEnded | TrialEnded | Note | WorkerFailed
+
+
+def export(study: optuna.Study, kind: str) -> str:
+    """Every trial with its state, parameters, value and user attributes, as CSV or JSON."""
+    records = []
+    for t in study.get_trials(deepcopy=False):
+        rec: dict[str, Any] = {
+            "number": t.number, "state": t.state.name, "value": t.value,
+            "datetime_start": t.datetime_start.isoformat() if t.datetime_start else None,
+            "datetime_complete": t.datetime_complete.isoformat() if t.datetime_complete else None,
+        }
+        rec["note"] = TrialRecord.of(t).note
+        rec.update({f"params_{k}": v for k, v in t.params.items()})
+        for k, v in t.user_attrs.items():
+            if isinstance(v, dict):
+                rec.update({f"{k}.{kk}": vv for kk, vv in v.items()})
+            else:
+                rec[k] = v
+        records.append(rec)
+    if kind == "json":
+        return json.dumps(records, indent=2, default=str) + "\n"
+    import csv
+    import io
+
+    columns = list(dict.fromkeys(k for r in records for k in r))
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=columns)
+    w.writeheader()
+    for r in records:
+        w.writerow({k: json.dumps(v) if isinstance(v, (list, dict)) else v for k, v in r.items()})
+    return buf.getvalue()

@@ -25,7 +25,8 @@ from ablate.study import records, studies
 from ablate.study.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.study.studyfiles import safe_folder, spec_document
 from ablate.study.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
-from ablate.tracking.client import Tracker, check_store, check_uri, environment_tags
+from ablate.tracking.client import Tracker, environment_tags
+from ablate.tracking.store import check_store, check_uri
 
 
 class StudySession:
@@ -152,7 +153,7 @@ class StudySession:
         """The row indices of every split the study's runs train, validate and test on (``split.json``; one file per
         data spec, named by its fingerprint, when runs differ in their data)."""
         from ablate.tracking.client import SPLIT_FILE
-        from ablate.training.data import load_split  # torch loads where a command trains
+        from ablate.training.splits import load_split  # torch loads where a command trains
 
         splits = [load_split(data) for data in dict.fromkeys(run.data for _, run in self.spec.preflight_runs())]
         for split in splits:

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import types
+import typing
 from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal
 
-from pydantic import Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
-from ablate.specs import _Strict
+from ablate.specs import RunSpec, _Strict
 
 if TYPE_CHECKING:
     import optuna
@@ -176,3 +178,34 @@ class LrScalingSpec(_Strict):
         """The learning rate for a batch size under this rule."""
         power = {"none": 0.0, "linear": 1.0, "sqrt": 0.5}[self.rule]
         return lr * (batch_size / self.reference_batch_size) ** power
+
+
+def field_kind(dotted: str) -> str | None:
+    """Whether a run field (dotted for nested ones) takes 'int', 'bool', 'float' or 'other' values (None: unknown)."""
+    model: Any = RunSpec
+    annotation: Any = None
+    for part in dotted.split("."):
+        if not (isinstance(model, type) and issubclass(model, BaseModel)) or part not in model.model_fields:
+            return None
+        annotation = model.model_fields[part].annotation
+        model = _unwrap(annotation)
+    arms = typing.get_args(annotation) if typing.get_origin(annotation) in _UNIONS else (annotation,)
+    kinds = {str(a.__name__) if a in (int, bool, float) else "other"
+             for a in map(_unwrap, arms) if a is not type(None)}
+    if "float" in kinds:
+        return "float"
+    return kinds.pop() if len(kinds) == 1 else "other"
+
+
+_UNIONS = (typing.Union, types.UnionType)
+
+
+def _unwrap(annotation: Any) -> Any:
+    """``X`` of ``Annotated[X, ...]`` and of ``X | None``; anything else as it is."""
+    while typing.get_origin(annotation) is Annotated:
+        annotation = typing.get_args(annotation)[0]
+    if typing.get_origin(annotation) in _UNIONS:
+        arms = [a for a in typing.get_args(annotation) if a is not type(None)]
+        if len(arms) == 1:
+            return _unwrap(arms[0])
+    return annotation

@@ -21,7 +21,8 @@ from typing import Any
 from ablate import losses
 from ablate.errors import AblateError
 from ablate.specs import RUN_FIELDS, RunSpec, set_path
-from ablate.study.designs import NAME_RULE, SearchSpec, StudySpec, SuiteSpec, from_document, valid_study_name
+from ablate.study.designs import SearchSpec, StudySpec, SuiteSpec, from_document
+from ablate.study.interface import NAME_RULE, valid_study_name
 
 STUDY_DIRS = (
     Path("studies"),  # the working directory's own

@@ -4,30 +4,24 @@ NaN or inf never reaches MLflow: non-finite values are left out of the batch and
 ``diverged`` tag instead. Metrics are sent in one batched call per epoch; when epochs are shorter
 than ``flush_seconds`` consecutive epochs share a call, so logging stays a small fraction of
 training time on tiny models. Everything buffered is sent before a run ends, however it ends.
-
-In a SQLite or PostgreSQL store the metric rows go into MLflow's own tables in one multi-row
-INSERT (its SQLAlchemy models, inside its managed session), with the run's latest values upserted
-as MLflow keeps them: the same rows ``log_batch`` writes, at a tenth of the cost per row, because
-MLflow's ORM path builds and flushes one object per value. Anything unusual (a run not active, a row
-already stored, another store) goes through ``log_batch``.
+The store is checked (``store``) before MLflow is imported; metric rows go through ``batches``.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import subprocess
-import time
 from collections.abc import Iterator, Mapping, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Any
 
 from ablate.errors import AblateError
-from ablate.stores import in_memory, mask_url, resolve_tracking_uri, split_credentials
+from ablate.stores import mask_url, resolve_tracking_uri
+from ablate.tracking.batches import MetricBatch, insert_metrics, sql_store
+from ablate.tracking.store import check_store, create_whole, first_line, first_use_lock
 
 # MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
 # on machines without internet access; a run's tracking needs no telemetry.
@@ -67,15 +61,15 @@ class Tracker:
 
         _quiet_mlflow()
         try:
-            with _first_use_lock(self.uri):
-                _create_whole(self.uri)
+            with first_use_lock(self.uri):
+                create_whole(self.uri)
                 self.client = MlflowClient(tracking_uri=self.uri)
-                self._sql = _sql_store(self.client)
+                self._sql = sql_store(self.client)
         except AblateError:
             raise
         except Exception as e:
             raise AblateError(
-                f"cannot open the MLflow store {self._shown}: {_first_line(mask_url(str(e)))}"
+                f"cannot open the MLflow store {self._shown}: {first_line(mask_url(str(e)))}"
             ) from None
 
     @property
@@ -98,7 +92,7 @@ class Tracker:
                 return str(exp.experiment_id)
             raise AblateError(
                 f"MLflow store {self.shown_uri}: cannot create experiment {name!r}: "
-                f"{_first_line(mask_url(str(e)))}"
+                f"{first_line(mask_url(str(e)))}"
             ) from None
         except Exception as e:
             raise AblateError(
@@ -165,7 +159,7 @@ class Tracker:
             import sqlalchemy as sa
 
             try:
-                if _insert_metrics(self._sql, run_id, metrics):
+                if insert_metrics(self._sql, run_id, metrics):
                     return
             except Exception as e:  # MLflow's own path decides; one that will fail again (a changed schema) ends ours
                 if not isinstance(e.__cause__ or e, sa.exc.OperationalError) or "no such" in str(e):
@@ -244,397 +238,6 @@ class Tracker:
             self.end_run(run_id, "FAILED")
             raise
         self.end_run(run_id, "FINISHED")
-
-
-@contextmanager
-def _first_use_lock(uri: str) -> Iterator[None]:
-    """Serialise opening a SQLite MLflow store between processes: the first one creates its schema.
-
-    Two processes that open a new store at once would both run MLflow's migrations and one of them
-    fail ('table ... already exists'); an exclusive lock on a file beside the database prevents that.
-    """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.endswith(":memory:"):
-        yield
-        return
-    import fcntl
-
-    db = Path(uri[len(prefix):].split("?", 1)[0])
-    db.parent.mkdir(parents=True, exist_ok=True)
-    with open(db.with_name(db.name + ".lock"), "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
-def _create_whole(uri: str) -> None:
-    """A new SQLite store appears whole or not at all: MLflow's schema is migrated in a file beside it, which is then
-    renamed into place (Ctrl-C or kill -9 during a first migration left a store every later command refused). A
-    store left half-created by an older version is explained in one line with the command that clears it."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or in_memory(uri):
-        return
-    db = Path(uri[len(prefix):].split("?", 1)[0])
-    if db.exists():
-        _refuse_half_created(db, uri)
-        return
-    from mlflow import MlflowClient
-
-    creating = db.with_name(f".{db.name}.{os.getpid()}-{time.monotonic_ns()}.creating")  # never a name reused
-    try:
-        store = MlflowClient(tracking_uri=f"{prefix}{creating}")._tracking_client.store  # migrates the schema
-        engine = getattr(store, "engine", None)
-        if engine is not None:
-            engine.dispose()  # closed before it moves
-        os.replace(creating, db)
-    finally:
-        creating.unlink(missing_ok=True)
-
-
-def _refuse_half_created(db: Path, uri: str) -> None:
-    import sqlite3
-    from urllib.parse import quote
-
-    try:
-        con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=0.5)
-        try:
-            names = {row[0] for row in con.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
-            runs = con.execute("SELECT COUNT(*) FROM runs").fetchone()[0] if "runs" in names else 0
-        finally:
-            con.close()
-    except sqlite3.Error:
-        return  # MLflow says what is wrong with it
-    if any(name.startswith("_alembic_tmp_") for name in names):
-        fix = f"remove it (rm {db}) and run the command again" if runs == 0 else \
-            f"run `mlflow db upgrade {uri}` to finish it"
-        raise AblateError(f"the MLflow store {mask_url(uri)} was left half-created (a command was stopped during "
-                          f"its schema migration) and holds {runs} run(s); {fix}")
-
-
-DATABASE_SCHEMES = ("sqlite", "postgresql", "mysql", "mssql")
-"""URI schemes of MLflow's SQL store (MLflow retries a failed connection for about 100 s)."""
-
-CONNECT_TIMEOUT = 5.0
-"""Seconds a store check waits for a database or a tracking server before it gives up."""
-
-API_PROBE = "/api/2.0/mlflow/experiments/search?max_results=1"
-"""The MLflow REST call that tells a tracking server from any other web server."""
-
-
-def check_uri(uri: str) -> str:
-    """The scheme of a tracking URI ('' for a folder) that ablate can log to and keep, else one AblateError; looks
-    at the URI only (no connection, no import), so a mistake answers at once."""
-    scheme = uri.partition("://")[0].split("+")[0].lower() if "://" in uri else ""
-    local = not scheme and ("/" in uri or uri.startswith("."))  # a folder: MLflow's file store
-    if (scheme not in ("http", "https", "file", *DATABASE_SCHEMES) and not local) or in_memory(uri):
-        raise AblateError(
-            f"tracking URI {mask_url(uri)}: not a store ablate can log to and keep; give a SQLite file "
-            "(sqlite:///mlflow.db), a database (postgresql://user@host/db), an MLflow tracking server "
-            "(http://host:5000) or a folder (file:///path/to/mlruns)")
-    return scheme
-
-
-def check_store(uri: str, timeout: float = CONNECT_TIMEOUT, *, writable: bool = True) -> str:
-    """Check that an MLflow store answers (and takes writes), within seconds; returns the URI MLflow is given.
-
-    A tracking server's ``user:password@`` moves into MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD
-    (of this process and the processes it starts): MLflow reads credentials from there, not from the URL.
-    Every failure is one AblateError with the password masked.
-    """
-    scheme = check_uri(uri)
-    if scheme in ("http", "https"):
-        bare, user, password = split_credentials(uri)
-        if user is not None:
-            os.environ["MLFLOW_TRACKING_USERNAME"] = user
-        if password is not None:
-            os.environ["MLFLOW_TRACKING_PASSWORD"] = password
-        _check_server(bare, mask_url(uri), timeout)
-        return bare
-    if scheme == "sqlite":
-        _check_sqlite(uri, timeout, writable)
-    elif scheme in DATABASE_SCHEMES:
-        _check_database(uri, timeout, writable)
-    return uri
-
-
-def _check_server(uri: str, shown: str, timeout: float) -> None:
-    """Fail fast on a tracking server that is unreachable, refuses us, or is no MLflow server."""
-    import base64
-    import ssl
-    import urllib.error
-    import urllib.request
-
-    request = urllib.request.Request(uri.rstrip("/") + API_PROBE, headers={"Accept": "application/json"})
-    user, password = os.environ.get("MLFLOW_TRACKING_USERNAME"), os.environ.get("MLFLOW_TRACKING_PASSWORD")
-    token = os.environ.get("MLFLOW_TRACKING_TOKEN")
-    if user and password:
-        pair = base64.b64encode(f"{user}:{password}".encode()).decode()
-        request.add_header("Authorization", f"Basic {pair}")
-    elif token:
-        request.add_header("Authorization", f"Bearer {token}")
-    context = None
-    if uri.startswith("https://"):
-        if os.environ.get("MLFLOW_TRACKING_INSECURE_TLS", "").lower() in ("true", "1"):
-            context = ssl._create_unverified_context()
-        else:
-            context = ssl.create_default_context(cafile=os.environ.get("MLFLOW_TRACKING_SERVER_CERT_PATH"))
-    fix = "check the URL: it is the address `mlflow server` prints, e.g. http://host:5000"
-    try:
-        with urllib.request.urlopen(request, timeout=timeout, context=context) as response:
-            body = response.read(1 << 20)
-    except urllib.error.HTTPError as e:
-        if e.code in (401, 403):
-            raise AblateError(
-                f"the MLflow tracking server {shown} refused access (HTTP {e.code}); give user:password@ in "
-                "the URL or set MLFLOW_TRACKING_USERNAME and MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN)"
-            ) from None
-        if e.code < 500:
-            raise AblateError(
-                f"{shown} answers HTTP but is not an MLflow tracking server (HTTP {e.code} on "
-                f"{API_PROBE.partition('?')[0]}); {fix}") from None
-        said = _server_message(e)
-        raise AblateError(
-            f"the MLflow tracking server {shown} fails (HTTP {e.code} on {API_PROBE.partition('?')[0]}"
-            f"{': ' + said if said else ''}); see the server's log") from None
-    except (OSError, ValueError) as e:
-        why = str(getattr(e, "reason", e))
-    else:
-        try:
-            answer = json.loads(body)
-        except ValueError:
-            answer = None
-        if isinstance(answer, dict):
-            return
-        raise AblateError(f"{shown} answers HTTP but is not an MLflow tracking server (no JSON from "
-                          f"{API_PROBE.partition('?')[0]}); {fix}")
-    raise AblateError(
-        f"cannot reach the MLflow tracking server {shown} ({mask_url(why)}); "
-        "check the URL and that `mlflow server` is running there"
-    )
-
-
-def _server_message(error: Any) -> str:
-    """The ``message`` of an MLflow error response, masked and on one line ('' when there is none)."""
-    try:
-        message = json.loads(error.read(1 << 16)).get("message", "")
-    except Exception:
-        return ""
-    return _first_line(mask_url(str(message)))[:200] if message else ""
-
-
-def _check_sqlite(uri: str, timeout: float, writable: bool) -> None:
-    """A SQLite store's folder must take new files and its database, if there is one, writes (or reads)."""
-    import sqlite3
-    import tempfile
-    from urllib.parse import quote
-
-    path = uri.partition(":///")[2].split("?", 1)[0]
-    if not path or path == ":memory:":
-        return
-    db = Path(path)
-    where = f"the MLflow store {uri}"
-    if db.exists() and not writable:
-        try:
-            con = sqlite3.connect(f"file:{quote(str(db))}?mode=ro", uri=True, timeout=min(timeout, 0.5))
-            try:
-                con.execute("PRAGMA schema_version")
-            finally:
-                con.close()
-        except sqlite3.Error as e:
-            raise AblateError(f"{where}: cannot read {db} ({e}); point --tracking-uri at an MLflow SQLite "
-                              "database") from None
-        return
-    try:
-        db.parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=db.parent, prefix=".ablate-write-check-"):
-            pass
-    except OSError as e:
-        raise AblateError(f"{where}: cannot write in its folder {db.parent} ({e.strerror or e}); "
-                          "choose a writable place with --tracking-uri sqlite:///PATH/mlflow.db") from None
-    if not db.exists():
-        return
-    try:
-        # A short busy timeout: a store another process is writing to is a writable store.
-        con = sqlite3.connect(f"file:{quote(str(db))}?mode=rw", uri=True, timeout=min(timeout, 0.5))
-        try:
-            con.execute("BEGIN IMMEDIATE")
-            con.execute("ROLLBACK")
-        finally:
-            con.close()
-    except sqlite3.Error as e:
-        if "locked" in str(e):  # another process is writing: the store works
-            return
-        fix = ("make the file writable or choose another --tracking-uri" if "readonly" in str(e) else
-               "point --tracking-uri at an MLflow SQLite database, or at a new file")
-        raise AblateError(f"{where}: cannot write to {db} ({e}); {fix}") from None
-
-
-def _check_database(uri: str, timeout: float, writable: bool) -> None:
-    """A database server must accept a connection within ``timeout`` seconds (and, PostgreSQL, writes)."""
-    import sqlalchemy
-
-    scheme = uri.partition("://")[0].split("+")[0].lower()
-    connect_args: dict[str, Any] = {}
-    if scheme in ("postgresql", "mysql"):
-        connect_args["connect_timeout"] = max(1, int(timeout))
-    shown = mask_url(uri)
-    try:
-        engine = sqlalchemy.create_engine(uri, connect_args=connect_args, poolclass=sqlalchemy.pool.NullPool)
-    except ImportError as e:
-        raise AblateError(f"the MLflow store {shown} needs a database driver: {e}; install it "
-                          "(for PostgreSQL: pip install 'ablate[postgres]')") from None
-    except Exception as e:
-        raise AblateError(f"the MLflow store {shown} is not a database URL SQLAlchemy reads "
-                          f"({_first_line(mask_url(str(e)))})") from None
-    try:
-        with engine.connect() as con:
-            read_only = writable and scheme == "postgresql" and \
-                con.execute(sqlalchemy.text("SHOW transaction_read_only")).scalar() == "on"
-            if read_only:
-                raise AblateError(f"the MLflow store {shown} is read-only (transaction_read_only = on); "
-                                  "connect to the primary server or as a user that may write")
-    except AblateError:
-        raise
-    except Exception as e:
-        raise AblateError(f"cannot reach the MLflow store {shown}: {_first_line(mask_url(str(e)))}; check the host, "
-                          "port, database name and password, and that the server is running") from None
-    finally:
-        engine.dispose()
-
-
-def _first_line(text: str) -> str:
-    text = text.strip()
-    return text.splitlines()[0] if text else "(no message)"
-
-
-class MetricBatch:
-    """Per-epoch metrics for one run, sent in batches at most every ``flush_seconds``.
-
-    With ``background=True`` a batch is written by one background thread while training goes
-    on (in order; ``close`` waits for all of them and raises the first error); the runs of an
-    array share one such thread by passing it as ``background``.
-    """
-
-    def __init__(self, tracker: Tracker, run_id: str, flush_seconds: float = 2.0,
-                 background: bool | ThreadPoolExecutor = False):
-        self.tracker = tracker
-        self.run_id = run_id
-        self.flush_seconds = flush_seconds
-        self._pending: list[Any] = []
-        self._last = time.monotonic()
-        self.nonfinite: dict[str, int] = {}
-        self._own = background is True
-        self._writer = (background if isinstance(background, ThreadPoolExecutor) else
-                        ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics") if background else None)
-        self._sent: list[Future[None]] = []
-
-    def add(self, metrics: Mapping[str, float], step: int) -> list[str]:
-        """Queue one step's finite metrics; returns the non-finite keys (never sent)."""
-        from mlflow.entities import Metric
-
-        now = int(time.time() * 1000)
-        skipped = []
-        for key, value in metrics.items():
-            v = float(value)
-            if math.isfinite(v):
-                self._pending.append(Metric(key, v, now, step))
-            else:
-                skipped.append(key)
-                self.nonfinite.setdefault(key, step)
-        if time.monotonic() - self._last >= self.flush_seconds:
-            self.flush()
-        return skipped
-
-    def flush(self) -> None:
-        """Send everything queued (in the background thread, if there is one)."""
-        pending, self._pending = self._pending, []
-        self._last = time.monotonic()
-        if not pending:
-            return
-        if self._writer is None:
-            self._send(pending)
-        else:
-            self._sent = [f for f in self._sent if not f.done() or f.exception() is not None]
-            self._sent.append(self._writer.submit(self._send, pending))
-
-    def _send(self, metrics: list[Any]) -> None:
-        self.tracker.write_metrics(self.run_id, metrics)
-
-    def close(self) -> None:
-        """Send what is queued and wait until everything has been written."""
-        self.flush()
-        if self._writer is not None:
-            try:
-                for f in self._sent:
-                    f.result()
-            finally:
-                if self._own:
-                    self._writer.shutdown(wait=True)
-                self._sent = []
-
-
-_UPSERT_DIALECTS = ("sqlite", "postgresql")
-
-
-def _sql_store(client: Any) -> Any | None:
-    """MLflow's SQLAlchemy store behind a client when its database takes our upsert (SQLite, PostgreSQL), else None."""
-    try:
-        from mlflow.store.tracking.sqlalchemy_store import SqlAlchemyStore
-
-        store = getattr(getattr(client, "_tracking_client", None), "store", None)
-        if isinstance(store, SqlAlchemyStore) and store.engine.dialect.name in _UPSERT_DIALECTS:
-            return store
-    except Exception:  # an MLflow that keeps its store elsewhere: log_batch for every row
-        pass
-    return None
-
-
-def _insert_metrics(store: Any, run_id: str, metrics: Sequence[Any]) -> bool:
-    """Insert finite metric rows of an active run into MLflow's ``metrics`` table and keep ``latest_metrics``
-    as MLflow does (a key's row is replaced by a strictly later (step, timestamp, value)); all or nothing.
-
-    Returns False, having written nothing, where ``log_batch`` must decide: a non-finite value, a run
-    that is not active or not there, or a row already stored (MLflow skips those).
-    """
-    import sqlalchemy as sa
-    from mlflow.store.tracking.dbmodels.models import SqlLatestMetric, SqlMetric, SqlRun
-
-    if not metrics or not all(math.isfinite(m.value) for m in metrics):
-        return not metrics
-    rows: list[dict[str, Any]] = []
-    latest: dict[str, dict[str, Any]] = {}
-    for m in metrics:
-        row = {"key": m.key, "value": float(m.value), "timestamp": int(m.timestamp), "step": int(m.step),
-               "is_nan": False, "run_uuid": run_id}
-        rows.append(row)
-        old = latest.get(m.key)
-        if old is None or (row["step"], row["timestamp"], row["value"]) > (old["step"], old["timestamp"], old["value"]):
-            latest[m.key] = row
-    from sqlalchemy.dialects import postgresql, sqlite
-
-    table = SqlLatestMetric.__table__
-    dialect = sqlite if store.engine.dialect.name == "sqlite" else postgresql
-    insert: Any = dialect.insert(table)
-    new = insert.excluded
-    upsert = insert.on_conflict_do_update(
-        index_elements=[table.c.key, table.c.run_uuid],
-        set_={"value": new.value, "timestamp": new.timestamp, "step": new.step, "is_nan": new.is_nan},
-        where=sa.tuple_(new.step, new.timestamp, new.value) > sa.tuple_(table.c.step, table.c.timestamp, table.c.value),
-    )
-    try:
-        with store.ManagedSessionMaker(read_only=False) as session:
-            stage = session.execute(sa.select(SqlRun.lifecycle_stage).where(SqlRun.run_uuid == run_id)).scalar()
-            if stage != "active":
-                return False
-            session.execute(sa.insert(SqlMetric.__table__), rows)
-            session.execute(upsert, [latest[k] for k in sorted(latest)])  # one lock order for every writer
-    except Exception as e:
-        if isinstance(e.__cause__, sa.exc.IntegrityError) or isinstance(e, sa.exc.IntegrityError):
-            return False  # rolled back; MLflow skips the rows it already has
-        raise
-    return True
 
 
 def _param_text(v: Any) -> str:

@@ -18,10 +18,11 @@ from torch import nn
 
 from ablate.specs import RunSpec, StabilitySpec
 from ablate.tracking import checkpoints
-from ablate.tracking.client import MetricBatch, Tracker, environment_tags
+from ablate.tracking.batches import MetricBatch
+from ablate.tracking.client import Tracker, environment_tags
 from ablate.training import stability
-from ablate.training.data import load_split, split_fingerprint
 from ablate.training.selection import Best, EpochResult
+from ablate.training.splits import load_split, split_fingerprint
 from ablate.training.stability import Instability
 from ablate.training.trainer import Member, Trainer
 
@@ -44,7 +45,7 @@ class RunOutcome:
     stopped_early_at: int | None = None
     """The epoch after which early stopping ended the run (``patience``)."""
     split: str = ""
-    """How the run's pairs were split (``data.Split.how``)."""
+    """How the run's pairs were split (``splits.Split.how``)."""
     error: str | None = None
     """Why the run failed (its loss raised or returned no usable value); such a run ends FAILED."""
 

@@ -57,8 +57,8 @@ def choose(run: RunSpec, waiting: int, array: int | None) -> ArrayChoice:
 def _measure(run: RunSpec, waiting: int) -> ArrayChoice:
     import torch
 
-    from ablate.training.data import load_split
     from ablate.training.devices import amp_for, resolve_device
+    from ablate.training.splits import load_split
     device = resolve_device(run.device)
     if amp_for(device, run.amp).scaler is not None:
         return ArrayChoice(1, "float16 with a gradient scaler: members train alone")

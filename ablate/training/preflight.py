@@ -9,9 +9,9 @@ import torch
 
 from ablate.errors import AblateError
 from ablate.specs import SHAPING_FIELDS, RunSpec
-from ablate.training.data import Split, load_split
 from ablate.training.devices import free_bytes, resolve_device
 from ablate.training.models import build_model, check_size
+from ablate.training.splits import Split, load_split
 
 
 def fusion_key(spec: RunSpec) -> Hashable:

@@ -33,7 +33,7 @@ from torch import Tensor, nn
 from ablate import losses as loss_registry
 from ablate.losses._members import MemberLosses
 from ablate.specs import RunSpec
-from ablate.training.data import PairedEmbeddings, load_split
+from ablate.training.data import PairedEmbeddings
 from ablate.training.devices import amp_for, free_bytes, resolve_device, threads_for, use_threads
 from ablate.training.gradcache import grad_cache
 from ablate.training.models import Dropout, Fusion, MemberModels, ProjectionHead, SelectedModel, build_model, check_size
@@ -42,6 +42,7 @@ from ablate.training.preflight import check_batch, fusion_key
 from ablate.training.scoring import embed, score, widen
 from ablate.training.selection import Best, EpochResult, patience_over
 from ablate.training.snapshots import NOISE_SEED, capture, kept, restore, write_state
+from ablate.training.splits import load_split
 
 INBATCH_FLUSH = 64
 """Steps whose representations are scored together for train/inbatch_top1."""
