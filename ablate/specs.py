@@ -1,4 +1,4 @@
-"""The vocabulary of a run: metric keys and the validated specs of a training run. Defaults live here.
+"""The validated specs of a training run; every default lives here (the metric keys: ``ablate.vocabulary``).
 
 A study file, ``ablate train``'s flags and ``--set`` all end up in a ``RunSpec``; the study kinds
 that hold runs are in ``ablate.study.designs``. A mistake in any spec becomes one ``AblateError`` that names
@@ -18,74 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from ablate import losses
 from ablate.errors import AblateError
+from ablate.vocabulary import MetricKey
 
 DEFAULT_EXPERIMENT = "ablate"
 """The MLflow experiment of ``ablate train`` runs."""
-
-MetricKey = Literal[
-    "train/loss",
-    "train/inbatch_top1",
-    "val/loss",
-    "val/cosine",
-    "val/top1",
-    "val/top5",
-    "val/top10",
-    "val/mrr",
-    "val/median_rank",
-    "val/ef0.5",
-    "val/ef1",
-    "val/ef2",
-    "val/ef5",
-    "val/bedroc",
-    "val/auroc",
-]
-"""The metrics a run is selected, stopped, pruned and searched by: training and validation, never test."""
-METRIC_KEYS: tuple[str, ...] = MetricKey.__args__  # type: ignore[attr-defined]
-
-TestKey = Literal[
-    "test/loss",
-    "test/cosine",
-    "test/top1",
-    "test/top5",
-    "test/top10",
-    "test/mrr",
-    "test/median_rank",
-    "test/ef0.5",
-    "test/ef1",
-    "test/ef2",
-    "test/ef5",
-    "test/bedroc",
-    "test/auroc",
-]
-"""The test metrics: each run's validation-selected model scored once on the test split (one value per run)."""
-TEST_KEYS: tuple[str, ...] = TestKey.__args__  # type: ignore[attr-defined]
-
-ReportKey = Literal[MetricKey, TestKey]
-"""What a suite's headline and a claim may name: any metric, test metrics included."""
-
-LOWER_IS_BETTER = frozenset({"train/loss", "val/loss", "val/median_rank", "test/loss", "test/median_rank"})
-
-SUMMARY_METRICS: tuple[str, ...] = ("val/cosine", "val/top1", "val/top5", "val/top10", "val/mrr")
-"""The retrieval metrics a suite compares across experiments."""
-
-SCREENING_METRICS: tuple[str, ...] = ("val/ef1", "val/ef5", "val/bedroc", "val/auroc")
-"""The virtual-screening metrics a suite compares (every pocket screens the validation ligands)."""
-
-
-def is_test(key: str) -> bool:
-    """Whether a metric is measured on the test split."""
-    return key.startswith("test/")
-
-
-def on_split(key: str, split: Literal["val", "test"]) -> str:
-    """The same metric measured on another split: ``on_split("test/top1", "val")`` is ``"val/top1"``."""
-    return f"{split}/{key.split('/', 1)[1]}" if key.startswith(("val/", "test/")) else key
-
-
-def better(key: str) -> Literal["maximize", "minimize"]:
-    """Whether a larger or a smaller value of a metric is better."""
-    return "minimize" if key in LOWER_IS_BETTER else "maximize"
-
 
 # --------------------------------------------------------------------------------------
 # Run specs

@@ -30,9 +30,9 @@ from scipy import stats as sps
 
 from ablate.report import stats
 from ablate.report.compare import collect, report_metrics
-from ablate.specs import better, on_split
 from ablate.study import studies
 from ablate.study.designs import SuiteSpec
+from ablate.vocabulary import better, on_split
 
 SUITE = "baseline-vs-multistage"
 

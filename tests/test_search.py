@@ -99,7 +99,7 @@ def test_unstable_trials_are_pruned_with_the_rule_recorded(workdir, monkeypatch,
         assert t.user_attrs["pruned_by"]["rule"] == "loss_ceiling"
         assert t.user_attrs["epochs_trained"] <= 4
         run = client.get_run(t.user_attrs["mlflow_run_id"])
-        assert run.data.tags["ablate.pruned_by"] == "loss_ceiling"
+        assert run.data.tags["ablate.stopped_by"] == "loss_ceiling" and "ablate.pruned_by" not in run.data.tags
         assert run.data.tags["ablate.state"] == "PRUNED"
     code, out, err = run_cli(["studies", "show", ref.name], monkeypatch, capsys)
     assert "PRUNED" in out and "above the ceiling" in out

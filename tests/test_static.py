@@ -106,3 +106,20 @@ def test_a_model_pickled_under_a_modules_old_path_still_loads():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == ["ablate.training.models", "Dropout", "0.25"]
+
+
+def test_metric_keys_and_mlflow_tags_are_spelled_only_by_the_vocabulary():
+    from ablate import vocabulary
+
+    known = {*vocabulary.METRIC_KEYS, *vocabulary.TEST_KEYS,
+             *(f"{split}/{name}" for split in ("val", "test") for name in vocabulary.EMBEDDING_DIAGNOSTICS)}
+    tags = {str(t) for t in vocabulary.Tag}
+    unknown, spelled = [], []
+    for path in sorted((ROOT / "ablate").rglob("*.py")):
+        text = path.read_text()
+        unknown += [f"{path.name}: {k}" for k in re.findall(r"\"((?:train|val|test)/[a-z0-9_.]+)\"", text)
+                    if k not in known]
+        if path.name != "vocabulary.py":
+            spelled += [f"{path.name}: {t}" for t in re.findall(r"\"(ablate\.[a-z_]+)\"", text) if t in tags]
+    assert not unknown, unknown
+    assert not spelled, spelled

@@ -11,12 +11,12 @@ from support import tiny_run
 from ablate.errors import AblateError
 from ablate.losses import CombinedLoss, InfoNCELoss, SupervisedContrastiveLoss
 from ablate.metrics import compute_retrieval_metrics
-from ablate.specs import METRIC_KEYS
 from ablate.training.devices import resolve_device
 from ablate.training.gradcache import grad_cache
 from ablate.training.models import ProjectionHead
 from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
+from ablate.vocabulary import METRIC_KEYS
 
 
 def _history(spec):

@@ -11,7 +11,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 from rich.text import Text
 
-from ablate import specs
+from ablate import specs, vocabulary
 from ablate.cli.app import (
     SetOpt,
     TrackingOpt,
@@ -149,9 +149,9 @@ def train(
     title = f"{run.loss}: {len(outcome.history)} epochs; {selected} ({split.how})"
     columns = ("metric", "final epoch", "selected epoch", "test, selected model")
     rows = []
-    for key in ("train/loss", "val/loss", *specs.SUMMARY_METRICS, "val/median_rank"):
+    for key in ("train/loss", "val/loss", *vocabulary.SUMMARY_METRICS, "val/median_rank"):
         if key in outcome.final:
-            cells = [outcome.final[key], outcome.selected.get(key), outcome.test.get(specs.on_split(key, "test"))]
+            cells = [outcome.final[key], outcome.selected.get(key), outcome.test.get(vocabulary.on_split(key, "test"))]
             name = "train loss" if key == "train/loss" else key.split("/", 1)[1]
             rows.append([name, *("" if v is None else f"{v:.4f}" for v in cells)])
     if live:

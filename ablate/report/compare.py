@@ -19,10 +19,10 @@ from optuna.trial import TrialState
 
 from ablate.report import stats
 from ablate.report.stats import Comparison, Summary
-from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS, better, is_test, on_split
 from ablate.study import records, studies
 from ablate.study.designs import StudySpec, SuiteSpec
 from ablate.study.records import TrialRecord
+from ablate.vocabulary import SCREENING_METRICS, SUMMARY_METRICS, Outcome, better, is_test, on_split
 
 ALPHA = 0.05
 AT = ("final", "selected")
@@ -330,18 +330,18 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
             waiting += 1
             continue
         note = rec.note
-        if rec.state == "FAIL" and not note:
+        if rec.state == Outcome.FAIL and not note:
             note = "the worker stopped sending heartbeats (it died or lost the database)"
         if rec.number in retried_as:
             note += f"; retried as #{retried_as[rec.number]}"
-        rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != "FAIL" else None,
+        rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != Outcome.FAIL else None,
                              rec.epochs, note, dict(t.params), rec.test))
-    complete = [r for r in rows if r.state == "COMPLETE" and r.value is not None]
+    complete = [r for r in rows if r.state == Outcome.COMPLETE and r.value is not None]
     best = None
     chooses = not is_test(metric)  # a suite's test headline is reported, never used to pick a trial
     if complete and chooses:
         best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0)
-    finished = [r.value for r in rows if r.state in ("COMPLETE", "PRUNED") and r.value is not None]
+    finished = [r.value for r in rows if r.state in (Outcome.COMPLETE, Outcome.PRUNED) and r.value is not None]
     return SearchSummary(
         metric, rows, studies.counts(study), best, _importances(study) if spec.searches else {},
         stats.expected_max([v for v in finished if v is not None], maximize) if chooses else [], waiting,

@@ -11,6 +11,7 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 
 from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
+from ablate.vocabulary import Outcome
 
 
 class StudyDisplay:
@@ -47,9 +48,9 @@ class StudyDisplay:
                 self.progress.console.print(f"  {event.message}")
             elif isinstance(event, TrialEnded) and event.trial in self.running:
                 self.progress.remove_task(self.running.pop(event.trial))
-                if event.state in ("COMPLETE", "PRUNED"):
+                if event.state in (Outcome.COMPLETE, Outcome.PRUNED):
                     self.done += 1
-                if event.state != "COMPLETE":
+                if event.state != Outcome.COMPLETE:
                     self.progress.console.print(f"  #{event.trial} {event.label}: {event.state}"
                                                 + (f" ({event.reason})" if event.reason else ""))
             self._refresh()
@@ -82,7 +83,7 @@ class LogLines:
                 self.write(event.message)
             elif isinstance(event, TrialEnded):
                 began = self.started.pop(event.trial, (time.monotonic(), 0, event.label))[0]
-                if event.state in ("COMPLETE", "PRUNED"):
+                if event.state in (Outcome.COMPLETE, Outcome.PRUNED):
                     self.done += 1
                 value = f", last value {_num(event.value, 4)}" if event.value is not None else ""
                 why = f": {event.reason}" if event.reason else ""

@@ -18,6 +18,7 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 
 from ablate.report import stats
+from ablate.vocabulary import Outcome
 
 if TYPE_CHECKING:
     from matplotlib.axes import Axes
@@ -181,7 +182,7 @@ def _drawn(trials: Sequence[dict[str, Any]]) -> list[_Trial]:
     out = []
     for t in trials:
         v = t.get("value")
-        if t.get("state") in ("COMPLETE", "PRUNED") and v is not None and _is_number(v):
+        if t.get("state") in (Outcome.COMPLETE, Outcome.PRUNED) and v is not None and _is_number(v):
             out.append(_Trial(t["state"], float(v), dict(t.get("params") or {})))
     return out
 
@@ -204,7 +205,7 @@ def search_plots(trials: Sequence[dict[str, Any]], params: dict[str, bool], obje
     """
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = _drawn(trials)
-    complete = [t for t in drawn if t.state == "COMPLETE"]
+    complete = [t for t in drawn if t.state == Outcome.COMPLETE]
     best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
     written = []
     for name, log in params.items():
@@ -254,8 +255,8 @@ def _param_panel(ax: Axes, name: str, log: bool, trials: Sequence[_Trial], best:
         def x_of(v: Any) -> float:
             return float(v)
 
-    complete = [t for t in trials if t.state == "COMPLETE"]
-    pruned = [t for t in trials if t.state == "PRUNED"]
+    complete = [t for t in trials if t.state == Outcome.COMPLETE]
+    pruned = [t for t in trials if t.state == Outcome.PRUNED]
     if complete:
         ax.scatter([x_of(t.params[name]) for t in complete], [t.value for t in complete], s=28, alpha=0.8,
                    color="C0", gid="complete", label=f"complete ({len(complete)})")

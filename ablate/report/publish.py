@@ -16,9 +16,9 @@ from ablate.errors import AblateError
 from ablate.report.compare import SearchSummary, SuiteReport
 from ablate.report.plots import search_plots, suite_curves
 from ablate.report.render import markdown, verdict
-from ablate.specs import SCREENING_METRICS, SUMMARY_METRICS
 from ablate.study.designs import SearchSpec
 from ablate.tracking.client import Tracker
+from ablate.vocabulary import SCREENING_METRICS, SUMMARY_METRICS, Tag
 
 
 def curve_keys(report: SuiteReport) -> list[str]:
@@ -105,7 +105,7 @@ def publish(report: SuiteReport, tracker: Tracker, parent_run_id: str, files: Se
     tracker.log_metrics(parent_run_id, {f"{e}/{objective}": report.row(e, objective, report.headline_at).summary.mean
                                         for e in report.spec.experiments})
     tracker.set_tags(parent_run_id, {
-        "ablate.winner": report.winner,
+        Tag.WINNER: report.winner,
         "ablate.complete": str(report.complete).lower(),
         "mlflow.note.content": "\n".join(f"- {line}" for line in verdict(report)),
     })

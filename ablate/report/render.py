@@ -12,7 +12,7 @@ from rich import box
 from rich.table import Table
 
 from ablate.report.compare import Row, SearchSummary, SuiteReport, report_metrics
-from ablate.specs import SCREENING_METRICS, is_test, on_split
+from ablate.vocabulary import SCREENING_METRICS, is_test, on_split
 
 
 def _num(x: float, digits: int = 3) -> str:

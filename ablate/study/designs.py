@@ -13,23 +13,18 @@ from pydantic import AliasChoices, Field, ValidationError, field_validator, mode
 from ablate import losses
 from ablate.errors import AblateError
 from ablate.specs import (
-    METRIC_KEYS,
     RUN_FIELDS,
     SHAPING_FIELDS,
-    MetricKey,
-    ReportKey,
     RunSpec,
     StabilitySpec,
     _Strict,
     apply_values,
-    better,
-    is_test,
     loss_fields,
-    on_split,
     validate,
 )
 from ablate.study.interface import NAME_RULE, Assignment, Direction, StudyDesign, valid_study_name
 from ablate.study.space import LrScalingSpec, ParamSpec, PrunerSpec, SamplerSpec, field_kind
+from ablate.vocabulary import METRIC_KEYS, MetricKey, ReportKey, better, is_test, on_split
 
 if TYPE_CHECKING:
     import optuna

@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any, ClassVar, Literal, NamedTuple
 
 from pydantic import field_validator
 
-from ablate.specs import ReportKey, RunSpec, StabilitySpec, _Strict, better, on_split
+from ablate.specs import RunSpec, StabilitySpec, _Strict
+from ablate.vocabulary import ReportKey, better, on_split
 
 if TYPE_CHECKING:
     import optuna

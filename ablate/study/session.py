@@ -27,6 +27,7 @@ from ablate.study.studyfiles import safe_folder, spec_document
 from ablate.study.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
 from ablate.tracking.client import Tracker, environment_tags
 from ablate.tracking.store import check_store, check_uri
+from ablate.vocabulary import Outcome, Tag
 
 
 class StudySession:
@@ -142,7 +143,7 @@ class StudySession:
             except Exception:  # kept by a study whose MLflow store was another one
                 pass
         parent = tracker.start_run(self.experiment_id, study.study_name,
-                                   {"ablate.study": study.study_name, "ablate.kind": spec.kind,
+                                   {Tag.STUDY: study.study_name, Tag.KIND: spec.kind,
                                     **environment_tags()}, start_ms=studies.span_ms(study)[0])
         tracker.log_dict(parent, spec_document(spec), "study_spec.json")
         self._log_splits(parent)
@@ -182,7 +183,7 @@ class StudySession:
         """(trials finished, trials the study owes in all: its queue, finished or not)."""
         c = studies.counts(self.study)
         owed = sum(1 for t in studies.counted(self.study) if t.user_attrs.get(records.QUEUED))
-        return c.get("COMPLETE", 0) + c.get("PRUNED", 0), owed
+        return c.get(Outcome.COMPLETE, 0) + c.get(Outcome.PRUNED, 0), owed
 
     def check_trainable(self) -> None:
         """Refuse to train a study whose new trials would not be comparable with its finished ones."""

@@ -20,7 +20,7 @@ from optuna.storages import RDBStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from ablate.errors import AblateError
-from ablate.specs import RunSpec, is_test
+from ablate.specs import RunSpec
 from ablate.stores import Stores, mask_url
 from ablate.study import records, studies
 from ablate.study.designs import StudySpec
@@ -28,6 +28,7 @@ from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialStart
 from ablate.tracking.client import Tracker
 from ablate.training import stability
 from ablate.training.stability import Instability
+from ablate.vocabulary import Outcome, Tag, is_test
 
 if TYPE_CHECKING:  # the trainer (and torch) load only where a trial trains: `studies show` needs neither
     from ablate.tracking.runs import EpochHook, RunOutcome
@@ -258,7 +259,7 @@ def end_abandoned_runs(ctx: Context) -> None:
     except Exception:
         return
     for run in orphans:
-        trial = run.data.tags.get("ablate.trial")
+        trial = run.data.tags.get(Tag.TRIAL)
         if run.info.run_id in live or run.info.run_id == ctx.parent_run_id or trial is None \
                 or not trial.isdigit() or int(trial) in running:
             continue
@@ -271,8 +272,8 @@ def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:
     if not run_id:
         return
     try:
-        tracker.set_tags(run_id, {"ablate.state": "FAIL",
-                                  "ablate.stop_reason": "the worker stopped sending heartbeats"})
+        tracker.set_tags(run_id, {Tag.STATE: Outcome.FAIL,
+                                  Tag.STOP_REASON: "the worker stopped sending heartbeats"})
         tracker.end_run(run_id, "FAILED")
     except Exception:  # the run lives in another MLflow store; the trial is re-queued anyway
         pass
@@ -298,7 +299,7 @@ class _Objective:
             ended.add(k)
             out = outcomes.get(k)
             if out is not None:
-                ctx.tracker.set_tags(out.run_id, {"ablate.state": state})
+                ctx.tracker.set_tags(out.run_id, {Tag.STATE: state})
             last = out.final.get(spec.watched) if out is not None else None
             self.emit(TrialEnded(trials[k].number, assignments[k].label, state, reason, last))
 
@@ -313,20 +314,21 @@ class _Objective:
             if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
                 records.write_error(trial, outcome.error)
                 ctx.study.tell(trial, state=TrialState.FAIL)
-                end(k, "FAIL", outcome.error)
+                end(k, Outcome.FAIL, outcome.error)
             elif outcome.stopped is not None or value is None:
                 ctx.study.tell(trial, state=TrialState.PRUNED)
-                end(k, "PRUNED", outcome.stopped.message if outcome.stopped else f"{spec.objective} is not finite")
+                why = outcome.stopped.message if outcome.stopped else f"{spec.objective} is not finite"
+                end(k, Outcome.PRUNED, why)
             else:
                 ctx.study.tell(trial, value)
-                end(k, "COMPLETE", "")
+                end(k, Outcome.COMPLETE, "")
 
         def failed(reason: str) -> None:
             for k, t in enumerate(trials):
                 if k not in ended:
                     records.write_error(t, reason)
                     ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
-                    end(k, "FAIL", reason)
+                    end(k, Outcome.FAIL, reason)
 
         try:
             from ablate.tracking.runs import train_and_log_members
@@ -343,7 +345,7 @@ class _Objective:
             train_and_log_members(
                 trainer, ctx.tracker, ctx.experiment_id,
                 [spec.run_name(t.number, a.label) for t, a in zip(trials, assignments, strict=True)],
-                tags=[{"ablate.study": ctx.name, "ablate.trial": t.number,
+                tags=[{Tag.STUDY: ctx.name, Tag.TRIAL: t.number,
                        **{f"ablate.{k}": v for k, v in a.values.items()}}
                       for t, a in zip(trials, assignments, strict=True)],
                 parent_run_id=ctx.parent_run_id, on_start=on_start,
@@ -430,11 +432,6 @@ class _Objective:
                              best_epoch=outcome.best_run.epoch, epochs=len(outcome.history),
                              diverged=outcome.diverged, stop=outcome.stopped, floors=outcome.floors,
                              test=outcome.test, stopped_early_at=outcome.stopped_early_at, split=outcome.split)
-        if outcome.stopped is not None:
-            self.ctx.tracker.set_tags(outcome.run_id, {
-                "ablate.pruned_by": outcome.stopped.rule,
-                "ablate.pruned_reason": outcome.stopped.message,
-            })
 
     def _value(self, outcome: RunOutcome) -> float | None:
         spec = self.ctx.spec

@@ -22,6 +22,7 @@ from ablate.errors import AblateError
 from ablate.stores import mask_url, resolve_tracking_uri
 from ablate.tracking.batches import MetricBatch, insert_metrics, sql_store
 from ablate.tracking.store import check_store, create_whole, first_line, first_use_lock
+from ablate.vocabulary import Tag
 
 # MLflow's telemetry thread edits os.environ while requests reads it, which fails calls at random
 # on machines without internet access; a run's tracking needs no telemetry.
@@ -109,7 +110,7 @@ class Tracker:
         exp = self.client.get_experiment(experiment_id)
         if _GROUPED_VIEW_TAG not in exp.tags:
             self.client.set_experiment_tag(experiment_id, _GROUPED_VIEW_TAG, json.dumps({"groupBy": {
-                "aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": "ablate.experiment"}]}}))
+                "aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": Tag.EXPERIMENT}]}}))
 
     def start_run(
         self,
@@ -141,7 +142,7 @@ class Tracker:
         """Set tags (values stringified and masked)."""
         from mlflow.entities import RunTag
 
-        items = [RunTag(k, mask_url(str(v))[:PARAM_VALUE_LIMIT]) for k, v in tags.items()]
+        items = [RunTag(str(k), mask_url(str(v))[:PARAM_VALUE_LIMIT]) for k, v in tags.items()]
         if items:
             self.client.log_batch(run_id, tags=items)
 
@@ -285,7 +286,7 @@ def environment_tags() -> dict[str, str]:
     from ablate import __version__
 
     tags = {
-        "ablate.version": __version__,
+        Tag.VERSION: __version__,
         "torch.version": torch.__version__,
         "host": platform.node(),
         "pid": str(os.getpid()),

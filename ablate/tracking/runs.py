@@ -25,6 +25,7 @@ from ablate.training.selection import Best, EpochResult
 from ablate.training.splits import load_split, split_fingerprint
 from ablate.training.stability import Instability
 from ablate.training.trainer import Member, Trainer
+from ablate.vocabulary import Tag
 
 EpochHook = Callable[[EpochResult, list[dict[str, float]]], Instability | None]
 """Called after each epoch with its result and the run's history; a returned Instability stops the run."""
@@ -142,18 +143,18 @@ def train_and_log_members(
             run_id, state = resume[k]
             trainer.restore(k, state)
             tracker.set_status(run_id, "RUNNING")
-            tracker.set_tags(run_id, {"ablate.resumed_from_epoch": trainer.start_epoch})
+            tracker.set_tags(run_id, {Tag.RESUMED_FROM_EPOCH: trainer.start_epoch})
             outcomes.append(RunOutcome(run_id, list(state["history"]), member, split=how))
             logged[k] = max((m.step for m in tracker.client.get_metric_history(run_id, "train/loss")), default=-1)
             continue
-        run_tags = {
-            "ablate.loss": member.spec.loss,
-            "ablate.device": str(trainer.device),
-            "ablate.amp": trainer.amp.label,
-            "ablate.data": member.spec.data.source,
-            "ablate.data_fingerprint": fingerprint,
-            "ablate.split": how,
-            **({"ablate.array_size": len(members), "ablate.fusion": trainer.models.fusion} if len(members) > 1 else {}),
+        run_tags: dict[str, Any] = {
+            Tag.LOSS: member.spec.loss,
+            Tag.DEVICE: str(trainer.device),
+            Tag.AMP: trainer.amp.label,
+            Tag.DATA: member.spec.data.source,
+            Tag.DATA_FINGERPRINT: fingerprint,
+            Tag.SPLIT: how,
+            **({Tag.ARRAY_SIZE: len(members), Tag.FUSION: trainer.models.fusion} if len(members) > 1 else {}),
             **environment_tags(),
             **tags[k],
         }
@@ -250,19 +251,19 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn
     its test metrics (step = the selected epoch) and its selected ``model``."""
     batch.close()
     run_id, best = outcome.run_id, outcome.best_run
-    end_tags: dict[str, Any] = {"ablate.epochs_trained": len(outcome.history)}
+    end_tags: dict[str, Any] = {Tag.EPOCHS_TRAINED: len(outcome.history)}
     if batch.nonfinite:
-        end_tags["ablate.diverged"] = ", ".join(f"{k}@epoch{v}" for k, v in batch.nonfinite.items())
+        end_tags[Tag.DIVERGED] = ", ".join(f"{k}@epoch{v}" for k, v in batch.nonfinite.items())
     if outcome.stopped is not None:
-        end_tags["ablate.stopped_by"] = outcome.stopped.rule
-        end_tags["ablate.stop_reason"] = outcome.stopped.message
+        end_tags[Tag.STOPPED_BY] = outcome.stopped.rule
+        end_tags[Tag.STOP_REASON] = outcome.stopped.message
     if outcome.error is not None:
-        end_tags["ablate.stop_reason"] = outcome.error
+        end_tags[Tag.STOP_REASON] = outcome.error
     if outcome.stopped_early_at is not None:
-        end_tags["ablate.stopped_early_at"] = outcome.stopped_early_at
+        end_tags[Tag.STOPPED_EARLY_AT] = outcome.stopped_early_at
     if best.epoch >= 0:
-        end_tags["ablate.best_epoch"] = best.epoch
-        end_tags["ablate.selected_by"] = best.select
+        end_tags[Tag.BEST_EPOCH] = best.epoch
+        end_tags[Tag.SELECTED_BY] = best.select
     tracker.set_tags(run_id, end_tags)
     if outcome.floors:  # constant for the run: parameters, not per-epoch metrics
         tracker.log_params(run_id, {f"random {k}": round(v, 6) for k, v in outcome.floors.items()

@@ -12,8 +12,8 @@ from torch import Tensor, nn
 
 from ablate.losses._members import MemberLosses
 from ablate.metrics import retrieval_by_member, screening_by_member
-from ablate.specs import SCREENING_METRICS
 from ablate.training.data import PairedEmbeddings
+from ablate.vocabulary import SCREENING_METRICS
 
 
 @torch.no_grad()

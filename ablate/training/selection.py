@@ -8,7 +8,8 @@ from typing import Any
 
 from torch import Tensor
 
-from ablate.specs import RunSpec, better
+from ablate.specs import RunSpec
+from ablate.vocabulary import better
 
 
 @dataclass(frozen=True)
