@@ -941,3 +941,17 @@ def test_a_run_no_trial_recorded_is_ended_by_the_next_command(workdir, mlflow_te
     assert client.get_run(ctx.parent_run_id).info.status == "FINISHED"
     statuses = {r.info.status for r in client.search_runs([ctx.experiment_id])}
     assert "RUNNING" not in statuses
+
+
+def test_processes_opening_a_new_sqlite_storage_at_once_all_open_it(tmp_path):
+    """The first use of an optuna.db by several processes (a command and its workers, or a reader polling it):
+    one creates the schema, the others wait for it instead of failing on a half-created store."""
+    code = ("import sys; from ablate.study.studies import open_storage; "
+            "open_storage(sys.argv[1]); print('opened')")
+    for attempt in range(3):
+        url = f"sqlite:///{tmp_path / f'optuna{attempt}.db'}"
+        procs = [subprocess.Popen([sys.executable, "-c", code, url], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                  text=True) for _ in range(4)]
+        results = [p.communicate(timeout=120) for p in procs]
+        assert all(p.returncode == 0 and out.strip() == "opened" for p, (out, _) in zip(procs, results, strict=True)), \
+            [err.strip().splitlines()[-1:] for _, err in results]

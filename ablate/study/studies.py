@@ -61,13 +61,20 @@ def open_storage(
         {"connect_args": {"timeout": 120}} if url.startswith("sqlite") else {"pool_pre_ping": True}
     )
     try:
-        storage = RDBStorage(
-            url,
-            engine_kwargs=engine_kwargs,
-            heartbeat_interval=heartbeat_seconds,
-            grace_period=None if heartbeat_seconds is None else 3 * heartbeat_seconds,
-            heartbeat_stale_trial_callback=stale,
-        )
+        for attempt in range(_CREATE_ATTEMPTS):
+            try:
+                storage = RDBStorage(
+                    url,
+                    engine_kwargs=engine_kwargs,
+                    heartbeat_interval=heartbeat_seconds,
+                    grace_period=None if heartbeat_seconds is None else 3 * heartbeat_seconds,
+                    heartbeat_stale_trial_callback=stale,
+                )
+                break
+            except Exception as e:  # another process creating the same new store: open it once that one is done
+                if attempt == _CREATE_ATTEMPTS - 1 or not _creating_concurrently(e):
+                    raise
+                time.sleep(0.5 * (attempt + 1))
     except ImportError as e:
         raise AblateError(
             f"cannot open the Optuna storage {mask_url(url)}: its database driver is not installed "
@@ -82,6 +89,15 @@ def open_storage(
     if url.startswith("sqlite"):
         _serialize_sqlite(storage.engine)
     return storage
+
+
+_CREATE_ATTEMPTS = 5
+
+
+def _creating_concurrently(error: Exception) -> bool:
+    """Whether opening a store failed because another process was creating its schema at the same moment."""
+    text = str(error)
+    return "alembic_version" in text or ("already exists" in text and "table" in text)
 
 
 def _serialize_sqlite(engine: Engine) -> None:
