@@ -42,14 +42,14 @@ app.add_typer(studies_app, name="studies")
 console = Console(markup=False, soft_wrap=True)
 err_console = Console(stderr=True, markup=False, soft_wrap=True)
 
-_RUN = specs.RunSpec()
-
-
 def default_of(field: str) -> str:
-    """The default of a run field (dotted for nested ones), for help texts; defaults live in ablate.specs."""
-    value: Any = _RUN
+    """The default of a run field (dotted for nested ones), for help texts; defaults live in ablate.specs. Read
+    from the fields themselves: validating a whole RunSpec would import its loss (and torch) to print help."""
+    model: Any = specs.RunSpec
+    value: Any = None
     for part in field.split("."):
-        value = getattr(value, part)
+        value = model.model_fields[part].default
+        model = type(value)
     return str(value)
 
 

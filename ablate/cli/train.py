@@ -26,7 +26,10 @@ from ablate.losses import builtin_names
 from ablate.study import studyfiles
 
 if TYPE_CHECKING:
-    pass
+    from ablate.tracking.client import Tracker
+    from ablate.tracking.runs import RunOutcome
+    from ablate.training.selection import EpochResult
+    from ablate.training.trainer import Trainer
 
 
 # --------------------------------------------------------------------------------------
@@ -96,23 +99,40 @@ def train(
             raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
                               f"{save_best / 'best.pt'}")
         studyfiles.writable_folder(save_best.parent, f"--save-best {save_best}")
-    from ablate.study.launch import sigterm_as_interrupt
-    from ablate.tracking.client import SPLIT_FILE, Tracker, ui_hint
-    from ablate.tracking.runs import train_and_log
-    from ablate.training.selection import EpochResult
-    from ablate.training.splits import load_split
+    from ablate.tracking.client import Tracker, ui_hint
     from ablate.training.trainer import Trainer
 
     trainer = Trainer.from_spec(run)  # data, batch, device and model checked before MLflow is touched
     tracker = Tracker(tracking_uri)
-    exp_id = tracker.experiment_id(experiment_name)
+    outcome = _train_with_progress(run, trainer, tracker, tracker.experiment_id(experiment_name))
+    _print_outcome(run, outcome)
+    chosen = outcome.best_run
+    if save_best is not None and chosen.state is not None:
+        try:
+            trainer.save_best(save_best)
+        except AblateError as e:
+            raise AblateError(f"{e}; the run is kept, and the same model is MLflow's runs:/{outcome.run_id}/model") \
+                from None
+        console.print(f"selected model (epoch {chosen.epoch + 1}) saved to {save_best}")
+    console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
+                                f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))
+
+
+def _train_with_progress(run: specs.RunSpec, trainer: Trainer, tracker: Tracker, exp_id: str) -> RunOutcome:
+    """Train and log the run with a progress bar (a plain line every tenth of the epochs without a terminal);
+    Ctrl-C ends it KILLED with exit code 130, a failing loss is one line."""
+    from ablate.study.launch import sigterm_as_interrupt
+    from ablate.tracking.client import SPLIT_FILE
+    from ablate.tracking.runs import train_and_log
+    from ablate.training.splits import load_split
+
     progress = Progress(
         TextColumn("[bold]{task.description}"), BarColumn(), MofNCompleteColumn(),
         TextColumn("{task.fields[info]}", markup=False), TimeElapsedColumn(), TimeRemainingColumn(),
         console=console,
     )
     task = progress.add_task(f"{run.loss}", total=run.epochs, info="")
-    live = console.is_terminal  # without a terminal (a log, a pipe): a plain line every tenth of the epochs
+    live = console.is_terminal
     every = max(1, run.epochs // 10)
 
     def on_epoch(result: EpochResult, history: list[dict[str, float]]) -> None:
@@ -124,12 +144,12 @@ def train(
             console.print(f"{run.loss}: epoch {result.epoch + 1}/{run.epochs} {info}", highlight=False)
 
     started: list[str] = []
+    split = load_split(run.data)
 
     def on_start(run_id: str) -> None:
         started.append(run_id)
         tracker.log_dict(run_id, split.document(), SPLIT_FILE)
 
-    split = load_split(run.data)
     try:
         with progress if live else contextlib.nullcontext(), sigterm_as_interrupt():
             outcome = train_and_log(trainer, tracker, exp_id, f"{run.loss}-s{run.seed}", on_epoch=on_epoch,
@@ -143,10 +163,18 @@ def train(
     if outcome.error is not None:
         raise AblateError(f"{outcome.error}; MLflow run {outcome.run_id} ended FAILED after "
                           f"{len(outcome.history)} epochs")
+    return outcome
+
+
+def _print_outcome(run: specs.RunSpec, outcome: RunOutcome) -> None:
+    """The final and the selected epoch and the test score of the selected model: a table in a terminal,
+    Markdown without one; why the run stopped."""
+    from ablate.training.splits import load_split
+
     chosen = outcome.best_run
     selected = (f"epoch {chosen.epoch + 1} selected by {chosen.select} (validation), its model scored once on test"
                 if chosen.epoch >= 0 else f"no epoch selected: {chosen.select} was never finite")
-    title = f"{run.loss}: {len(outcome.history)} epochs; {selected} ({split.how})"
+    title = f"{run.loss}: {len(outcome.history)} epochs; {selected} ({load_split(run.data).how})"
     columns = ("metric", "final epoch", "selected epoch", "test, selected model")
     rows = []
     for key in ("train/loss", "val/loss", *vocabulary.SUMMARY_METRICS, "val/median_rank"):
@@ -154,7 +182,7 @@ def train(
             cells = [outcome.final[key], outcome.selected.get(key), outcome.test.get(vocabulary.on_split(key, "test"))]
             name = "train loss" if key == "train/loss" else key.split("/", 1)[1]
             rows.append([name, *("" if v is None else f"{v:.4f}" for v in cells)])
-    if live:
+    if console.is_terminal:
         table = Table(title=title, caption="final and selected epoch: validation pairs (train loss: training)")
         for i, column in enumerate(columns):
             table.add_column(column, justify="right" if i else "left")
@@ -169,12 +197,3 @@ def train(
     if outcome.stopped_early_at is not None:
         console.print(f"stopped early after epoch {outcome.stopped_early_at + 1}: {chosen.select} had not improved "
                       f"for {run.patience} epochs")
-    if save_best is not None and chosen.state is not None:
-        try:
-            trainer.save_best(save_best)
-        except AblateError as e:
-            raise AblateError(f"{e}; the run is kept, and the same model is MLflow's runs:/{outcome.run_id}/model") \
-                from None
-        console.print(f"selected model (epoch {chosen.epoch + 1}) saved to {save_best}")
-    console.print(Text.assemble("MLflow run ", (outcome.run_id, "bold"), f" in experiment {experiment_name!r} "
-                                f"at {tracker.shown_uri}; {ui_hint(tracker.uri)}"))

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Sequence
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -215,7 +216,53 @@ def screening_by_member(
     for name, ids in (("pocket_ids", pocket_ids), ("ligand_ids", ligand_ids)):
         if ids is not None and tuple(ids.shape) != (rows,):
             raise ValueError(f"{name} must be 1-D with one id per row ({rows}), got shape {tuple(ids.shape)}")
-    device = p.device
+    lib = _library(p, lig, pocket_ids, ligand_ids)
+    score_q, score_pocket, row_ptr = _queries(p, pocket_ids, lib.pocket_of_row, lib.n_pockets)
+    g = lib.ligands
+    if g.dtype != score_q.dtype:  # e.g. float64 pockets against float32 ligands
+        dtype = torch.promote_types(g.dtype, score_q.dtype)
+        score_q, g = score_q.to(dtype), g.to(dtype)
+    n, n_pockets, device = g.shape[0], lib.n_pockets, p.device
+    step = max(1, min(n_pockets, chunk_elements // (n * k_members)))  # pockets per chunk (for every member)
+    buf = torch.empty((k_members, step, n), dtype=score_q.dtype, device=device)
+    sim = torch.empty((k_members, step, n), dtype=score_q.dtype, device=device) if score_q.shape[1] > n_pockets \
+        else buf
+    idx_buf = torch.empty((k_members * step, n), dtype=torch.int32, device=device)
+    parts: dict[str, list[Tensor]] = {key: [] for key in _screening_keys(fractions)}
+    for p0 in range(0, n_pockets, step):
+        p1 = min(p0 + step, n_pockets)
+        width = p1 - p0
+        s = _chunk_scores(buf[:, :width], sim, score_q, g, score_pocket, row_ptr[p0], row_ptr[p1], p0, step)
+        a0, a1 = lib.act_ptr[p0], lib.act_ptr[p1]
+        # every member's queries of the chunk, one after another: query k * width + (pocket - p0)
+        offsets = (torch.arange(k_members, device=device) * width).repeat_interleave(a1 - a0)
+        counts = lib.act_counts[p0:p1].repeat(k_members)
+        position, real = _active_positions(
+            s.reshape(k_members * width, n), (lib.act_pocket[a0:a1] - p0).repeat(k_members) + offsets,
+            lib.act_item[a0:a1].repeat(k_members), counts, idx_buf[: k_members * width],
+        )
+        for key, v in _screening_from_positions(position, real, counts, n, fractions, alpha).items():
+            parts[key].append(v.view(k_members, width))
+    floors = _random_screening(lib.act_counts, n, fractions, alpha)
+    return [_member_summary(parts, floors, k, n_pockets, n) for k in range(k_members)]
+
+
+class _Library(NamedTuple):
+    """The screened library: distinct ligands (unit rows), each row's pocket, and each pocket's actives."""
+
+    ligands: Tensor
+    pocket_of_row: Tensor
+    n_pockets: int
+    act_pocket: Tensor
+    """Distinct (pocket, active) pairs, sorted by pocket: the pocket of each ..."""
+    act_item: Tensor
+    """... and its active's index in ``ligands``."""
+    act_counts: Tensor
+    act_ptr: list[int]
+
+
+def _library(p: Tensor, lig: Tensor, pocket_ids: Tensor | None, ligand_ids: Tensor | None) -> _Library:
+    rows, device = p.shape[1], p.device
     if ligand_ids is None:
         lig_of_row, g = torch.arange(rows, device=device), _unit(lig)
     else:
@@ -227,73 +274,60 @@ def screening_by_member(
     else:
         pocket_of_row = torch.unique(pocket_ids.to(device), return_inverse=True)[1]
     n_pockets, n = int(pocket_of_row.max()) + 1, g.shape[0]
-
     pairs = torch.unique(pocket_of_row * n + lig_of_row)  # distinct (pocket, active), sorted by pocket
-    act_pocket, act_item = pairs // n, pairs % n
-    act_counts = torch.bincount(act_pocket, minlength=n_pockets)
-    act_ptr = [0, *torch.cumsum(act_counts, 0).tolist()]
+    act_counts = torch.bincount(pairs // n, minlength=n_pockets)
+    return _Library(g, pocket_of_row, n_pockets, pairs // n, pairs % n, act_counts,
+                    [0, *torch.cumsum(act_counts, 0).tolist()])
 
-    # the rows to score, grouped by pocket; a pocket's rows often repeat one embedding (one row per active),
-    # and the max over copies is the copy, so a row equal to the one before it in its pocket is left out
+
+def _queries(p: Tensor, pocket_ids: Tensor | None, pocket_of_row: Tensor, n_pockets: int
+             ) -> tuple[Tensor, Tensor, list[int]]:
+    """The rows to score (unit, [K, rows', D]) grouped by pocket, each row's pocket, and where each pocket's rows
+    start. A pocket's rows often repeat one embedding (one row per active), and the max over copies is the copy,
+    so a row equal to the one before it in its pocket is left out."""
+    rows = p.shape[1]
     if pocket_ids is None:
         score_q, score_pocket = _unit(p), pocket_of_row
     else:
         order = torch.argsort(pocket_of_row, stable=True)
         ps, score_pocket = p[:, order], pocket_of_row[order]
         if n_pockets < rows:
-            keep = torch.ones(rows, dtype=torch.bool, device=device)
+            keep = torch.ones(rows, dtype=torch.bool, device=p.device)
             keep[1:] = (score_pocket[1:] != score_pocket[:-1]) | (ps[:, 1:] != ps[:, :-1]).any(dim=-1).any(dim=0)
             ps, score_pocket = ps[:, keep], score_pocket[keep]
         score_q = _unit(ps)
-        del ps
     row_ptr = [0, *torch.cumsum(torch.bincount(score_pocket, minlength=n_pockets), 0).tolist()]
-    if g.dtype != score_q.dtype:  # e.g. float64 pockets against float32 ligands
-        dtype = torch.promote_types(g.dtype, score_q.dtype)
-        score_q, g = score_q.to(dtype), g.to(dtype)
+    return score_q, score_pocket, row_ptr
 
-    step = max(1, min(n_pockets, chunk_elements // (n * k_members)))  # pockets per chunk (for every member)
-    buf = torch.empty((k_members, step, n), dtype=score_q.dtype, device=device)
-    several = score_q.shape[1] > n_pockets
-    sim = torch.empty((k_members, step, n), dtype=score_q.dtype, device=device) if several else buf
-    idx_buf = torch.empty((k_members * step, n), dtype=torch.int32, device=device)
-    parts: dict[str, list[Tensor]] = {key: [] for key in _screening_keys(fractions)}
-    for p0 in range(0, n_pockets, step):
-        p1 = min(p0 + step, n_pockets)
-        width = p1 - p0
-        s = buf[:, :width]
-        r0, r1 = row_ptr[p0], row_ptr[p1]
-        if r1 - r0 == width:  # one row per pocket
-            torch.matmul(score_q[:, r0:r1], g.T, out=s)
-            s.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-        else:  # the pocket's score is the max over its rows
-            s.fill_(float("-inf"))
-            for a in range(r0, r1, step):
-                b = min(a + step, r1)
-                t = torch.matmul(score_q[:, a:b], g.T, out=sim[:, : b - a])
-                t.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
-                target = (score_pocket[a:b] - p0)[None, :, None].expand(k_members, -1, n)
-                s.scatter_reduce_(1, target, t, reduce="amax")
-        a0, a1 = act_ptr[p0], act_ptr[p1]
-        # every member's queries of the chunk, one after another: query k * width + (pocket - p0)
-        offsets = (torch.arange(k_members, device=device) * width).repeat_interleave(a1 - a0)
-        counts = act_counts[p0:p1].repeat(k_members)
-        position, real = _active_positions(
-            s.reshape(k_members * width, n), (act_pocket[a0:a1] - p0).repeat(k_members) + offsets,
-            act_item[a0:a1].repeat(k_members), counts, idx_buf[: k_members * width],
-        )
-        for key, v in _screening_from_positions(position, real, counts, n, fractions, alpha).items():
-            parts[key].append(v.view(k_members, width))
-    floors = _random_screening(act_counts, n, fractions, alpha)
-    out: list[dict[str, float]] = []
-    for k in range(k_members):
-        member: dict[str, float] = {}
-        for key, chunks in parts.items():
-            v = torch.cat([c[k] for c in chunks])
-            member[key] = float(v.nanmean())
-            member[f"{key}_median"] = float(v.nanquantile(0.5)) if v.numel() else float("nan")
-        for key, v in floors.items():
-            member[f"random_{key}"] = float(v.nanmean())
-        member["n_pockets"] = float(n_pockets)
-        member["n_ligands"] = float(n)
-        out.append(member)
-    return out
+
+def _chunk_scores(s: Tensor, sim: Tensor, score_q: Tensor, g: Tensor, score_pocket: Tensor, r0: int, r1: int,
+                  p0: int, step: int) -> Tensor:
+    """The scores [K, width, n] of the chunk's pockets (from ``p0``; their rows ``r0:r1``) against the library,
+    written into ``s``: a pocket's score for a ligand is the max over its rows."""
+    width, n = s.shape[1], s.shape[2]
+    if r1 - r0 == width:  # one row per pocket
+        torch.matmul(score_q[:, r0:r1], g.T, out=s)
+        return s.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+    s.fill_(float("-inf"))
+    for a in range(r0, r1, step):
+        b = min(a + step, r1)
+        t = torch.matmul(score_q[:, a:b], g.T, out=sim[:, : b - a])
+        t.nan_to_num_(nan=float("-inf"), posinf=float("inf"), neginf=float("-inf"))
+        target = (score_pocket[a:b] - p0)[None, :, None].expand(s.shape[0], -1, n)
+        s.scatter_reduce_(1, target, t, reduce="amax")
+    return s
+
+
+def _member_summary(parts: dict[str, list[Tensor]], floors: dict[str, Tensor], k: int, n_pockets: int, n: int
+                    ) -> dict[str, float]:
+    """Member k's means and medians over pockets, what a random ranking scores, and the library's size."""
+    member: dict[str, float] = {}
+    for key, chunks in parts.items():
+        v = torch.cat([c[k] for c in chunks])
+        member[key] = float(v.nanmean())
+        member[f"{key}_median"] = float(v.nanquantile(0.5)) if v.numel() else float("nan")
+    for key, v in floors.items():
+        member[f"random_{key}"] = float(v.nanmean())
+    member["n_pockets"] = float(n_pockets)
+    member["n_ligands"] = float(n)
+    return member

@@ -23,8 +23,9 @@ from ablate.report.publish import cached_report, publish, search_report, write_r
 from ablate.stores import Stores, require_storage, resolve_tracking_uri, storage_exists
 from ablate.study import records, studies
 from ablate.study.designs import SearchSpec, StudySpec, SuiteSpec
+from ablate.study.ends import end_abandoned_runs, end_stale_run
 from ablate.study.studyfiles import safe_folder, spec_document
-from ablate.study.worker import Context, OnEvent, end_abandoned_runs, end_parent_if_done, end_stale_run
+from ablate.study.worker import Context, OnEvent, end_parent_if_done
 from ablate.tracking.client import Tracker, environment_tags
 from ablate.tracking.store import check_store, check_uri
 from ablate.vocabulary import Outcome, Tag
@@ -203,7 +204,8 @@ class StudySession:
         self.check_trainable()
         self.trained = True
         self.tracker.set_status(self.parent_run_id, "RUNNING")
-        end_abandoned_runs(self.context())  # once per command, before any worker starts
+        ctx = self.context()  # once per command, before any worker starts
+        end_abandoned_runs(ctx.study, ctx.tracker, ctx.experiment_id, ctx.parent_run_id)
         try:
             from ablate.study.launch import execute
 
@@ -305,4 +307,3 @@ def preflight(spec: StudySpec) -> None:
             preflight.check(run)
         except AblateError as e:
             raise AblateError(f"{spec.name}: {label}: {e}") from None
-

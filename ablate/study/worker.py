@@ -24,6 +24,7 @@ from ablate.specs import RunSpec
 from ablate.stores import Stores, mask_url
 from ablate.study import records, studies
 from ablate.study.designs import StudySpec
+from ablate.study.ends import end_abandoned_runs, end_stale_run
 from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
 from ablate.tracking.client import Tracker
 from ablate.training import stability
@@ -232,51 +233,66 @@ def end_parent_if_done(ctx: Context) -> bool:
     finished = [t for t in trials if t.state in studies.FINISHED and not t.user_attrs.get(records.SKIPPED)]
     status = "FAILED" if ctx.spec.missing(finished) else "FINISHED"
     end = studies.span_ms(ctx.study)[1]  # the study's end, not the moment this worker noticed it
-    end_abandoned_runs(ctx)  # nothing of the study runs any more: no child run may stay RUNNING
+    # nothing of the study runs any more: no child run may stay RUNNING
+    end_abandoned_runs(ctx.study, ctx.tracker, ctx.experiment_id, ctx.parent_run_id)
     run = ctx.tracker.client.get_run(ctx.parent_run_id).info
     if run.status != status or (end is not None and run.end_time != end):
         ctx.tracker.end_run(ctx.parent_run_id, status, end)
     return True
 
 
-def end_abandoned_runs(ctx: Context) -> None:
-    """End KILLED the MLflow runs still RUNNING of trials that failed or wait to be retried: their
-    worker was stopped before it could end them (a second Ctrl-C, or kill -9 between creating a trial's
-    run and recording it on the trial). A run a running trial continues is left alone."""
-    trials = ctx.study.get_trials(deepcopy=False)
-    live = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state == TrialState.RUNNING}
-    running = {t.number for t in trials if t.state == TrialState.RUNNING}
-    ended = {t.user_attrs.get(records.RUN_ID) for t in trials if t.state in (TrialState.FAIL, TrialState.WAITING)}
-    for run_id in sorted(str(r) for r in ended - live if r):
-        try:
-            if ctx.tracker.client.get_run(run_id).info.status == "RUNNING":
-                ctx.tracker.end_run(run_id, "KILLED")
-        except Exception:  # the run lives in another MLflow store
-            continue
-    try:  # runs no trial records: their worker died before it could say which run it had started
-        orphans = ctx.tracker.client.search_runs(
-            [ctx.experiment_id], f"tags.`ablate.study` = '{ctx.name}' and attributes.status = 'RUNNING'")
-    except Exception:
-        return
-    for run in orphans:
-        trial = run.data.tags.get(Tag.TRIAL)
-        if run.info.run_id in live or run.info.run_id == ctx.parent_run_id or trial is None \
-                or not trial.isdigit() or int(trial) in running:
-            continue
-        ctx.tracker.end_run(run.info.run_id, "KILLED")
+class _Taken:
+    """A group of taken trials in a worker: what each trains, and how each one's end is told to Optuna."""
 
+    def __init__(self, ctx: Context, trials: list[optuna.Trial], device: str | None, emit: OnEvent,
+                 objective: _Objective):
+        self.ctx, self.trials, self.emit, self.objective = ctx, trials, emit, objective
+        self.assignments = [ctx.spec.suggest(t) for t in trials]
+        self.runs = [a.run.model_copy(update={"device": device}) if device else a.run for a in self.assignments]
+        for t, a, run in zip(trials, self.assignments, self.runs, strict=True):
+            records.write_start(t, a.label, a.values)
+            emit(TrialStarted(t.number, a.label, run.epochs, os.getpid()))
+        self.ended: set[int] = set()
+        self.outcomes: dict[int, RunOutcome] = {}
 
-def end_stale_run(tracker: Tracker, trial: FrozenTrial) -> None:
-    """A trial whose worker died: its MLflow run ends FAILED, saying why."""
-    run_id = trial.user_attrs.get(records.RUN_ID)
-    if not run_id:
-        return
-    try:
-        tracker.set_tags(run_id, {Tag.STATE: Outcome.FAIL,
-                                  Tag.STOP_REASON: "the worker stopped sending heartbeats"})
-        tracker.end_run(run_id, "FAILED")
-    except Exception:  # the run lives in another MLflow store; the trial is re-queued anyway
-        pass
+    def end(self, k: int, state: str, reason: str) -> None:
+        """Trial k ended in ``state``: tag its run and say so."""
+        self.ended.add(k)
+        out = self.outcomes.get(k)
+        if out is not None:
+            self.ctx.tracker.set_tags(out.run_id, {Tag.STATE: state})
+        last = out.final.get(self.ctx.spec.watched) if out is not None else None
+        self.emit(TrialEnded(self.trials[k].number, self.assignments[k].label, state, reason, last))
+
+    def on_start(self, k: int, run_id: str) -> None:
+        """Trial k's MLflow run exists."""
+        records.write_run(self.trials[k], run_id)
+
+    def on_end(self, k: int, outcome: RunOutcome) -> None:
+        """Trial k's run ended: FAIL (its loss failed), PRUNED (stopped, or no finite objective) or COMPLETE."""
+        self.outcomes[k] = outcome
+        trial, study = self.trials[k], self.ctx.study
+        self.objective.record(trial, outcome)
+        value = self.objective.value(outcome)
+        if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
+            records.write_error(trial, outcome.error)
+            study.tell(trial, state=TrialState.FAIL)
+            self.end(k, Outcome.FAIL, outcome.error)
+        elif outcome.stopped is not None or value is None:
+            study.tell(trial, state=TrialState.PRUNED)
+            why = outcome.stopped.message if outcome.stopped else f"{self.ctx.spec.objective} is not finite"
+            self.end(k, Outcome.PRUNED, why)
+        else:
+            study.tell(trial, value)
+            self.end(k, Outcome.COMPLETE, "")
+
+    def failed(self, reason: str) -> None:
+        """Every trial not ended yet ends FAIL with ``reason``."""
+        for k, t in enumerate(self.trials):
+            if k not in self.ended:
+                records.write_error(t, reason)
+                self.ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
+                self.end(k, Outcome.FAIL, reason)
 
 
 class _Objective:
@@ -286,83 +302,43 @@ class _Objective:
         self.ctx, self.device, self.emit, self.keep_checkpoints = ctx, device, emit, keep_checkpoints
 
     def __call__(self, trials: list[optuna.Trial]) -> None:
-        ctx, spec = self.ctx, self.ctx.spec
-        assignments = [spec.suggest(t) for t in trials]
-        runs = [a.run.model_copy(update={"device": self.device}) if self.device else a.run for a in assignments]
-        for t, a, run in zip(trials, assignments, runs, strict=True):
-            records.write_start(t, a.label, a.values)
-            self.emit(TrialStarted(t.number, a.label, run.epochs, os.getpid()))
-        ended: set[int] = set()
-        outcomes: dict[int, RunOutcome] = {}
-
-        def end(k: int, state: str, reason: str) -> None:
-            ended.add(k)
-            out = outcomes.get(k)
-            if out is not None:
-                ctx.tracker.set_tags(out.run_id, {Tag.STATE: state})
-            last = out.final.get(spec.watched) if out is not None else None
-            self.emit(TrialEnded(trials[k].number, assignments[k].label, state, reason, last))
-
-        def on_start(k: int, run_id: str) -> None:
-            records.write_run(trials[k], run_id)
-
-        def on_end(k: int, outcome: RunOutcome) -> None:
-            outcomes[k] = outcome
-            trial = trials[k]
-            self._record(trial, outcome)
-            value = self._value(outcome)
-            if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
-                records.write_error(trial, outcome.error)
-                ctx.study.tell(trial, state=TrialState.FAIL)
-                end(k, Outcome.FAIL, outcome.error)
-            elif outcome.stopped is not None or value is None:
-                ctx.study.tell(trial, state=TrialState.PRUNED)
-                why = outcome.stopped.message if outcome.stopped else f"{spec.objective} is not finite"
-                end(k, Outcome.PRUNED, why)
-            else:
-                ctx.study.tell(trial, value)
-                end(k, Outcome.COMPLETE, "")
-
-        def failed(reason: str) -> None:
-            for k, t in enumerate(trials):
-                if k not in ended:
-                    records.write_error(t, reason)
-                    ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
-                    end(k, Outcome.FAIL, reason)
-
+        group = _Taken(self.ctx, trials, self.device, self.emit, self)
         try:
-            from ablate.tracking.runs import train_and_log_members
-            from ablate.training.trainer import Trainer
-
-            trainer = Trainer.from_spec(runs)
-            resume = self._resume(trials)
-            if trainer.fallback:
-                self.emit(Note(f"{runs[0].model.factory}: cannot run members vmapped ({trainer.fallback}); "
-                               "they train one after another"))
-            hooks = [self._hook(t, trainer.every[k].best) for k, t in enumerate(trials)]
-            for k, (_, state) in resume.items():  # the pruner sees what the trial reported before it stopped
-                self._report_history(trials[k], state["history"], runs[k].select_metric)
-            train_and_log_members(
-                trainer, ctx.tracker, ctx.experiment_id,
-                [spec.run_name(t.number, a.label) for t, a in zip(trials, assignments, strict=True)],
-                tags=[{Tag.STUDY: ctx.name, Tag.TRIAL: t.number,
-                       **{f"ablate.{k}": v for k, v in a.values.items()}}
-                      for t, a in zip(trials, assignments, strict=True)],
-                parent_run_id=ctx.parent_run_id, on_start=on_start,
-                on_epoch=lambda k, result, history: hooks[k](result, history), on_end=on_end,
-                resume=resume, keep_checkpoints=self.keep_checkpoints,
-                on_checkpoint=lambda k, epoch: records.write_checkpoint(trials[k], epoch),
-            )
+            self._train(group)
         except KeyboardInterrupt:
-            failed("interrupted (Ctrl-C or SIGTERM)")
+            group.failed("interrupted (Ctrl-C or SIGTERM)")
             raise
         except AblateError as e:  # a user's mistake: every trial would fail the same way
-            failed(mask_url(str(e)))
+            group.failed(mask_url(str(e)))
             raise
         except Exception as e:
             reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
-            failed(reason)
+            group.failed(reason)
             raise TrialError(reason) from e
+
+    def _train(self, group: _Taken) -> None:
+        from ablate.tracking.runs import train_and_log_members
+        from ablate.training.trainer import Trainer
+
+        ctx, spec, trials, runs = self.ctx, self.ctx.spec, group.trials, group.runs
+        trainer = Trainer.from_spec(runs)
+        resume = self._resume(trials)
+        if trainer.fallback:
+            self.emit(Note(f"{runs[0].model.factory}: cannot run members vmapped ({trainer.fallback}); "
+                           "they train one after another"))
+        hooks = [self._hook(t, trainer.every[k].best) for k, t in enumerate(trials)]
+        for k, (_, state) in resume.items():  # the pruner sees what the trial reported before it stopped
+            self._report_history(trials[k], state["history"], runs[k].select_metric)
+        pairs = list(zip(trials, group.assignments, strict=True))
+        train_and_log_members(
+            trainer, ctx.tracker, ctx.experiment_id, [spec.run_name(t.number, a.label) for t, a in pairs],
+            tags=[{Tag.STUDY: ctx.name, Tag.TRIAL: t.number, **{f"ablate.{k}": v for k, v in a.values.items()}}
+                  for t, a in pairs],
+            parent_run_id=ctx.parent_run_id, on_start=group.on_start,
+            on_epoch=lambda k, result, history: hooks[k](result, history), on_end=group.on_end,
+            resume=resume, keep_checkpoints=self.keep_checkpoints,
+            on_checkpoint=lambda k, epoch: records.write_checkpoint(trials[k], epoch),
+        )
 
     def _resume(self, trials: list[optuna.Trial]) -> dict[int, tuple[str, dict[str, Any]]]:
         """The checkpoints of trials that continue an earlier run (by member), loaded from that run."""
@@ -427,13 +403,15 @@ class _Objective:
 
         return hook
 
-    def _record(self, trial: optuna.Trial, outcome: RunOutcome) -> None:
+    def record(self, trial: optuna.Trial, outcome: RunOutcome) -> None:
+        """Write a finished run's results onto its trial."""
         records.write_result(trial, final=outcome.final, selected=outcome.selected,
                              best_epoch=outcome.best_run.epoch, epochs=len(outcome.history),
                              diverged=outcome.diverged, stop=outcome.stopped, floors=outcome.floors,
                              test=outcome.test, stopped_early_at=outcome.stopped_early_at, split=outcome.split)
 
-    def _value(self, outcome: RunOutcome) -> float | None:
+    def value(self, outcome: RunOutcome) -> float | None:
+        """The value a run reports as its trial's objective (None when not finite)."""
         spec = self.ctx.spec
         if is_test(spec.objective):  # a suite's test headline: the value Optuna keeps; nothing samples by it
             source = outcome.test

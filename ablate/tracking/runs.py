@@ -132,118 +132,166 @@ def train_and_log_members(
     finished member's checkpoint is removed unless ``keep_checkpoints``. ``resume`` maps a member to
     (its earlier MLflow run, a checkpoint): the member continues that run from the checkpoint's epoch.
     """
-    members = trainer.every
-    resume = resume or {}
-    fingerprint = split_fingerprint(trainer.spec.data)
-    how = load_split(trainer.spec.data).how
-    outcomes: list[RunOutcome] = []
-    logged: dict[int, int] = {}  # a resumed run's last epoch already in MLflow: it is not logged twice
-    for k, member in enumerate(members):
-        if k in resume:
-            run_id, state = resume[k]
-            trainer.restore(k, state)
-            tracker.set_status(run_id, "RUNNING")
-            tracker.set_tags(run_id, {Tag.RESUMED_FROM_EPOCH: trainer.start_epoch})
-            outcomes.append(RunOutcome(run_id, list(state["history"]), member, split=how))
-            logged[k] = max((m.step for m in tracker.client.get_metric_history(run_id, "train/loss")), default=-1)
-            continue
-        run_tags: dict[str, Any] = {
-            Tag.LOSS: member.spec.loss,
-            Tag.DEVICE: str(trainer.device),
-            Tag.AMP: trainer.amp.label,
-            Tag.DATA: member.spec.data.source,
-            Tag.DATA_FINGERPRINT: fingerprint,
-            Tag.SPLIT: how,
-            **({Tag.ARRAY_SIZE: len(members), Tag.FUSION: trainer.models.fusion} if len(members) > 1 else {}),
+    hooks = _Hooks(on_start, on_epoch, on_end, on_checkpoint, keep_checkpoints)
+    array = _TrackedArray(trainer, tracker, hooks, resume or {})
+    array.open(experiment_id, run_names, tags, parent_run_id)
+    return array.run()
+
+
+@dataclass
+class _Hooks:
+    """What ``train_and_log_members`` calls back (see there)."""
+
+    on_start: Callable[[int, str], None] | None
+    on_epoch: Callable[[int, EpochResult, list[dict[str, float]]], Instability | None] | None
+    on_end: Callable[[int, RunOutcome], None] | None
+    on_checkpoint: Callable[[int, int], None] | None
+    keep_checkpoints: bool
+
+
+class _TrackedArray:
+    """An array's members as MLflow runs: opened (or resumed), sent each epoch, checkpointed, ended one by one."""
+
+    def __init__(self, trainer: Trainer, tracker: Tracker, hooks: _Hooks,
+                 resume: dict[int, tuple[str, dict[str, Any]]]):
+        self.trainer, self.tracker, self.hooks, self.resume = trainer, tracker, hooks, resume
+        self.outcomes: list[RunOutcome] = []
+        self.logged: dict[int, int] = {}
+        """A resumed run's last epoch already in MLflow: it is not logged twice."""
+        self.batches: dict[int, MetricBatch] = {}
+        self.open_runs: set[int] = set()
+        self.clock = checkpoints.Clock()
+        self.snapshots: dict[int, dict[str, Any]] = {}
+        """Each open member's state at its last finished epoch."""
+        self.written: dict[int, int] = {}
+
+    def open(self, experiment_id: str, run_names: Sequence[str], tags: Sequence[dict[str, Any]],
+             parent_run_id: str | None) -> None:
+        """Start each member's MLflow run, or continue the run it resumes."""
+        trainer, tracker = self.trainer, self.tracker
+        how = load_split(trainer.spec.data).how
+        for k, member in enumerate(trainer.every):
+            if k in self.resume:
+                run_id, state = self.resume[k]
+                trainer.restore(k, state)
+                tracker.set_status(run_id, "RUNNING")
+                tracker.set_tags(run_id, {Tag.RESUMED_FROM_EPOCH: trainer.start_epoch})
+                self.outcomes.append(RunOutcome(run_id, list(state["history"]), member, split=how))
+                self.logged[k] = max((m.step for m in tracker.client.get_metric_history(run_id, "train/loss")),
+                                     default=-1)
+                continue
+            run_tags = {**self._tags(member, how), **tags[k]}
+            run_id = tracker.start_run(experiment_id, run_names[k], run_tags, parent_run_id)
+            self.outcomes.append(RunOutcome(run_id, [], member, split=how))
+        self.open_runs = set(range(len(self.outcomes)))
+
+    def _tags(self, member: Member, how: str) -> dict[str, Any]:
+        trainer, size = self.trainer, len(self.trainer.every)
+        return {
+            Tag.LOSS: member.spec.loss, Tag.DEVICE: str(trainer.device), Tag.AMP: trainer.amp.label,
+            Tag.DATA: member.spec.data.source, Tag.DATA_FINGERPRINT: split_fingerprint(trainer.spec.data),
+            Tag.SPLIT: how, **({Tag.ARRAY_SIZE: size, Tag.FUSION: trainer.models.fusion} if size > 1 else {}),
             **environment_tags(),
-            **tags[k],
         }
-        run_id = tracker.start_run(experiment_id, run_names[k], run_tags, parent_run_id)
-        outcomes.append(RunOutcome(run_id, [], member, split=how))
-    writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
-    batches: dict[int, MetricBatch] = {}
-    open_runs = set(range(len(members)))
-    clock = checkpoints.Clock()
-    snapshots: dict[int, dict[str, Any]] = {}  # each open member's state at its last finished epoch
-    written: dict[int, int] = {}
 
-    def write(ks: Sequence[int]) -> None:
-        start = time.monotonic()
-        for k in ks:
-            if k in snapshots and written.get(k) != snapshots[k]["epoch"]:
-                checkpoints.save(tracker, outcomes[k].run_id, snapshots[k])
-                written[k] = snapshots[k]["epoch"]
-                if on_checkpoint is not None:
-                    on_checkpoint(k, written[k])
-        clock.spent(time.monotonic() - start)
+    def run(self) -> list[RunOutcome]:
+        """Train the array to its end; on Ctrl-C or an error end the open runs KILLED or FAILED and re-raise."""
+        writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mlflow-metrics")
+        try:
+            self._start_logging(writer)
+            for results in self.trainer.array():
+                ended = [k for k, result in results.items() if self._epoch(k, result)]
+                for k in ended:
+                    self._end(k)
+                if self.snapshots and self.clock.due():
+                    self._write(sorted(self.snapshots))
+        except BaseException as e:
+            self._abort(e)
+            raise
+        finally:
+            writer.shutdown(wait=True)
+        return self.outcomes
 
-    try:
-        for k, outcome in enumerate(outcomes):
-            if k not in resume:
+    def _start_logging(self, writer: ThreadPoolExecutor) -> None:
+        trainer, tracker = self.trainer, self.tracker
+        for k, outcome in enumerate(self.outcomes):
+            if k not in self.resume:
                 spec = outcome.spec
                 tracker.log_params(outcome.run_id, {**spec.applicable(), "train_pairs": len(trainer.train),
                                                     "val_pairs": len(trainer.val),
                                                     "test_pairs": 0 if trainer.test is None else len(trainer.test)})
                 tracker.log_dict(outcome.run_id, spec.model_dump(mode="json"), "spec.json")
-            batches[k] = MetricBatch(tracker, outcome.run_id, background=writer)
-            for epoch in range(logged.get(k, -1) + 1, len(outcome.history) if k in resume else 0):
-                batches[k].add(outcome.history[epoch], step=epoch)  # epochs the stopped run had not sent yet
-            if on_start is not None:
-                on_start(k, outcome.run_id)
-        for results in trainer.array():
-            ended = []
-            for k, result in results.items():
-                outcome = outcomes[k]
-                if result.error is not None:  # the epoch's numbers are not the run's: it ends here, FAILED
-                    outcome.error = result.error
-                    trainer.stop(k)
-                    ended.append(k)
-                    continue
-                outcome.history.append(result.metrics)
-                if result.epoch > logged.get(k, -1):  # the stopped run may have sent epochs it then lost
-                    batches[k].add(result.metrics, step=result.epoch)
-                if result.diverged:
-                    outcome.stopped = stability.check(outcome.history, _NONFINITE_ONLY) or Instability(
-                        "nonfinite", f"non-finite validation output at epoch {result.epoch}", {"epoch": result.epoch})
-                elif on_epoch is not None:
-                    outcome.stopped = on_epoch(k, result, outcome.history)
-                if result.stopped_early:
-                    outcome.stopped_early_at = result.epoch
-                if outcome.stopped is not None or result.stopped_early or result.epoch == trainer.spec.epochs - 1:
-                    trainer.stop(k)
-                    ended.append(k)
-                elif on_checkpoint is not None:
-                    snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
-            for k in ended:
-                failed = outcomes[k].error is not None
-                model = None if failed else trainer.selected_model(k)  # built once: scored on test, then logged
-                if model is not None:
-                    outcomes[k].test, test_floors = trainer.score_test(k, model)
-                    outcomes[k].floors = {**trainer.floors, **test_floors}
-                snapshots.pop(k, None)
-                _finish(tracker, outcomes[k], batches[k], model)
-                if on_checkpoint is not None and not keep_checkpoints and (k in written or k in resume):
-                    checkpoints.remove(tracker, outcomes[k].run_id)
-                tracker.end_run(outcomes[k].run_id, "FAILED" if failed else "FINISHED")
-                open_runs.discard(k)
-                if on_end is not None:
-                    on_end(k, outcomes[k])
-            if snapshots and clock.due():
-                write(sorted(snapshots))
-    except BaseException as e:
+            self.batches[k] = MetricBatch(tracker, outcome.run_id, background=writer)
+            for epoch in range(self.logged.get(k, -1) + 1, len(outcome.history) if k in self.resume else 0):
+                self.batches[k].add(outcome.history[epoch], step=epoch)  # epochs the stopped run had not sent yet
+            if self.hooks.on_start is not None:
+                self.hooks.on_start(k, outcome.run_id)
+
+    def _epoch(self, k: int, result: EpochResult) -> bool:
+        """Take in member k's epoch; returns whether its run ends here."""
+        outcome, trainer = self.outcomes[k], self.trainer
+        if result.error is not None:  # the epoch's numbers are not the run's: it ends here, FAILED
+            outcome.error = result.error
+            trainer.stop(k)
+            return True
+        outcome.history.append(result.metrics)
+        if result.epoch > self.logged.get(k, -1):  # the stopped run may have sent epochs it then lost
+            self.batches[k].add(result.metrics, step=result.epoch)
+        if result.diverged:
+            outcome.stopped = stability.check(outcome.history, _NONFINITE_ONLY) or Instability(
+                "nonfinite", f"non-finite validation output at epoch {result.epoch}", {"epoch": result.epoch})
+        elif self.hooks.on_epoch is not None:
+            outcome.stopped = self.hooks.on_epoch(k, result, outcome.history)
+        if result.stopped_early:
+            outcome.stopped_early_at = result.epoch
+        if outcome.stopped is not None or result.stopped_early or result.epoch == trainer.spec.epochs - 1:
+            trainer.stop(k)
+            return True
+        if self.hooks.on_checkpoint is not None:
+            self.snapshots[k] = {**trainer.checkpoint(k, result.epoch), "history": list(outcome.history)}
+        return False
+
+    def _end(self, k: int) -> None:
+        """End member k's run: its selected model scored once on test and logged, FINISHED (FAILED if its loss
+        failed)."""
+        outcome, trainer, tracker = self.outcomes[k], self.trainer, self.tracker
+        failed = outcome.error is not None
+        model = None if failed else trainer.selected_model(k)  # built once: scored on test, then logged
+        if model is not None:
+            outcome.test, test_floors = trainer.score_test(k, model)
+            outcome.floors = {**trainer.floors, **test_floors}
+        self.snapshots.pop(k, None)
+        _finish(tracker, outcome, self.batches[k], model)
+        if self.hooks.on_checkpoint is not None and not self.hooks.keep_checkpoints and (
+                k in self.written or k in self.resume):
+            checkpoints.remove(tracker, outcome.run_id)
+        tracker.end_run(outcome.run_id, "FAILED" if failed else "FINISHED")
+        self.open_runs.discard(k)
+        if self.hooks.on_end is not None:
+            self.hooks.on_end(k, outcome)
+
+    def _write(self, ks: Sequence[int]) -> None:
+        start = time.monotonic()
+        for k in ks:
+            snapshot = self.snapshots.get(k)
+            if snapshot is not None and self.written.get(k) != snapshot["epoch"]:
+                checkpoints.save(self.tracker, self.outcomes[k].run_id, snapshot)
+                self.written[k] = snapshot["epoch"]
+                if self.hooks.on_checkpoint is not None:
+                    self.hooks.on_checkpoint(k, self.written[k])
+        self.clock.spent(time.monotonic() - start)
+
+    def _abort(self, e: BaseException) -> None:
+        """The runs still open end KILLED (Ctrl-C, SIGTERM: checkpointed first, to continue) or FAILED."""
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
-        for k in sorted(open_runs):
+        for k in sorted(self.open_runs):
             try:
-                if k in batches:
-                    _finish(tracker, outcomes[k], batches[k])
+                if k in self.batches:
+                    _finish(self.tracker, self.outcomes[k], self.batches[k])
                 if isinstance(e, KeyboardInterrupt):
-                    write([k])  # the state of its last finished epoch: the next run continues from there
+                    self._write([k])  # the state of its last finished epoch: the next run continues from there
             finally:
-                tracker.end_run(outcomes[k].run_id, status)
-        raise
-    finally:
-        writer.shutdown(wait=True)
-    return outcomes
+                self.tracker.end_run(self.outcomes[k].run_id, status)
 
 
 def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn.Module | None = None) -> None:
