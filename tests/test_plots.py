@@ -18,6 +18,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from scipy import stats as sps
 
+from ablate.report.compare import TrialRow
 from ablate.report.plots import search_plots, suite_curves
 
 NAN = float("nan")
@@ -185,12 +186,17 @@ def _trials() -> list[dict[str, Any]]:
     return out
 
 
+def _rows(trials: list[dict]) -> list[TrialRow]:
+    """The trials as ``studies show`` lists them (what the plots draw)."""
+    return [TrialRow(i, t["state"], f"#{i}", t["value"], 1, "", t["params"]) for i, t in enumerate(trials)]
+
+
 @pytest.mark.parametrize("maximize", [True, False])
 def test_search_plots_separate_complete_from_pruned_and_mark_the_best(tmp_path: Path, saved: dict[str, Figure],
                                                                       maximize: bool) -> None:
     trials = _trials()
-    files = search_plots(trials, {"lr": True, "optimizer": False, "batch": False, "absent": False}, "val/top1",
-                         maximize, [0.1, 0.2, 0.25], tmp_path, "search")
+    files = search_plots(_rows(trials), {"lr": True, "optimizer": False, "batch": False, "absent": False},
+                         "val/top1", maximize, [0.1, 0.2, 0.25], tmp_path, "search")
     assert [f.name for f in files] == ["param_lr.png", "param_optimizer.png", "param_batch.png", "expected_max.png"]
     for f in files:
         width, height = png_size(f)
@@ -232,7 +238,7 @@ def test_search_plots_separate_complete_from_pruned_and_mark_the_best(tmp_path: 
 
 def test_a_search_without_finished_trials_draws_nothing(tmp_path: Path) -> None:
     trials = [{"state": "FAIL", "value": None, "params": {"lr": 1e-3}}]
-    assert search_plots(trials, {"lr": True}, "val/top1", True, [], tmp_path, "search") == []
+    assert search_plots(_rows(trials), {"lr": True}, "val/top1", True, [], tmp_path, "search") == []
     assert list(tmp_path.iterdir()) == []
 
 

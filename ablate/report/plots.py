@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from matplotlib.axes import Axes
     from matplotlib.figure import Figure
 
+    from ablate.report.compare import TrialRow
+
 ZOOM_FRACTION = 0.1  # the zoom panel shows the first 10 % of the epochs ...
 ZOOM_MIN_EPOCHS = 10  # ... and at least this many; it is drawn only when the run is over twice as long
 DPI = 120
@@ -169,29 +171,21 @@ def _fit(bands: Iterable[_Band], last_epoch: int) -> tuple[float, float]:
 # --------------------------------------------------------------------------------------
 
 
-@dataclass(frozen=True)
-class _Trial:
-    """A trial that is drawn: COMPLETE or PRUNED, with a finite value."""
-
-    state: str
-    value: float
-    params: dict[str, Any]
+def _v(t: TrialRow) -> float:
+    """A drawn trial's value (finite: ``_drawn`` keeps only those)."""
+    return float(t.value) if t.value is not None else math.nan
 
 
-def _drawn(trials: Sequence[dict[str, Any]]) -> list[_Trial]:
-    out = []
-    for t in trials:
-        v = t.get("value")
-        if t.get("state") in (Outcome.COMPLETE, Outcome.PRUNED) and v is not None and _is_number(v):
-            out.append(_Trial(t["state"], float(v), dict(t.get("params") or {})))
-    return out
+def _drawn(trials: Sequence[TrialRow]) -> list[TrialRow]:
+    """The trials that are drawn: COMPLETE or PRUNED, with a finite value."""
+    return [t for t in trials if t.state in (Outcome.COMPLETE, Outcome.PRUNED) and _is_number(t.value)]
 
 
 def _is_number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
 
 
-def search_plots(trials: Sequence[dict[str, Any]], params: dict[str, bool], objective: str, maximize: bool,
+def search_plots(trials: Sequence[TrialRow], params: dict[str, bool], objective: str, maximize: bool,
                  expected_max: Sequence[float], out_dir: Path, title: str) -> list[Path]:
     """The objective against each searched parameter, and the expected best against the budget; returns the files.
 
@@ -206,7 +200,7 @@ def search_plots(trials: Sequence[dict[str, Any]], params: dict[str, bool], obje
     out_dir.mkdir(parents=True, exist_ok=True)
     drawn = _drawn(trials)
     complete = [t for t in drawn if t.state == Outcome.COMPLETE]
-    best = (max if maximize else min)(complete, key=lambda t: t.value) if complete else None
+    best = (max if maximize else min)(complete, key=_v) if complete else None
     written = []
     for name, log in params.items():
         have = [t for t in drawn if name in t.params]
@@ -221,7 +215,7 @@ def search_plots(trials: Sequence[dict[str, Any]], params: dict[str, bool], obje
         path = out_dir / f"param_{_file_name(name)}.png"
         fig.savefig(path)
         written.append(path)
-    running = (np.maximum if maximize else np.minimum).accumulate(np.array([t.value for t in drawn], dtype=float))
+    running = (np.maximum if maximize else np.minimum).accumulate(np.array([_v(t) for t in drawn], dtype=float))
     if len(expected_max) or len(running):
         fig, (ax,) = _new_figure(1, 7.0)
         ax.plot(np.arange(1, len(expected_max) + 1), np.asarray(expected_max, dtype=float), marker=".", color="C0",
@@ -239,7 +233,7 @@ def search_plots(trials: Sequence[dict[str, Any]], params: dict[str, bool], obje
     return written
 
 
-def _param_panel(ax: Axes, name: str, log: bool, trials: Sequence[_Trial], best: _Trial | None) -> None:
+def _param_panel(ax: Axes, name: str, log: bool, trials: Sequence[TrialRow], best: TrialRow | None) -> None:
     values = [t.params[name] for t in trials]
     categorical = not all(_is_number(v) for v in values)
     if categorical:
@@ -258,14 +252,14 @@ def _param_panel(ax: Axes, name: str, log: bool, trials: Sequence[_Trial], best:
     complete = [t for t in trials if t.state == Outcome.COMPLETE]
     pruned = [t for t in trials if t.state == Outcome.PRUNED]
     if complete:
-        ax.scatter([x_of(t.params[name]) for t in complete], [t.value for t in complete], s=28, alpha=0.8,
+        ax.scatter([x_of(t.params[name]) for t in complete], [_v(t) for t in complete], s=28, alpha=0.8,
                    color="C0", gid="complete", label=f"complete ({len(complete)})")
     if pruned:
-        ax.scatter([x_of(t.params[name]) for t in pruned], [t.value for t in pruned], s=28, alpha=0.8,
+        ax.scatter([x_of(t.params[name]) for t in pruned], [_v(t) for t in pruned], s=28, alpha=0.8,
                    facecolors="none", edgecolors="C3", gid="pruned",
                    label=f"pruned ({len(pruned)}), value when stopped")
     if best is not None and name in best.params:
-        ax.scatter([x_of(best.params[name])], [best.value], marker="*", s=220, color="gold", edgecolors="black",
+        ax.scatter([x_of(best.params[name])], [_v(best)], marker="*", s=220, color="gold", edgecolors="black",
                    zorder=3, gid="best", label=f"best ({best.value:.4g})")
     if log and not categorical and all(float(v) > 0 for v in values):
         ax.set_xscale("log")

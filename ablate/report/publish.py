@@ -129,11 +129,10 @@ def comparison_table(report: SuiteReport) -> dict[str, list[Any]]:
 
 def search_report(summary: SearchSummary, spec: SearchSpec, out_dir: Path, title: str) -> list[Path]:
     """A search's plots in out_dir: the objective against each parameter, the expected best per budget."""
-    trials = [{"state": t.state, "value": t.value, "params": t.params} for t in summary.trials]
     logs = {}
     for key, p in spec.params.items():
         for name in p.distributions(key):
             logs[name] = p.log
     maximize = spec.goal == "maximize"
     with _writing(f"the search's plots to {out_dir}", f"see them with `ablate studies show {title}`"):
-        return search_plots(trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)
+        return search_plots(summary.trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)
