@@ -199,7 +199,20 @@ class RunSpec(_Strict):
 
     @model_validator(mode="after")
     def _consistent(self) -> RunSpec:
-        losses.resolve(self.loss).check(self)
+        """The rules of the fields a loss reads (its weights, its stages), and the loss's own ``check``."""
+        definition = losses.resolve(self.loss)
+        reads = set(definition.fields)
+        if {"alpha", "beta", "gamma"} <= reads and self.alpha + self.beta + self.gamma <= 0:
+            raise ValueError("alpha, beta and gamma are all zero; give at least one a positive weight")
+        if {"stage1_epochs", "stage2_epochs", "stage3_start"} <= reads:
+            stage3 = self.stage1_epochs + self.stage2_epochs if self.stage3_start is None else self.stage3_start
+            if stage3 < self.stage1_epochs:
+                raise ValueError(f"stage3_start ({self.stage3_start}) is before the end of stage 1 "
+                                 f"({self.stage1_epochs}); it must be at least stage1_epochs")
+            if self.stage1_epochs >= self.epochs:
+                raise ValueError(f"the run has {self.epochs} epochs but the MSE warm-up alone takes "
+                                 f"{self.stage1_epochs}; lower stage1_epochs or raise epochs")
+        definition.check(self)
         return self
 
     @property

@@ -346,3 +346,21 @@ def test_the_infonce_vs_siglip_study_pairs_each_batch_size_into_one_array():
     assert len(keys) == 3  # InfoNCE and SigLIP at the same batch size can train as one array
     assert {e: r.batch_size for e, r in spec.experiments.items() if r.loss == "siglip"} == {
         "siglip-b16": 16, "siglip-b32": 32, "siglip-b64": 64}
+
+
+def test_a_built_in_losss_definition_read_from_its_source_equals_its_class():
+    """Validating a run reads a built-in loss from its module's source (no torch); the class says the same."""
+    for name in losses.builtin_names():
+        static = losses.resolve(name)
+        live = losses._define(name, static.cls, builtin=True)
+        assert (static.fields, static.defaults, static.declared, static.has_check) == (
+            live.fields, live.defaults, live.declared, live.has_check), name
+        assert static.annotations == live.annotations or name == "multistage", name  # lrs: a tuple either way
+
+
+def test_validating_runs_of_every_built_in_loss_imports_no_torch():
+    code = ("import sys; from ablate import losses; from ablate.specs import RunSpec; "
+            "[RunSpec(loss=n) for n in losses.builtin_names()]; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "False"

@@ -23,6 +23,7 @@ Its ``forward(pred, target, ligand_ids=None)`` takes ``[B, D]`` tensors and retu
 
 from __future__ import annotations
 
+import ast
 import hashlib
 import importlib
 import importlib.util
@@ -30,7 +31,8 @@ import inspect
 import pkgutil
 import sys
 import typing
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from functools import cache
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -55,12 +57,19 @@ _NOT_LOSS_SETTINGS = frozenset({"loss", "loss_args", "model", "data"})
 """Run fields a loss's constructor may not read (they are not settings of a loss)."""
 
 
+_DECLARED = ("label", "contrastive", "reads", "epoch_fields", "replaces", "components")
+"""The class attributes a loss may declare (see the module's docstring)."""
+
+
 @dataclass(frozen=True)
 class LossDefinition:
-    """What the rest of ablate reads of a loss: its name, class and the run fields it reads."""
+    """What the rest of ablate reads of a loss: its name, the run fields it reads and what its class declares.
+
+    A built-in loss's definition is read from its module's source, so validating a run imports neither
+    its class nor torch; ``cls`` imports the class when a loss is built.
+    """
 
     name: str
-    cls: type[nn.Module]
     fields: dict[str, str]
     """Run field -> constructor keyword, for every keyword the constructor takes."""
     defaults: dict[str, Any]
@@ -68,41 +77,49 @@ class LossDefinition:
     annotations: dict[str, Any]
     """Run field -> the constructor's type hint for it (``Any`` when it has none)."""
     builtin: bool
+    declared: dict[str, Any]
+    """The class attributes among ``_DECLARED`` that the class sets."""
+    has_check: bool
+    load: Callable[[], type[nn.Module]] = field(repr=False, compare=False)
+
+    @property
+    def cls(self) -> type[nn.Module]:
+        """The loss's class (imported on first use)."""
+        return self.load()
 
     @property
     def contrastive(self) -> bool:
         """Whether a sample's loss depends on the rest of its batch."""
-        return bool(getattr(self.cls, "contrastive", True))
+        return bool(self.declared.get("contrastive", True))
 
     @property
     def label(self) -> str:
         """How reports name the loss."""
-        return str(getattr(self.cls, "label", self.cls.__name__))
+        return str(self.declared.get("label", self.name))
 
     @property
     def epoch_fields(self) -> tuple[str, ...]:
         """Run fields counted in epochs, which ``--epochs`` scales with the run."""
-        return tuple(getattr(self.cls, "epoch_fields", ()))
+        return tuple(self.declared.get("epoch_fields", ()))
 
     @property
     def replaces(self) -> tuple[str, ...]:
         """Run fields the loss makes unused (a schedule's own learning rates replace ``lr``)."""
-        return tuple(getattr(self.cls, "replaces", ()))
+        return tuple(self.declared.get("replaces", ()))
 
     def check(self, spec: Any) -> None:
-        """Refuse settings that cannot work (ValueError), as the loss's class says."""
-        check = getattr(self.cls, "check", None)
-        if check is not None:
-            check(spec)
+        """Refuse settings that cannot work (ValueError), as the loss's class says (its ``check``, if any)."""
+        if self.has_check:
+            self.cls.check(spec)  # type: ignore[attr-defined]
 
     def switches(self, spec: Any) -> list[int]:
         """The epochs where a run of this loss switches its loss (a schedule's stages)."""
-        switches = getattr(self.cls, "switches", None)
+        switches = getattr(self.cls, "switches", None) if self.epoch_fields else None
         return list(switches(spec)) if switches is not None else []
 
     def last_stage_start(self, spec: Any) -> int:
         """The first epoch of the run's last stage (0 without stages)."""
-        start = getattr(self.cls, "last_stage_start", None)
+        start = getattr(self.cls, "last_stage_start", None) if self.epoch_fields else None
         return int(start(spec)) if start is not None else 0
 
     def build(self, settings: dict[str, Any]) -> nn.Module:
@@ -138,8 +155,7 @@ def resolve(name: str) -> LossDefinition:
 @cache
 def _resolve(name: str) -> LossDefinition:
     if name in builtin_names():
-        module = importlib.import_module(f"{__name__}.{name}")
-        return _define(name, _the_loss_class(module), builtin=True)
+        return _register(_declared_builtin(name))
     if ":" in name:
         where, _, attr = name.rpartition(":")
         return _define(name, _attribute(_load(name, where), attr, name), builtin=False)
@@ -183,16 +199,6 @@ def build_loss(name: str, **params: Any) -> nn.Module:
     except TypeError as e:
         raise AblateError(f"loss {name!r}: {e}") from None
     return definition.cls(**params)
-
-
-def _the_loss_class(module: Any) -> type[nn.Module]:
-    from torch import nn
-
-    own = [v for k, v in vars(module).items() if not k.startswith("_") and isinstance(v, type)
-           and issubclass(v, nn.Module) and v.__module__ == module.__name__]
-    if len(own) != 1:
-        raise RuntimeError(f"{module.__name__} must define exactly one public loss class, found {len(own)}")
-    return own[0]
 
 
 def _load(name: str, where: str) -> Any:
@@ -263,32 +269,103 @@ def _define(name: str, cls: Any, *, builtin: bool) -> LossDefinition:
                           "a class with forward(pred, target, ligand_ids=None)")
     _check_forward(name, cls)
     renames: dict[str, str] = dict(getattr(cls, "reads", {}))
-    field_of = {keyword: field for field, keyword in renames.items()}
     try:
         hints = typing.get_type_hints(cls.__init__)
     except Exception:
         hints = {}
+    params = [(p.name, p.default, hints.get(p.name, _type_of(p.default)), p.kind)
+              for p in inspect.signature(cls).parameters.values()]
+    declared = {a: getattr(cls, a) for a in _DECLARED if a != "reads" and hasattr(cls, a)}
+    declared.setdefault("label", cls.__name__)
+    return _register(_definition(name, params, renames, declared, callable(getattr(cls, "check", None)),
+                                 lambda: cls, builtin=builtin))
+
+
+def _definition(name: str, params: list[tuple[str, Any, Any, Any]], renames: dict[str, str],
+                declared: dict[str, Any], has_check: bool, load: Callable[[], type[nn.Module]], *,
+                builtin: bool) -> LossDefinition:
+    """A definition from a constructor's parameters (name, default, type, kind) and what the class declares."""
+    field_of = {keyword: f for f, keyword in renames.items()}
     fields, defaults, annotations = {}, {}, {}
-    for p in list(inspect.signature(cls).parameters.values()):
-        if p.kind in (p.VAR_POSITIONAL, p.VAR_KEYWORD):
+    for keyword, default, annotation, kind in params:
+        if kind in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD):
             continue
-        if p.kind == p.POSITIONAL_ONLY:
-            raise AblateError(f"loss {name!r}: constructor argument {p.name!r} is positional-only; ablate passes "
+        if kind == inspect.Parameter.POSITIONAL_ONLY:
+            raise AblateError(f"loss {name!r}: constructor argument {keyword!r} is positional-only; ablate passes "
                               "settings by keyword")
-        field = field_of.get(p.name, p.name)
-        if field in _NOT_LOSS_SETTINGS:
-            raise AblateError(f"loss {name!r}: constructor argument {p.name!r} would read the run's {field!r}, "
+        f = field_of.get(keyword, keyword)
+        if f in _NOT_LOSS_SETTINGS:
+            raise AblateError(f"loss {name!r}: constructor argument {keyword!r} would read the run's {f!r}, "
                               "which is not a loss setting; rename it")
-        fields[field] = p.name
-        defaults[field] = p.default
-        annotations[field] = hints.get(p.name, type(p.default) if p.default not in (REQUIRED, None) else Any)
-    definition = LossDefinition(name, cls, fields, defaults, annotations, builtin)
-    _RESOLVED[name] = definition
+        fields[f], defaults[f], annotations[f] = keyword, default, annotation
+    return LossDefinition(name, fields, defaults, annotations, builtin, declared, has_check, load)
+
+
+def _type_of(default: Any) -> Any:
+    return type(default) if default not in (REQUIRED, None) else Any
+
+
+def _register(definition: LossDefinition) -> LossDefinition:
+    _RESOLVED[definition.name] = definition
     return definition
 
 
 _RESOLVED: dict[str, LossDefinition] = {}
 """Every loss resolved in this process, by name."""
+
+
+def _declared_builtin(name: str) -> LossDefinition:
+    """A built-in loss's definition, read from its module's source (its class is imported only when built).
+
+    The module defines one public ``nn.Module`` class; its constructor's defaults and the attributes it
+    declares are literals (a test checks that this reading equals the imported class's)."""
+    tree = ast.parse(Path(__file__).with_name(f"{name}.py").read_text())
+    classes = [n for n in tree.body if isinstance(n, ast.ClassDef) and not n.name.startswith("_")
+               and any(ast.unparse(b).endswith("Module") for b in n.bases)]
+    if len(classes) != 1:
+        raise RuntimeError(f"ablate/losses/{name}.py must define exactly one public loss class, found {len(classes)}")
+    node = classes[0]
+    declared: dict[str, Any] = {"label": node.name}
+    methods = {f.name: f for f in node.body if isinstance(f, ast.FunctionDef)}
+    for item in node.body:
+        target: ast.expr
+        if isinstance(item, ast.AnnAssign) and item.value is not None:
+            target, value = item.target, item.value
+        elif isinstance(item, ast.Assign) and len(item.targets) == 1:
+            target, value = item.targets[0], item.value
+        else:
+            continue
+        if isinstance(target, ast.Name) and target.id in _DECLARED:
+            declared[target.id] = ast.literal_eval(value)
+    params: list[tuple[str, Any, Any, Any]] = []
+    init = methods.get("__init__")
+    if init is not None:
+        a = init.args
+        positional = a.args[1:]
+        defaults = [REQUIRED] * (len(positional) - len(a.defaults)) + [ast.literal_eval(d) for d in a.defaults]
+        params += [(p.id if isinstance(p, ast.Name) else p.arg, d, _annotation(p.annotation, d),
+                    inspect.Parameter.POSITIONAL_OR_KEYWORD) for p, d in zip(positional, defaults, strict=True)]
+        params += [(p.arg, REQUIRED if d is None else ast.literal_eval(d), _annotation(p.annotation, None),
+                    inspect.Parameter.KEYWORD_ONLY) for p, d in zip(a.kwonlyargs, a.kw_defaults, strict=True)]
+    class_name = node.name
+
+    def load() -> type[nn.Module]:
+        cls: type[nn.Module] = getattr(importlib.import_module(f"{__name__}.{name}"), class_name)
+        return cls
+
+    return _definition(name, params, dict(declared.pop("reads", {})), declared, "check" in methods, load,
+                       builtin=True)
+
+
+def _annotation(node: ast.expr | None, default: Any) -> Any:
+    """A constructor argument's type hint from source (builtin types only), else the default's type."""
+    if node is not None:
+        try:
+            return eval(ast.unparse(node), {"__builtins__": {"float": float, "int": int, "bool": bool, "str": str,
+                                                             "tuple": tuple, "list": list, "dict": dict, "None": None}})
+        except Exception:
+            return Any
+    return _type_of(default)
 
 
 def _check_forward(name: str, cls: type) -> None:

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Any, ClassVar
+from typing import ClassVar
 
 import torch
 from torch import Tensor, nn
@@ -44,12 +44,6 @@ class CombinedLoss(nn.Module):
         self.cosine = CosineSimilarityLoss()
         self.mse = MSELoss()
         self.last_components: dict[str, Tensor] = {}
-
-    @classmethod
-    def check(cls, spec: Any) -> None:
-        """The weights of a run cannot all be zero."""
-        if spec.alpha + spec.beta + spec.gamma <= 0:
-            raise ValueError("alpha, beta and gamma are all zero; give at least one a positive weight")
 
     def logged(self) -> dict[str, float]:
         """The InfoNCE part's temperature, when it is learned."""

@@ -66,18 +66,6 @@ class MultiStageScheduler(nn.Module):
         return spec.stage1_epochs, stage3
 
     @classmethod
-    def check(cls, spec: Any) -> None:
-        """Stage boundaries in order, weights not all zero, and room for more than the warm-up."""
-        CombinedLoss.check(spec)
-        stage2, stage3 = cls.starts(spec)
-        if stage3 < stage2:
-            raise ValueError(f"stage3_start ({spec.stage3_start}) is before the end of stage 1 "
-                             f"({spec.stage1_epochs}); it must be at least stage1_epochs")
-        if stage2 >= spec.epochs:
-            raise ValueError(f"the run has {spec.epochs} epochs but the MSE warm-up alone takes "
-                             f"{spec.stage1_epochs}; lower stage1_epochs or raise epochs")
-
-    @classmethod
     def switches(cls, spec: Any) -> list[int]:
         """The epochs where a run switches its loss."""
         return sorted(set(cls.starts(spec)))
