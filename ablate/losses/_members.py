@@ -42,6 +42,7 @@ class MemberLosses(nn.Module):
         self.failed: list[str | None] = [None] * len(criteria)
         """Why each member's loss failed (None while it works)."""
         self._groups: list[_Group] | None = None
+        self._order: Tensor | None = None
 
     def set_epoch(self, epoch: int) -> list[str | None]:
         """Switch each member to its loss for ``epoch``; returns each member's stage name (None without stages)."""
@@ -82,24 +83,23 @@ class MemberLosses(nn.Module):
         """Each member's loss [K] and the parts [K] that members' losses log (NaN for the others)."""
         if self._groups is None:
             self._groups = self._group()
-        values, order = [], []
+            order = [k for g in self._groups for k in g.members]
+            self._order = None if order == sorted(order) else torch.tensor(
+                sorted(range(len(order)), key=order.__getitem__))
+        values = []
         parts: dict[str, Tensor] = {}
         for group in self._groups:
-            whole = len(group.members) == len(self.current)
-            index = None if whole else torch.tensor(group.members, device=pred.device)
-            p, t = (pred, target) if index is None else (pred[index], target[index])
-            ids = None if ligand_ids is None or not group.masks else (
-                ligand_ids if index is None else ligand_ids[index])
-            value, comps = group(self, p, t, ids)
+            take = group.take(pred.device)
+            ids = None if ligand_ids is None or not group.masks else ligand_ids[take]
+            value, comps = group(self, pred[take], target[take], ids)
             values.append(value)
-            order.extend(group.members)
             for name, v in comps.items():
                 if name not in parts:
                     parts[name] = torch.full((len(self.current),), float("nan"), dtype=v.dtype, device=v.device)
-                parts[name][torch.tensor(group.members, device=v.device)] = v.to(parts[name].dtype)
+                parts[name][take] = v.to(parts[name].dtype)
         loss = values[0] if len(values) == 1 else torch.cat(values)
-        if order != sorted(order):
-            loss = loss[torch.tensor(sorted(range(len(order)), key=order.__getitem__), device=loss.device)]
+        if self._order is not None:  # the groups' members are not in member order: put them back
+            loss = loss[self._order.to(loss.device)]
         return loss, parts
 
     def _group(self) -> list[_Group]:
@@ -125,6 +125,9 @@ class _Group:
 
     def __init__(self, owner: MemberLosses, members: list[int]):
         self.members = members
+        first, last = members[0], members[-1]
+        self._slice = slice(first, last + 1) if members == list(range(first, last + 1)) else None
+        self._index: dict[torch.device, Tensor] = {}
         self.criteria = [owner.current[k] for k in members]
         self.masks = owner.masks(members[0])
         self.watched = any(owner.watched[k] for k in members)
@@ -133,6 +136,14 @@ class _Group:
         stack = getattr(cls, "stack", None)
         self.mode = "stack" if stack is not None else "vmap"
         self.stacked: Stacked | None = stack(self.criteria) if stack is not None else None
+
+    def take(self, device: torch.device) -> slice | Tensor:
+        """How to take the group's members from a [K, ...] tensor: a slice (a view) when they are consecutive."""
+        if self._slice is not None:
+            return self._slice
+        if device not in self._index:
+            self._index[device] = torch.tensor(self.members, device=device)
+        return self._index[device]
 
     def __call__(self, owner: MemberLosses, pred: Tensor, target: Tensor, ids: Tensor | None
                  ) -> tuple[Tensor, dict[str, Tensor]]:
