@@ -197,7 +197,9 @@ class SearchSpec(StudyDesign):
         _check_model(self.base, "base")
         searched: dict[str, str] = {}
         for key, p in self.params.items():
-            targets = p.names if p.type == "simplex" else [key]
+            targets = p.names if p.targets else [key]
+            if p.type == "division":
+                _check_division(key, p.names or [], self.base)
             for t in targets or []:
                 if t.split(".")[0] not in RUN_FIELDS and t not in loss_fields(self.base.loss):
                     own = [f for f in loss_fields(self.base.loss) if f not in RUN_FIELDS]
@@ -306,7 +308,7 @@ class SearchSpec(StudyDesign):
         """Sample every parameter; the learning rate follows the batch size if a rule says so."""
         values: dict[str, Any] = {}
         for key, p in self.params.items():
-            values.update(p.suggest(trial, key))
+            values.update(p.suggest(trial, key, self.base.epochs))
         run = apply_values(self.base, values)
         if self.lr_scaling.rule != "none" and "lr" not in values:
             scaled = self.lr_scaling.scale(run.lr, run.batch_size)
@@ -318,7 +320,7 @@ class SearchSpec(StudyDesign):
     def shape_of(self, trial: FrozenTrial) -> RunSpec | None:
         """The base run, unless a searched parameter changes what shapes the computation."""
         for key, p in self.params.items():
-            for target in (p.names if p.type == "simplex" else [key]) or []:
+            for target in (p.names if p.targets else [key]) or []:
                 if target.split(".")[0] in SHAPING_FIELDS:
                     return None
         return self.base
@@ -327,7 +329,7 @@ class SearchSpec(StudyDesign):
         """The base run and the runs at each parameter's extremes."""
         out = [("base", self.base)]
         for key, p in self.params.items():
-            for values in p.extremes(key):
+            for values in p.extremes(key, self.base.epochs):
                 label = f"params.{key}=" + ",".join(f"{k}={v}" for k, v in values.items())
                 try:
                     out.append((label, apply_values(self.base, values)))
@@ -346,6 +348,22 @@ class SearchSpec(StudyDesign):
             seeds=list(self.confirm_seeds),
             experiments=experiments,
         )
+
+
+def _check_division(key: str, names: list[str], base: RunSpec) -> None:
+    """A division splits the base loss's stages: its names are the loss's epoch fields, in order, and the base run
+    sets none of the loss's other epoch fields (the division decides them)."""
+    fields = losses.resolve(base.loss).epoch_fields
+    if not fields:
+        raise ValueError(f"params.{key}: a division splits a loss's stages, but the base loss {base.loss!r} has none "
+                         "(use loss = \"multistage\")")
+    if names != [f for f in fields if f in names]:
+        raise ValueError(f"params.{key}: names must be the base loss's stage lengths, in order, from "
+                         f"{', '.join(fields)}; got {', '.join(names)}")
+    decided = [f for f in fields if f not in names and getattr(base, f, None) is not None]
+    if decided:
+        raise ValueError(f"params.{key}: the base run sets {', '.join(decided)}, which the division decides; "
+                         "remove it from [base]")
 
 
 def _check_model(run: RunSpec, where: str) -> None:

@@ -17,9 +17,10 @@ FiniteFloat = Annotated[float, Field(allow_inf_nan=False)]
 
 
 class ParamSpec(_Strict):
-    """One searched parameter: a float or int range, a set of choices, or weights on a simplex."""
+    """One searched parameter: a float or int range, a set of choices, weights on a simplex, or a division of the
+    run's epochs into stages (``names``: the epoch fields of all stages but the last, which gets the rest)."""
 
-    type: Literal["float", "int", "categorical", "simplex"]
+    type: Literal["float", "int", "categorical", "simplex", "division"]
     low: FiniteFloat | None = None
     high: FiniteFloat | None = None
     log: bool = False
@@ -29,7 +30,7 @@ class ParamSpec(_Strict):
 
     KEYS: ClassVar[dict[str, frozenset[str]]] = {
         "float": frozenset({"low", "high", "log", "step"}), "int": frozenset({"low", "high", "log", "step"}),
-        "categorical": frozenset({"choices"}), "simplex": frozenset({"names"}),
+        "categorical": frozenset({"choices"}), "simplex": frozenset({"names"}), "division": frozenset({"names"}),
     }
     """The keys each type of parameter takes (besides ``type``)."""
 
@@ -50,8 +51,10 @@ class ParamSpec(_Strict):
             if len(set(seen)) != len(seen):
                 raise ValueError(f"choices must be distinct, got {self.choices}")
         else:
-            if not self.names or len(self.names) < 2:
-                raise ValueError("a simplex parameter needs names = [at least two run fields]")
+            least = 2 if self.type == "simplex" else 1
+            if not self.names or len(self.names) < least:
+                raise ValueError(f"a {self.type} parameter needs names = [at least {least} run field"
+                                 f"{'s' if least > 1 else ''}]")
             doubled = sorted({n for n in self.names if self.names.count(n) > 1})
             if doubled:
                 raise ValueError(f"names must be distinct run fields; {', '.join(doubled)} is named twice")
@@ -83,8 +86,13 @@ class ParamSpec(_Strict):
             raise ValueError(f"the range {low}..{high} is not a whole number of steps of {step}, so {high} "
                              f"could never be drawn; set high = {top:g} (or a step that divides {high - low:g})")
 
-    def suggest(self, trial: optuna.Trial, key: str) -> dict[str, Any]:
-        """The run-field values this parameter takes in a trial."""
+    @property
+    def targets(self) -> bool:
+        """Whether the parameter sets the run fields in ``names`` (a simplex, a division) rather than its own key."""
+        return self.type in ("simplex", "division")
+
+    def suggest(self, trial: optuna.Trial, key: str, epochs: int = 1) -> dict[str, Any]:
+        """The run-field values this parameter takes in a trial (``epochs``: the run's, which a division divides)."""
         if self.type == "float":
             assert self.low is not None and self.high is not None
             return {key: trial.suggest_float(key, self.low, self.high, log=self.log, step=self.step)}
@@ -96,7 +104,10 @@ class ParamSpec(_Strict):
             assert self.choices is not None
             return {key: trial.suggest_categorical(key, self.choices)}
         assert self.names is not None
-        u = [trial.suggest_float(f"{key}.u{i}", 0.0, 1.0) for i in range(len(self.names) - 1)]
+        parts = len(self.names) + (1 if self.type == "division" else 0)
+        u = [trial.suggest_float(f"{key}.u{i}", 0.0, 1.0) for i in range(parts - 1)]
+        if self.type == "division":
+            return divide(self.names, simplex_point(u), epochs)
         return dict(zip(self.names, simplex_point(u), strict=True))
 
     def distributions(self, key: str) -> dict[str, optuna.distributions.BaseDistribution]:
@@ -114,18 +125,31 @@ class ParamSpec(_Strict):
             assert self.low is not None and self.high is not None
             return {key: FloatDistribution(self.low, self.high, log=self.log, step=self.step)}
         assert self.names is not None
-        return {f"{key}.u{i}": FloatDistribution(0.0, 1.0) for i in range(len(self.names) - 1)}
+        parts = len(self.names) + (1 if self.type == "division" else 0)
+        return {f"{key}.u{i}": FloatDistribution(0.0, 1.0) for i in range(parts - 1)}
 
-    def extremes(self, key: str) -> list[dict[str, Any]]:
+    def extremes(self, key: str, epochs: int = 1) -> list[dict[str, Any]]:
         """The run-field values at this parameter's extremes: every choice, low and high, each corner."""
         if self.type == "categorical":
             return [{key: c} for c in self.choices or []]
+        if self.type == "division":
+            names = self.names or []
+            return [divide(names, [float(i == corner) for i in range(len(names) + 1)], epochs)
+                    for corner in range(len(names) + 1)]
         if self.type == "simplex":
             names = self.names or []
             return [{n: float(n == corner) for n in names} for corner in names]
         assert self.low is not None and self.high is not None
         cast = int if self.type == "int" else float
         return [{key: cast(self.low)}, {key: cast(self.high)}]
+
+
+def divide(names: list[str], shares: list[float], epochs: int) -> dict[str, int]:
+    """Whole epochs per stage from shares of the run's ``epochs`` (the last stage, unnamed, gets the rest). The
+    first stage keeps at least one epoch for the others (a warm-up cannot be the whole run)."""
+    out = {name: int(share * epochs) for name, share in zip(names, shares, strict=False)}
+    out[names[0]] = min(out[names[0]], max(0, epochs - 1))
+    return out
 
 
 def simplex_point(u: list[float]) -> list[float]:
