@@ -123,3 +123,18 @@ def test_metric_keys_and_mlflow_tags_are_spelled_only_by_the_vocabulary():
             spelled += [f"{path.name}: {t}" for t in re.findall(r"\"(ablate\.[a-z_]+)\"", text) if t in tags]
     assert not unknown, unknown
     assert not spelled, spelled
+
+
+def test_no_module_is_over_450_lines_and_no_function_body_over_60():
+    long_modules, long_functions = [], []
+    for path in sorted((ROOT / "ablate").rglob("*.py")):
+        text = path.read_text()
+        if text.count("\n") > 450:
+            long_modules.append(f"{path.relative_to(ROOT)}: {text.count(chr(10))} lines")
+        for node in ast.walk(ast.parse(text)):
+            if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                body = node.body[1:] if ast.get_docstring(node) else node.body  # a command's signature is its help
+                if body and body[-1].end_lineno - body[0].lineno + 1 > 60:  # type: ignore[operator]
+                    long_functions.append(f"{path.relative_to(ROOT)}:{node.lineno} {node.name}")
+    assert not long_modules, long_modules
+    assert not long_functions, long_functions
