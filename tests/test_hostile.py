@@ -18,6 +18,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, ClassVar
 
+import numpy as np
 import pytest
 from support import run_cli
 
@@ -955,3 +956,17 @@ def test_processes_opening_a_new_sqlite_storage_at_once_all_open_it(tmp_path):
         results = [p.communicate(timeout=120) for p in procs]
         assert all(p.returncode == 0 and out.strip() == "opened" for p, (out, _) in zip(procs, results, strict=True)), \
             [err.strip().splitlines()[-1:] for _, err in results]
+
+
+@pytest.mark.parametrize("command", [["train", "--epochs", "1"],
+                                     ["run-suite", "baseline-vs-multistage", "--seeds", "0"]])
+def test_a_mistake_in_a_data_file_answers_before_torch_is_imported(tmp_path, command):
+    np.savez(tmp_path / "short.npz", pocket=np.ones((5, 3), np.float32), ligand=np.ones((4, 3), np.float32))
+    shutil.copytree(Path(__file__).resolve().parents[1] / "studies", tmp_path / "studies")
+    code = ("import sys; from ablate.cli import main; sys.argv = ['ablate', *sys.argv[1:]]\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    print(e.code, 'torch' in sys.modules, file=sys.stderr)")
+    out = subprocess.run([sys.executable, "-c", code, *command, "--data", "short.npz"], cwd=tmp_path,
+                         capture_output=True, text=True, timeout=120)
+    lines = out.stderr.strip().splitlines()
+    assert "short.npz: 'pocket' has 5 rows but 'ligand' has 4" in lines[0]
+    assert lines[-1] == "2 False"

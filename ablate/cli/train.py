@@ -99,6 +99,9 @@ def train(
             raise AblateError(f"--save-best {save_best}: that is a folder; give a file name, e.g. "
                               f"{save_best / 'best.pt'}")
         studyfiles.writable_folder(save_best.parent, f"--save-best {save_best}")
+    from ablate.training import files
+
+    files.check(run.data)  # a mistake in a data file answers before torch is imported
     from ablate.tracking.client import Tracker, ui_hint
     from ablate.training.trainer import Trainer
 

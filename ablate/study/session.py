@@ -299,7 +299,15 @@ class StudySession:
 
 
 def preflight(spec: StudySpec) -> None:
-    """Every run of the study checked (data, batch, device, model) before any trial starts."""
+    """Every run of the study checked (data, batch, device, model) before any trial starts; its data files first,
+    before torch is imported."""
+    from ablate.training import files
+
+    for label, run in spec.preflight_runs():
+        try:
+            files.check(run.data)
+        except AblateError as e:
+            raise AblateError(f"{spec.name}: {label}: {e}") from None
     for label, run in spec.preflight_runs():
         try:
             from ablate.training import preflight

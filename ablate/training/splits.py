@@ -11,7 +11,8 @@ from torch import Tensor
 
 from ablate.errors import AblateError
 from ablate.specs import DataSpec
-from ablate.training.data import SPLIT_NAMES, PairedEmbeddings, load_labelled, synthetic_pairs
+from ablate.training.data import PairedEmbeddings, load_labelled, synthetic_pairs
+from ablate.training.files import SPLIT_NAMES
 
 
 @dataclass(frozen=True)
