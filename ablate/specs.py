@@ -332,12 +332,14 @@ def describe(
             ann = field.annotation if field is not None else None
             parent = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
         valid = sorted(parent.model_fields) if parent is not None else []
+        if parent is RunSpec:  # a run also takes its losses' own settings (known ones: built in, or resolved)
+            valid = sorted(set(valid) - {"loss_args"}) + sorted(losses.known_fields() - set(RunSpec.model_fields))
         hint = difflib.get_close_matches(loc[-1], valid, n=1)
         msg = f"unknown key {loc[-1]!r}"
         if hint:
             msg += f"; did you mean {hint[0]!r}?"
         if valid:
-            msg += f" Valid keys: {', '.join(valid)}"
+            msg += (" Valid keys: " if hint else "; valid keys: ") + ", ".join(valid)
         return where, msg
     got = err.get("input")
     shown = "" if isinstance(got, dict) or repr(got) in err["msg"] else f" (got {got!r})"

@@ -65,8 +65,9 @@ TrackingOpt = Annotated[
 ]
 SetOpt = Annotated[
     list[str] | None,
-    typer.Option("--set", metavar="KEY=VALUE", help="Override a field, e.g. lr=5e-4 or model.dropout=0.1; in a "
-                 "suite, prefix KEY with experiments.NAME. for one experiment only (repeatable)."),
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a run field, e.g. lr=5e-4, model.dropout=0.1 or a "
+                 "loss's own setting (margin=0.3); for one experiment of a suite, prefix KEY with experiments.NAME. "
+                 "(repeatable)."),
 ]
 JobsOpt = Annotated[
     str, typer.Option("--jobs", "-j", metavar="N", help="Trials trained in parallel on this machine, one process each; "

@@ -56,8 +56,9 @@ def train(
     gamma: Annotated[float | None, flag("Combined: MSE weight", "gamma")] = None,
     stage1_epochs: Annotated[int | None, flag("Multistage: MSE warm-up epochs", "stage1_epochs")] = None,
     stage2_epochs: Annotated[int | None, flag("Multistage: InfoNCE epochs", "stage2_epochs")] = None,
-    data: Annotated[str | None, flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id], "
-                                      "or 'synthetic' (the built-in benchmark)", "data.source", "FILE")] = None,
+    data: Annotated[str | None, flag("A .npz/.pt/.parquet file with arrays pocket, ligand [, ligand_id, "
+                                      "pocket_id, split], or 'synthetic' (the built-in benchmark)", "data.source",
+                                      "FILE")] = None,
     test_data: Annotated[str | None, flag("Score the selected model on this file's pairs instead of a test split "
                                           "of --data", None, "FILE")] = None,
     patience: Annotated[int | None, typer.Option(
@@ -78,8 +79,7 @@ def train(
 ) -> None:
     """Train one model and log it to MLflow (the quick-start's experiments, one at a time).
 
-    The epoch with the best validation selection metric (select_metric, default val/mrr) is kept; that model is
-    scored once on the test split and logged as the run's MLflow model, with split.json (the row indices)."""
+    The epoch with the best validation selection metric (select_metric, default val/mrr) is kept; that model is scored once on the test split and logged as the run's MLflow model, with split.json (the row indices)."""  # noqa: E501 (one line: the help rewraps it)
     named: dict[str, Any] = {
         "loss": loss_fn, "lr": lr, "batch_size": batch_size, "epochs": num_epochs,
         "temperature": temperature, "alpha": alpha, "beta": beta, "gamma": gamma,
