@@ -172,11 +172,11 @@ class RunSpec(_Strict):
         given = data.get("loss_args", {})
         if not isinstance(given, dict):
             return data
-        unknown = [k for k in given if k not in own]
+        others = losses.known_fields() - set(cls.model_fields) - set(own)
+        unknown = [k for k in given if k not in own and k not in others]  # another loss's: dropped, as at the top
         if unknown:
             raise ValueError(f"loss_args.{unknown[0]}: loss {definition.name!r} takes no setting {unknown[0]!r}"
                              + (f"; it takes {', '.join(own)}" if own else ""))
-        others = losses.known_fields() - set(cls.model_fields) - set(own)
         out = {k: v for k, v in data.items() if k not in own and k not in others}
         args: dict[str, Any] = {}
         for field in own:

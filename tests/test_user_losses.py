@@ -14,11 +14,11 @@ import optuna
 import pytest
 import torch
 from mlflow.tracking import MlflowClient
-from support import run_cli, tiny_run
+from support import TINY, run_cli, tiny_run
 
 from ablate import SigLIPLoss, losses
 from ablate.errors import AblateError
-from ablate.specs import RunSpec, validate
+from ablate.specs import DataSpec, RunSpec, validate
 from ablate.study import records
 from ablate.training.splits import load_split
 from ablate.training.trainer import Trainer
@@ -48,6 +48,8 @@ class Margin(nn.Module):
 class HardNegatives(nn.Module):
     """InfoNCE whose negatives are weighted by exp(beta * similarity) (Robinson et al. 2021), learnable scale."""
 
+    functional = True  # forward changes nothing: members may run under vmap
+
     def __init__(self, hardness: float = 1.0, temperature: float = 0.1):
         super().__init__()
         self.hardness = hardness
@@ -64,6 +66,30 @@ class HardNegatives(nn.Module):
             logits = logits.masked_fill(shared, float("-inf"))
         log_den = torch.logsumexp(logits + weights.log(), dim=1)
         return (log_den - logits.diagonal()).mean()
+
+
+class Warmup(nn.Module):
+    """Weights its cosine part up with the number of training calls: a loss that keeps state (not functional)."""
+
+    def __init__(self, ramp: int = 20):
+        super().__init__()
+        self.ramp, self.calls = ramp, 0
+
+    def forward(self, pred, target, ligand_ids=None):
+        if torch.is_grad_enabled():
+            self.calls += 1
+        w = min(self.calls, self.ramp) / self.ramp
+        return (pred - target).pow(2).mean() + w * (1 - F.cosine_similarity(pred, target, dim=-1)).mean()
+
+
+class SmallBatches(nn.Module):
+    """Refuses batches over 4 x 16 pairs (as a loss whose [B, B] matrix would not fit in memory)."""
+
+    def forward(self, pred, target, ligand_ids=None):
+        if pred.shape[0] > 64:
+            raise MemoryError(f"[{pred.shape[0]}, {pred.shape[0]}] does not fit")
+        s = F.normalize(pred, dim=-1) @ F.normalize(target, dim=-1).T / 0.1
+        return F.cross_entropy(s, torch.arange(s.shape[0]))
 
 
 class Raises(nn.Module):
@@ -364,3 +390,43 @@ def test_validating_runs_of_every_built_in_loss_imports_no_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_a_loss_that_keeps_state_trains_one_member_at_a_time_each_as_alone(user_file):
+    specs = [tiny_run(loss=f"{user_file}:Warmup", seed=0), tiny_run(loss=f"{user_file}:Warmup", seed=1)]
+    trainer, history = _train(specs)
+    assert [g.mode for g in trainer.losses._groups] == ["loop"]  # not functional: never vmapped
+    for k, spec in enumerate(specs):
+        alone, alone_history = _train([spec])
+        for a, b in zip(trainer.every[k].params, alone.every[0].params, strict=True):
+            assert (a - b).abs().max().item() <= 1e-9
+        assert [r.metrics["val/loss"] for r in history[k]] == pytest.approx(
+            [r.metrics["val/loss"] for r in alone_history[0]], rel=1e-9)
+
+
+def test_validation_takes_a_contrastive_users_loss_in_training_sized_batches_also_beside_mse(user_file):
+    data = DataSpec(synthetic=TINY.model_copy(update={"n_ligands": 200}))
+    specs = [tiny_run(loss=f"{user_file}:SmallBatches", seed=0, data=data), tiny_run(loss="mse", seed=1, data=data)]
+    assert len(load_split(specs[0].data).val) > 64  # the whole validation set would be refused as one batch
+    _trainer, history = _train(specs)
+    assert all(r.error is None for r in history[0]) and len(history[0]) == 3
+
+
+def test_a_suite_base_may_set_a_user_losss_setting_that_its_mse_experiment_does_not_read(tmp_path, user_file):
+    from ablate.study.designs import from_document
+
+    doc = {"kind": "suite", "name": "mixed", "seeds": [0], "baseline": "mse",
+           "base": {"margin": 0.3, "epochs": 2},
+           "experiments": {"mse": {"loss": "mse"}, "margin": {"loss": f"{user_file}:Margin"}}}
+    spec = from_document(doc)
+    assert spec.experiments["margin"].loss_args["margin"] == 0.3 and spec.experiments["mse"].loss_args == {}
+    assert "loss_args" not in spec.identity()["experiments"]["mse"]  # a study's name is what it was before
+
+
+def test_a_search_over_the_loss_itself_may_start_from_a_loss_with_settings_of_its_own():
+    from ablate.study.designs import from_document
+
+    doc = {"kind": "search", "name": "l", "objective": "val/mrr", "n_trials": 2, "base": {"loss": "siglip",
+           "epochs": 2}, "params": {"loss": {"type": "categorical", "choices": ["infonce", "siglip"]}}}
+    runs = {run.loss: run for _, run in from_document(doc).preflight_runs()}
+    assert runs["infonce"].loss_args == {} and runs["siglip"].loss_args["siglip_scale"] == 10.0

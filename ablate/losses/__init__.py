@@ -15,8 +15,9 @@ reads the same things from the class:
   ``train/loss_<part>``; ``logged()``, numbers it logs per epoch (a learned temperature);
 - optionally ``check(spec)`` (a class method raising ValueError on settings that cannot work),
   ``stack(criteria)`` (how K members run at once on the member axis; without it, ``torch.func.vmap``
-  or one member at a time), and a schedule's ``get_loss(epoch)``, ``get_recommended_lr()``,
-  ``epoch_fields``, ``replaces``, ``switches(spec)`` and ``last_stage_start(spec)``.
+  for a loss that declares ``functional = True``, else one member at a time), and a schedule's
+  ``get_loss(epoch)``, ``get_recommended_lr()``, ``epoch_fields``, ``replaces``, ``switches(spec)`` and
+  ``last_stage_start(spec)``.
 
 Its ``forward(pred, target, ligand_ids=None)`` takes ``[B, D]`` tensors and returns a scalar.
 """

@@ -134,7 +134,10 @@ class _Group:
         cls = type(self.criteria[0])
         self.components: tuple[str, ...] = tuple(getattr(cls, "components", ()))
         stack = getattr(cls, "stack", None)
-        self.mode = "stack" if stack is not None else "vmap"
+        # vmap calls one member's forward with every member's tensors: right only for a loss that keeps no state of
+        # its own (it says so: ``functional = True``) and logs no parts; any other runs one member at a time
+        functional = bool(getattr(cls, "functional", False)) and not self.components
+        self.mode = "stack" if stack is not None else "vmap" if functional else "loop"
         self.stacked: Stacked | None = stack(self.criteria) if stack is not None else None
 
     def take(self, device: torch.device) -> slice | Tensor:

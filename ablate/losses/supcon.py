@@ -26,6 +26,7 @@ class SupervisedContrastiveLoss(nn.Module):
 
     label = "SupCon"
     contrastive = True
+    functional = True
     reads: ClassVar[dict[str, str]] = {"supcon_threshold": "threshold"}
 
     def __init__(self, temperature: float = 0.1, threshold: float | None = None):

@@ -334,7 +334,8 @@ class SearchSpec(StudyDesign):
                 try:
                     out.append((label, apply_values(self.base, values)))
                 except ValidationError as e:
-                    raise AblateError(f"{self.name}: {label}: {e.errors()[0]['msg']}") from None
+                    raise AblateError(f"{self.name}: {label}: {e.errors()[0]['msg'].removeprefix('Value error, ')}"
+                                      ) from None
         return out
 
     def confirmation(self, ranked: Sequence[tuple[int, dict[str, Any]]], study_name: str) -> SuiteSpec:
@@ -390,13 +391,13 @@ def _suite_from_document(doc: dict[str, Any], source: str) -> SuiteSpec:
     base = doc.get("base", {})
     if not isinstance(base, dict):
         raise AblateError(f"{source}: base must be a table, got {type(base).__name__}")
-    validate(RunSpec, base, source, "base")
     experiments = doc.get("experiments")
+    for exp in experiments.values() if isinstance(experiments, dict) else []:
+        with contextlib.suppress(AblateError):  # every loss the suite names is known before its runs are validated
+            losses.resolve(_deep_merge(base, exp).get("loss", "mse") if isinstance(exp, dict) else "mse")
+    validate(RunSpec, base, source, "base")
     if not isinstance(experiments, dict) or not experiments:
         raise AblateError(f"{source}: a suite needs at least one [experiments.NAME] table")
-    for exp in experiments.values():  # every loss the suite names is known before its runs are validated
-        with contextlib.suppress(AblateError):
-            losses.resolve(_deep_merge(base, exp).get("loss", "mse") if isinstance(exp, dict) else "mse")
     resolved = {}
     for exp_name, exp in experiments.items():
         if not isinstance(exp, dict):

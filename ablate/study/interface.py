@@ -136,4 +136,14 @@ class StudyDesign(_Strict):
         doc = self.model_dump(mode="json")
         for key in self.REPORT_ONLY:
             doc.pop(key, None)
-        return doc
+        return _without_empty_loss_args(doc)
+
+
+def _without_empty_loss_args(node: Any) -> Any:
+    """A document without the runs' empty ``loss_args`` (a loss without settings of its own): a study's identity,
+    and so its name, stays what it was before runs had them."""
+    if isinstance(node, dict):
+        return {k: _without_empty_loss_args(v) for k, v in node.items() if not (k == "loss_args" and v == {})}
+    if isinstance(node, list):
+        return [_without_empty_loss_args(v) for v in node]
+    return node

@@ -7,6 +7,7 @@ from collections.abc import Hashable
 
 import torch
 
+from ablate import losses
 from ablate.errors import AblateError
 from ablate.specs import SHAPING_FIELDS, RunSpec
 from ablate.training.devices import free_bytes, resolve_device
@@ -22,7 +23,7 @@ def fusion_key(spec: RunSpec) -> Hashable:
 
 
 def check(spec: RunSpec) -> Split:
-    """Everything about a run that fails the same way for every trial: data, batch, device, model.
+    """Everything about a run that fails the same way for every trial: data, batch, device, model, loss.
 
     Returns the run's split. A study checks its runs with this before any trial starts.
     """
@@ -32,6 +33,7 @@ def check(spec: RunSpec) -> Split:
     check_size(spec, split.train.pocket_dim, split.train.ligand_dim, free_bytes(device))
     with torch.random.fork_rng(devices=[]):
         build_model(spec.model, split.train.pocket_dim, split.train.ligand_dim)
+        losses.build(spec)  # a loss whose constructor refuses the run's settings, before any trial starts
     return split
 
 

@@ -21,22 +21,21 @@ def score(pred: Tensor, data: PairedEmbeddings, losses: MemberLosses, split: str
           ) -> tuple[list[dict[str, float]], dict[str, float]]:
     """Each member's metrics ``split/...`` for its embeddings ``pred`` [K, N, D] of ``data``, and what a random
     ranking scores on ``data`` (``split/ef1`` -> 1.0, ...). A contrastive loss is taken over batches of
-    ``batch_size`` pairs (the training batch), a per-sample one over the whole set."""
+    ``batch_size`` pairs (the training batch), and so are the per-sample ones beside it; alone, a per-sample loss
+    is taken over the whole set (the same value, up to rounding)."""
     k_members = pred.shape[0]
     target = data.ligand.expand(k_members, -1, -1)
     ids = data.ligand_id.expand(k_members, -1)
     n_batches = max(1, math.ceil(len(data) / batch_size))
-    batched = [k for k in range(k_members) if losses.contrastive(k)] if n_batches > 1 else []
-    # a loss over the whole set for the members whose loss is per sample; a contrastive one is taken
-    # over batches of the training size
-    vloss = losses(pred, target, ids)[0].tolist() if len(batched) < k_members else [0.0] * k_members
-    if batched:
+    if n_batches > 1 and any(losses.contrastive(k) for k in range(k_members)):
+        # a contrastive loss is taken over batches of the training size (its value depends on the batch); the
+        # per-sample losses beside it too, as the batch-size-weighted mean (their whole-set value, up to rounding)
         total = torch.zeros(k_members, dtype=pred.dtype, device=pred.device)
         for part in torch.arange(len(data), device=pred.device).tensor_split(n_batches):
             total += losses(pred[:, part], target[:, part], ids[:, part])[0] * part.numel()
-        chunked = (total / len(data)).tolist()
-        for k in batched:
-            vloss[k] = chunked[k]
+        vloss = (total / len(data)).tolist()
+    else:
+        vloss = losses(pred, target, ids)[0].tolist()
     retrieval = retrieval_by_member(pred, data.ligand, data.ligand_id)
     screening = screening_by_member(pred, data.ligand, data.pocket_id, data.ligand_id)
     floors = {f"{split}/{key[len('random_'):]}": v for key, v in screening[0].items() if key.startswith("random_")}

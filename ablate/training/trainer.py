@@ -402,6 +402,8 @@ class Trainer:
         losses.set_epoch(m.best.epoch)
         pred = embed(model, self.test.pocket, 8192, contextlib.nullcontext)
         (metrics,), floors = score(pred[None], self.test, losses, "test", self.spec.effective_batch_size)
+        if losses.failed[0] is not None:  # a user's loss that failed on the test pairs has no test loss
+            metrics["test/loss"] = float("nan")
         return metrics, floors
 
     # ---------------------------------------------------------------- checkpoints
