@@ -244,6 +244,17 @@ def test_the_size_that_trains_the_waiting_trials_soonest_is_chosen():
     assert clearing_size(rates, 16) == 8  # two full arrays of 8
     assert clearing_size({1: 500.0, 2: 400.0, 3: 450.0}, 3) == 1  # fusing does not pay: one at a time
     assert clearing_size({1: 100.0}, 7) == 1
+    assert clearing_size({1: 100.0, 2: 105.0}, 4) == 1  # 5 % faster is within noise: not worth fusing
+    assert clearing_size({1: 100.0, 2: 115.0}, 4) == 2
+    assert clearing_size({1: 100.0, 2: 115.0}, 4, margin=0.2) == 1
+
+
+def test_the_arrays_are_planned_for_the_workers_that_share_the_trials():
+    # two workers, six trials: one array of six would leave the second worker idle; two arrays of three clear them
+    rates = {1: 100.0, 2: 170.0, 4: 240.0, 6: 260.0, 3: 210.0}
+    assert clearing_size(rates, 6, workers=1) == 6
+    assert clearing_size(rates, 6, workers=2) == 3
+    assert clearing_size(rates, 2, workers=2) == 1  # each worker takes one
 
 
 def test_auto_measures_on_the_real_data_and_says_what_it_chose():
@@ -252,6 +263,6 @@ def test_auto_measures_on_the_real_data_and_says_what_it_chose():
     choice = choose(run, waiting=3, array=None)
     assert torch.equal(torch.get_rng_state(), state)  # measuring leaves the random state as it was
     assert 1 <= choice.size <= 3
-    assert choice.reason.startswith("member-steps/s by array size {1: ")
+    assert choice.reason.startswith("member-epochs/s by array size {1: ")
     assert f"arrays of {choice.size} " in choice.reason
     assert choose(run, waiting=3, array=2).size == 2 and choose(run, waiting=1, array=None).size == 1

@@ -56,7 +56,7 @@ def execute(
     share = cpu_share(n)
     set_cpu_share(share)
     group = _Workers(ctx.name, stores, [devs[i] if devs else None for i in range(1, n)], share, on_event,
-                     (array, keep_checkpoints))
+                     (array, keep_checkpoints, n))
     interrupted = False
     with sigterm_as_interrupt():
         try:
@@ -66,7 +66,7 @@ def execute(
             else:
                 group.start()
             work(ctx, device=devs[0] if devs else None, on_event=on_event, array=array,
-                 keep_checkpoints=keep_checkpoints)
+                 keep_checkpoints=keep_checkpoints, workers=n)
             group.join()
         except KeyboardInterrupt:
             interrupted = True
@@ -89,7 +89,7 @@ class _Workers:
     """The worker processes beside this one: started, relayed, joined and stopped together."""
 
     def __init__(self, name: str, stores: Stores, devices: list[str | None], threads: int,
-                 on_event: OnEvent | None, options: tuple[int | None, bool]):
+                 on_event: OnEvent | None, options: tuple[int | None, bool, int]):
         self.name, self.stores, self.devices, self.threads, self.on_event = name, stores, devices, threads, on_event
         self.options = options
         self.procs: list[Any] = []
@@ -179,7 +179,7 @@ def _relay(events: Any, on_event: OnEvent | None, stop: threading.Event, errors:
 
 
 def _process_main(name: str, stores: Stores, device: str | None, threads: int, events: Any,
-                  options: tuple[int | None, bool]) -> None:
+                  options: tuple[int | None, bool, int]) -> None:
     # Signals come from the parent only: its own process group keeps the terminal's Ctrl-C away
     # (the parent forwards one SIGTERM), and SIGINT works even where the parent ignored it.
     os.setpgrp()
@@ -189,7 +189,7 @@ def _process_main(name: str, stores: Stores, device: str | None, threads: int, e
     try:
         with sigterm_as_interrupt():
             work(Context.open(name, stores), device=device, on_event=events.put, array=options[0],
-                 keep_checkpoints=options[1], keep_going=lambda: os.getppid() == parent)
+                 keep_checkpoints=options[1], keep_going=lambda: os.getppid() == parent, workers=options[2])
     except KeyboardInterrupt:
         raise SystemExit(130) from None
     except AblateError as e:

@@ -84,8 +84,10 @@ def work(
     keep_going: Callable[[], bool] | None = None,
     array: int | None = 1,
     keep_checkpoints: bool = False,
+    workers: int = 1,
 ) -> None:
-    """Take trials of the study until none is left to take, then return.
+    """Take trials of the study until none is left to take, then return (``workers``: how many processes of
+    this command take them, which ``--array auto`` plans for).
 
     A worker takes only trials the study has queued, so a study never has more trials than its
     budget; with ``array`` other than 1 (None: auto, see ``ablate.training.arrays``) it takes several
@@ -102,7 +104,7 @@ def work(
     said: set[str] = set()
     while keep_going is None or keep_going():
         optuna.storages.fail_stale_trials(study)
-        group = take(ctx, array, device, say=lambda text: _say_once(emit, said, text))
+        group = take(ctx, array, device, say=lambda text: _say_once(emit, said, text), workers=workers)
         if group:
             _run(ctx, group, objective)
         elif study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) and wait_for_running \
@@ -120,7 +122,7 @@ def _say_once(emit: OnEvent, said: set[str], text: str) -> None:
 
 
 def take(ctx: Context, array: int | None = 1, device: str | None = None,
-         say: Callable[[str], None] | None = None) -> list[optuna.Trial]:
+         say: Callable[[str], None] | None = None, workers: int = 1) -> list[optuna.Trial]:
     """Queued (WAITING) trials that can train together, now RUNNING for this worker; [] when none.
 
     Marking a trial RUNNING succeeds for one worker only (a row lock on PostgreSQL, a write
@@ -147,7 +149,7 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
              and (run := shaped(t)) is not None and fusion_key(run) == key]
     limit = 1
     if first is not None and len(alike) > 1 and array != 1:
-        choice = choose(first, len(alike), array)
+        choice = choose(first, len(alike), array, workers)
         limit = choice.size
         if choice.reason and say is not None:
             say(choice.reason)
