@@ -149,7 +149,11 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
              and (run := shaped(t)) is not None and fusion_key(run) == key]
     limit = 1
     if first is not None and len(alike) > 1 and array != 1:
-        choice = choose(first, len(alike), array, workers)
+        # arrays are planned for every worker only when all of them are free for this kind of trial: nothing of the
+        # study runs yet and no other kind waits (a busy worker, or one that takes the other kind, shares nothing)
+        kinds = {fusion_key(run) for t in waiting if not records.resumable(t) and (run := shaped(t)) is not None}
+        idle = len(kinds) == 1 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
+        choice = choose(first, len(alike), array, workers if idle else 1)
         limit = choice.size
         if choice.reason and say is not None:
             say(choice.reason)
