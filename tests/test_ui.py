@@ -33,6 +33,7 @@ from support import TINY, ablate_command, run_cli
 
 from ablate.cli import servers
 from ablate.errors import AblateError
+from ablate.tracking.client import CURVES
 
 CHROMIUM = shutil.which("chromium")
 CHROMEDRIVER = shutil.which("chromedriver")
@@ -329,6 +330,12 @@ for (const card of document.querySelectorAll('[data-testid=experiment-view-compa
 }
 return null;
 """
+# The titles of the chart cards in page order, once there are at least arguments[0] of them.
+CARD_TITLES = """
+const titles = Array.from(document.querySelectorAll('[data-testid=experiment-view-compare-runs-card]'),
+                          card => card.innerText.split('\\n')[0].trim());
+return titles.length >= arguments[0] ? titles : null;
+"""
 # optuna-dashboard's study page: every plot's traces, once the history and intermediate-value plots are drawn.
 DASHBOARD_PLOTS = """
 const traces = [];
@@ -590,6 +597,9 @@ def test_ui_groups_the_suites_runs_by_experiment_with_per_epoch_charts(suite_ui:
     browser.open(link)
     groups = browser.wait(GROUPS, len(EXPERIMENTS), what="five groups, one per experiment")
     assert sorted(groups) == sorted(EXPERIMENTS)
+    # the view opens on the per-epoch curves of the headline metrics, before any other chart
+    titles = browser.wait(CARD_TITLES, len(CURVES), what="the chart cards")
+    assert titles[:len(CURVES)] == list(CURVES), titles
 
     browser.wait("return !!document.querySelector(arguments[0])", CHART_SEARCH, what="the chart search box")
     browser.type(CHART_SEARCH, "val/top1")

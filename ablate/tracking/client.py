@@ -108,9 +108,9 @@ class Tracker:
         """Keep in the experiment the MLflow UI view that groups its runs by the ``ablate.experiment`` tag (each
         experiment one line, the mean over seeds, with its band); ``grouped_url`` opens it."""
         exp = self.client.get_experiment(experiment_id)
-        if _GROUPED_VIEW_TAG not in exp.tags:
-            self.client.set_experiment_tag(experiment_id, _GROUPED_VIEW_TAG, json.dumps({"groupBy": {
-                "aggregateFunction": "average", "groupByKeys": [{"mode": "tag", "groupByData": Tag.EXPERIMENT}]}}))
+        state = json.dumps(_grouped_view_state())
+        if exp.tags.get(_GROUPED_VIEW_TAG) != state:
+            self.client.set_experiment_tag(experiment_id, _GROUPED_VIEW_TAG, state)
 
     def start_run(
         self,
@@ -295,3 +295,29 @@ def environment_tags() -> dict[str, str]:
     if commit:
         tags["mlflow.source.git.commit"] = commit
     return tags
+
+
+CURVES = ("val/top1", "val/mrr", "val/bedroc", "val/cosine")
+"""The per-epoch curves the grouped view opens on, first, one line per experiment (the mean over its seeds)."""
+
+
+def _grouped_view_state() -> dict[str, Any]:
+    """The MLflow UI's view state (what its Share button keeps): runs grouped by ``ablate.experiment``, and a first
+    section of line charts per epoch of the headline metrics; the UI adds every other metric's chart below it (the
+    parent run's one-value summaries among them)."""
+    section = "ablate-curves"
+    line = {"type": "LINE", "runsCountToCompare": 10, "metricSectionId": section, "deleted": False,
+            "isGenerated": False, "lineSmoothness": 0, "xAxisScaleType": "linear", "scaleType": "linear",
+            "range": {}, "xAxisKey": "step", "selectedXAxisMetricKey": "", "yAxisKey": "metric",
+            "yAxisExpressions": [], "ignoreOutliers": False, "useGlobalXaxisKey": True,
+            "useGlobalLineSmoothing": True}
+    return {
+        "groupBy": {"aggregateFunction": "average",
+                    "groupByKeys": [{"mode": "tag", "groupByData": str(Tag.EXPERIMENT)}]},
+        "compareRunSections": [{"uuid": section, "name": "per-epoch curves by experiment", "display": True,
+                                "isReordered": False, "deleted": False, "isGenerated": False}],
+        "compareRunCharts": [{**line, "uuid": f"ablate-{key}", "metricKey": key, "selectedMetricKeys": [key],
+                              "displayName": key} for key in CURVES],
+        "isAccordionReordered": True,
+        "hideEmptyCharts": True,
+    }
