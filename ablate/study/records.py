@@ -46,7 +46,10 @@ PRUNED_BY, DIVERGED, ERROR = "pruned_by", "diverged", "error"
 CHECKPOINT = "checkpoint_epoch"
 """The last epoch checkpointed into the trial's MLflow run (a failed trial with one can be resumed)."""
 RESUMES = "resumes_trial"
-"""On a queued trial: the number of the failed trial whose run and checkpoint it continues."""
+"""On a queued trial: the number of the interrupted or failed trial whose configuration (and, where it has one,
+run and checkpoint) it continues."""
+INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
+"""The error of a trial stopped by Ctrl-C or SIGTERM: the next command trains its configuration again."""
 FLOORS = "random_floors"
 """What a random ranking scores on the trial's validation set (val/ef1 -> 1.0, ...)."""
 

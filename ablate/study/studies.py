@@ -174,21 +174,25 @@ def fill_queue(study: optuna.Study, spec: StudySpec, budget: int | None = None) 
 
     A failed trial whose run holds a checkpoint is continued rather than started again: a queued
     trial with its parameters takes over its MLflow run (and, for a search, one of the empty slots).
+    An interrupted trial without one is trained again with its parameters (a search's draw is kept,
+    so an interrupted search goes on as it would have); workers take these first.
     """
     trials = study.get_trials(deepcopy=False)
     owed = spec.owed(counted(study), budget)
     retry = optuna.storages.RetryHeartbeatStaleTrialCallback.retried_trial_number
     taken = {t.user_attrs.get(records.RESUMES) for t in trials} | {retry(t) for t in trials}
     failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in taken
-              and t.user_attrs.get(records.CHECKPOINT) is not None and t.user_attrs.get(records.RUN_ID)]
+              and (records.resumable(t) or t.user_attrs.get(records.ERROR) == records.INTERRUPTED)]
     for params in owed:
-        match = next((t for t in reversed(failed) if t.params and (not params or _same(params, t.params))), None)
+        match = next((t for t in failed if t.params and (not params or _same(params, t.params))), None)
         attrs: dict[str, Any] = {records.QUEUED: True}
         if match is not None:
             failed.remove(match)
             params = dict(match.params)
-            attrs.update({records.RESUMES: match.number, records.RUN_ID: match.user_attrs[records.RUN_ID],
-                          records.CHECKPOINT: match.user_attrs[records.CHECKPOINT]})
+            attrs[records.RESUMES] = match.number
+            if records.resumable(match):
+                attrs.update({records.RUN_ID: match.user_attrs[records.RUN_ID],
+                              records.CHECKPOINT: match.user_attrs[records.CHECKPOINT]})
         study.enqueue_trial(params, user_attrs=attrs)
     return len(owed)
 

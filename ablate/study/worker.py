@@ -135,7 +135,9 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
 
     storage, study, spec = ctx.storage, ctx.study, ctx.spec
     study_id = storage.get_study_id_from_name(study.study_name)
-    waiting = study.get_trials(deepcopy=False, states=(TrialState.WAITING,))
+    # what an interruption stopped goes first, so a search continues as it would have without the interruption
+    waiting = sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
+                     key=lambda t: (t.user_attrs.get(records.RESUMES) is None, t.number))
     if not waiting:
         return []
 
@@ -312,7 +314,7 @@ class _Objective:
         try:
             self._train(group)
         except KeyboardInterrupt:
-            group.failed("interrupted (Ctrl-C or SIGTERM)")
+            group.failed(records.INTERRUPTED)
             raise
         except AblateError as e:  # a user's mistake: every trial would fail the same way
             group.failed(mask_url(str(e)))
