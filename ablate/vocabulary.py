@@ -109,6 +109,12 @@ class Tag(StrEnum):
     DIVERGED = "ablate.diverged"
     RESUMED_FROM_EPOCH = "ablate.resumed_from_epoch"
     WINNER = "ablate.winner"
+    ROADMAP = "ablate.roadmap"
+    """The roadmap of a roadmap's MLflow run and of the model version it registered."""
+    CHOSEN_BY = "ablate.chosen_by"
+    """The validation metric that chose a registered model's configuration and run (a roadmap's final choice)."""
+    DECISION = "ablate.decision"
+    """A roadmap phase's decision, as ``ablate.decision.<phase>``."""
 
 
 class Outcome(StrEnum):

@@ -11,9 +11,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-import torch.nn.functional as F
 from mlflow import MlflowClient
-from support import TINY, run_cli, tiny_run
+from support import TINY, independent_retrieval, run_cli, tiny_run
 
 from ablate.report.compare import SuiteReport, TrialResult, compute
 from ablate.specs import DataSpec, RunSpec, SyntheticSpec
@@ -36,25 +35,6 @@ def _train(trainer: Trainer, stop_after: int | None = None) -> list[tuple[int, d
 def _trainer(spec: RunSpec) -> Trainer:
     split = load_split(spec.data)
     return Trainer(spec, split.train, split.val, test=split.test)
-
-
-def _independent_retrieval(pred: torch.Tensor, ligand: torch.Tensor, ligand_id: torch.Tensor) -> dict[str, float]:
-    """top-1, MRR and mean cosine from their definitions: each pocket ranks the distinct ligands (first row of
-    each id) by cosine; its rank counts every other ligand scoring at least as high (ties pessimistic)."""
-    first = {}
-    for row, lid in enumerate(ligand_id.tolist()):
-        first.setdefault(lid, row)
-    gallery_ids = list(first)
-    gallery = F.normalize(ligand[[first[g] for g in gallery_ids]].double(), dim=1)
-    scores = F.normalize(pred.double(), dim=1) @ gallery.T
-    ranks = []
-    for i, lid in enumerate(ligand_id.tolist()):
-        own = gallery_ids.index(lid)
-        others = torch.cat([scores[i, :own], scores[i, own + 1:]])
-        ranks.append(1 + int((others >= scores[i, own]).sum()))
-    r = np.array(ranks, dtype=float)
-    cos = F.cosine_similarity(pred.double(), ligand.double(), dim=1).mean().item()
-    return {"top1": float((r == 1).mean()), "mrr": float((1 / r).mean()), "cosine": cos}
 
 
 # --------------------------------------------------------------------------------------
@@ -116,7 +96,7 @@ def test_the_test_metrics_are_the_selected_models_on_the_test_pairs(loss):
     assert model is not None and not model.training
     with torch.no_grad():
         pred = model(split.test.pocket)
-    want = _independent_retrieval(pred, split.test.ligand, split.test.ligand_id)
+    want = independent_retrieval(pred, split.test.ligand, split.test.ligand_id)
     assert metrics["test/top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert metrics["test/mrr"] == pytest.approx(want["mrr"], rel=1e-6)
     assert metrics["test/cosine"] == pytest.approx(want["cosine"], rel=1e-5)
@@ -137,7 +117,7 @@ def test_with_mixed_precision_the_test_metrics_are_those_of_the_model_as_logged(
     model = trainer.selected_model()
     assert model is not None
     with torch.no_grad():
-        want = _independent_retrieval(model(split.test.pocket), split.test.ligand, split.test.ligand_id)
+        want = independent_retrieval(model(split.test.pocket), split.test.ligand, split.test.ligand_id)
         wide = model(split.test.pocket.double())  # the data file's rows as they are, float64 included
     assert metrics["test/mrr"] == pytest.approx(want["mrr"], rel=1e-6)
     assert metrics["test/cosine"] == pytest.approx(want["cosine"], rel=1e-5)
@@ -270,7 +250,7 @@ def test_ablate_train_logs_its_split_test_metrics_and_a_model_that_reproduces_th
     rows = split["test"]
     with torch.no_grad():
         pred = mlflow_model(torch.from_numpy(raw["pocket"][rows]))
-    want = _independent_retrieval(pred, torch.from_numpy(raw["ligand"][rows]), torch.from_numpy(raw["ligand_id"][rows]))
+    want = independent_retrieval(pred, torch.from_numpy(raw["ligand"][rows]), torch.from_numpy(raw["ligand_id"][rows]))
     metrics = run.data.metrics
     assert metrics["test/top1"] == pytest.approx(want["top1"], abs=1e-9)
     assert metrics["test/mrr"] == pytest.approx(want["mrr"], rel=1e-6)

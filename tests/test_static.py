@@ -93,7 +93,7 @@ def test_a_wheel_install_finds_the_built_in_studies_outside_a_checkout(tmp_path)
     assert out.returncode == 0, out.stderr
     module, names, found = out.stdout.splitlines()
     assert module.startswith(str(env))
-    assert names == "baseline-vs-multistage batch infonce-vs-siglip stages temperature weights"
+    assert names == "baseline-vs-multistage batch infonce-vs-siglip roadmap stages temperature weights"
     assert found.startswith(str(env)) and found.endswith("temperature.toml")
 
 

@@ -48,6 +48,7 @@ def _data_overrides(overrides: dict[str, object], data: str | None, test_data: s
             overrides[key] = value
 
 if TYPE_CHECKING:
+    from ablate.report.compare import SuiteReport
     from ablate.study.session import StudySession
 
 
@@ -57,11 +58,13 @@ if TYPE_CHECKING:
 
 
 def _start(spec: designs.StudySpec, store: stores.Stores, *, jobs: int | None, devices: list[str],
-           array: int | None, keep: bool = False, budget: int | None = None) -> StudySession | None:
-    """Open the study and train its queued trials; None when only created (--jobs 0)."""
+           array: int | None, keep: bool = False, budget: int | None = None,
+           reuse: StudySession | None = None) -> StudySession | None:
+    """Open the study (in ``reuse``'s open stores, if given) and train its queued trials; None when only created
+    (--jobs 0)."""
     from ablate.study.session import StudySession
 
-    session = StudySession.start(spec, store, budget=budget, devices=devices)
+    session = StudySession.start(spec, store, budget=budget, devices=devices, reuse=reuse)
     if isinstance(spec, designs.SearchSpec):
         wanted, size = budget if budget is not None else spec.n_trials, spec.space_size()
         if size is not None and wanted > size:
@@ -169,7 +172,8 @@ def run_suite(
     _report(session, out, finish=True)
 
 
-def _report(session: StudySession, out: Path, finish: bool = False) -> None:
+def _report(session: StudySession, out: Path, finish: bool = False) -> tuple[SuiteReport, list[Path]]:
+    """Print a suite's comparison and write its report; returns the report and its files."""
     from ablate.report import render
     from ablate.tracking.client import ui_hint
 
@@ -195,6 +199,7 @@ def _report(session: StudySession, out: Path, finish: bool = False) -> None:
                              if done else ""))
         if finish and done:
             raise typer.Exit(1)
+    return report, files
 
 
 @app.command()

@@ -194,6 +194,13 @@ def compute(report: SuiteReport) -> SuiteReport:
     return report
 
 
+def ensure_row(report: SuiteReport, experiment: str, metric: str, at: str) -> Row:
+    """The row of one experiment, metric and epoch choice, computed if the report's rows do not hold it."""
+    if (experiment, metric, at) not in report.rows:
+        _fill(report, metric, at)
+    return report.row(experiment, metric, at)
+
+
 def headline_at(spec: SuiteSpec) -> str:
     """Where a suite's headline is read: a test metric at each run's selected epoch, any other at the last epoch."""
     return "selected" if is_test(spec.objective) else "final"

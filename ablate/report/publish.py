@@ -56,7 +56,7 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
     """
     keys = curve_keys(report)
     series = curves(report, tracker, keys)
-    with _writing(f"the report to {out_dir}", f"fix that and run `ablate report {report.study_name} --out "
+    with writing(f"the report to {out_dir}", f"fix that and run `ablate report {report.study_name} --out "
                   f"{out_dir.parent}` to write it again"):
         out_dir.mkdir(parents=True, exist_ok=True)
         plots = suite_curves(series, keys, out_dir, report.study_name, stage_switches(report))
@@ -72,7 +72,7 @@ def write_report(report: SuiteReport, tracker: Tracker, out_dir: Path) -> list[P
 
 
 @contextmanager
-def _writing(what: str, then: str) -> Iterator[None]:
+def writing(what: str, then: str) -> Iterator[None]:
     """A failed write (a full disk, a folder taken away) as one line: the trained results stay in the study."""
     try:
         yield
@@ -134,5 +134,5 @@ def search_report(summary: SearchSummary, spec: SearchSpec, out_dir: Path, title
         for name in p.distributions(key):
             logs[name] = p.log
     maximize = spec.goal == "maximize"
-    with _writing(f"the search's plots to {out_dir}", f"see them with `ablate studies show {title}`"):
+    with writing(f"the search's plots to {out_dir}", f"see them with `ablate studies show {title}`"):
         return search_plots(summary.trials, logs, spec.objective, maximize, summary.expected_max, out_dir, title)

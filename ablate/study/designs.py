@@ -426,6 +426,8 @@ KINDS: dict[str, Callable[[dict[str, Any], str], StudySpec]] = {
 def from_document(doc: dict[str, Any], *, source: str = "<spec>") -> StudySpec:
     """Validate a study document (as read from TOML, or as kept in an Optuna study)."""
     kind = doc.get("kind")
+    if kind == "roadmap":
+        raise AblateError(f"{source}: a roadmap plan, not a study; run it with `ablate roadmap --plan {source}`")
     if kind not in KINDS:
         raise AblateError(f"{source}: kind must be one of {', '.join(map(repr, KINDS))}, got {kind!r}")
     return KINDS[kind](doc, source)

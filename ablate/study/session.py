@@ -64,14 +64,15 @@ class StudySession:
 
     @classmethod
     def start(cls, spec: StudySpec, stores: Stores, *, budget: int | None = None,
-              devices: Sequence[str] = ()) -> StudySession:
-        """Create or resume the study; every input is checked first unless the study has nothing left to train."""
+              devices: Sequence[str] = (), reuse: StudySession | None = None) -> StudySession:
+        """Create or resume the study; every input is checked first unless the study has nothing left to train. With
+        ``reuse`` (a session of an earlier study, same stores), its open stores serve this one too."""
         for device in devices:
             from ablate.training.devices import resolve_device  # torch loads where a command trains
 
             resolve_device(device)
         check_uri(resolve_tracking_uri(stores.tracking_uri))  # its shape, at once; reaching it comes later
-        session = cls(stores)
+        session = cls(stores) if reuse is None else cls(stores, reuse._storage, reuse._tracker)
         # A new store is created only after every check: a mistake leaves no file behind. An existing
         # study with nothing left to train needs neither the checks nor MLflow (a re-run is quick).
         if not storage_exists(stores.storage_url) or studies.owes_work(spec, session.storage, budget):

@@ -15,6 +15,7 @@ import json
 import os
 import sysconfig
 import tomllib
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -251,11 +252,15 @@ def check_nesting(value: Any, where: str) -> None:
 
 
 def load_study(
-    name: str, overrides: dict[str, Any] | None = None, *, epochs: int | None = None
+    name: str, overrides: dict[str, Any] | None = None, *, epochs: int | None = None,
+    experiments: Sequence[str] | None = None,
 ) -> StudySpec:
-    """Read studies/NAME.toml (or a path), apply overrides, and validate it."""
+    """Read studies/NAME.toml (or a path), apply overrides, and validate it; ``experiments`` keeps only those of a
+    suite (the baseline first, with the claims on them)."""
     path = find_study(name)
     doc = read_document(path)
+    if experiments is not None:
+        doc = _keep_experiments(doc, experiments, path)
     if epochs is not None:
         doc = scale_epochs(doc, epochs)
     doc = apply_overrides(doc, overrides or {})
@@ -266,6 +271,20 @@ def load_study(
                               "rename the file or set name = \"...\" in it")
         doc["name"] = path.stem
     return from_document(doc, source=str(path))
+
+
+def _keep_experiments(doc: dict[str, Any], keep: Sequence[str], path: Path) -> dict[str, Any]:
+    """A suite document with only the ``keep`` experiments (and the claims on them)."""
+    table = doc.get("experiments")
+    if not isinstance(table, dict):
+        raise AblateError(f"{path}: not a suite: it has no [experiments.NAME] tables to choose from")
+    unknown = [e for e in keep if e not in table]
+    if unknown:
+        raise AblateError(f"{path}: no experiment {unknown[0]!r} (the suite has: {', '.join(table)})")
+    doc = {**doc, "experiments": {e: t for e, t in table.items() if e in keep}}
+    if isinstance(doc.get("claims"), dict):
+        doc["claims"] = {e: c for e, c in doc["claims"].items() if e in keep}
+    return doc
 
 
 def safe_folder(base: Path, name: str) -> Path:
