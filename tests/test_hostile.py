@@ -970,3 +970,31 @@ def test_a_mistake_in_a_data_file_answers_before_torch_is_imported(tmp_path, com
     lines = out.stderr.strip().splitlines()
     assert "short.npz: 'pocket' has 5 rows but 'ligand' has 4" in lines[0]
     assert lines[-1] == "2 False"
+
+
+@pytest.mark.slow
+def test_stores_only_readable_here_still_report_and_refuse_training_in_one_line(workdir, monkeypatch, capsys,
+                                                                                make_readonly):
+    """A finished suite whose optuna.db and mlflow.db sit in a folder this process cannot write (SQLite writes its
+    journal beside them): `report` writes its files elsewhere and says it could not publish; training is one line."""
+    kept = workdir / "kept"
+    kept.mkdir()
+    study = _write(workdir, "tiny.toml", SUITE.format(extra='name = "ro"'))
+    stores = ["--storage", f"sqlite:///{kept / 'optuna.db'}", "--tracking-uri", f"sqlite:///{kept / 'mlflow.db'}"]
+    code, out, err = run_cli(["run-suite", study, *stores, "--out", "first"], monkeypatch, capsys)
+    assert code == 0, err
+    name = next(p.name for p in (workdir / "first").iterdir())
+    before = {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()}
+    make_readonly(kept)
+    code, out, err = run_cli(["report", name, *stores, "--out", "again"], monkeypatch, capsys)
+    assert code == 0, err
+    assert "the stores are read-only here: the report is not put on MLflow" in out and "Traceback" not in err
+    assert (workdir / "again" / name / "report.md").read_text() == (workdir / "first" / name / "report.md").read_text()
+    code, out, err = run_cli(["studies", "show", name, *stores[:2]], monkeypatch, capsys)
+    assert code == 0 and "COMPLETE 2" in out, err
+    _one_line_error(workdir, ["run-suite", study, "--seeds", "0,1", *stores], monkeypatch, capsys,
+                    f"the Optuna storage sqlite:///{kept / 'optuna.db'} is read-only here", no_store=False)
+    _one_line_error(workdir, ["run-suite", study, "--seeds", "0,1", "--storage", "sqlite:///fresh.db",
+                              "--tracking-uri", f"sqlite:///{kept / 'mlflow.db'}"], monkeypatch, capsys,
+                    f"the MLflow store sqlite:///{kept / 'mlflow.db'}: cannot write in its folder", no_store=False)
+    assert {p.name: p.read_bytes() for p in kept.iterdir() if p.is_file()} == before  # nothing was written

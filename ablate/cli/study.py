@@ -188,10 +188,13 @@ def _report(session: StudySession, out: Path, finish: bool = False) -> tuple[Sui
     for r in report.trials:
         if r.note:
             console.print(f"  note: {r.experiment} seed {r.seed}: {r.note}")
-    done = session.finish() if rebuilt or session.trained else not session.pending()
+    done = session.finish() if (rebuilt or session.trained) and not session.read_only else not session.pending()
     parent = session.known_parent_run_id
     hint = ui_hint(stores.resolve_tracking_uri(session.stores.tracking_uri))
-    console.print(f"report: {files[0]}" + (f" (also on MLflow run {parent})" if parent else "") + f"; {hint}")
+    if session.read_only:
+        console.print(f"report: {files[0]} (the stores are read-only here: the report is not put on MLflow)")
+    else:
+        console.print(f"report: {files[0]}" + (f" (also on MLflow run {parent})" if parent else "") + f"; {hint}")
     if report.missing:
         what = "failed" if done else "not finished yet"
         err_console.print(f"{len(report.missing)} trial(s) {what}: {', '.join(report.missing)}"
@@ -214,7 +217,7 @@ def report(
     from ablate.study.session import StudySession
 
     studyfiles.writable_folder(out, f"--out {out}")
-    _report(StudySession.open(suite_run, stores_of(storage, tracking_uri)), out)
+    _report(StudySession.open(suite_run, stores_of(storage, tracking_uri), reading=True), out)
 
 
 @app.command()

@@ -20,7 +20,14 @@ from ablate.errors import AblateError
 from ablate.report import stats
 from ablate.report.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
 from ablate.report.publish import cached_report, publish, search_report, write_report
-from ablate.stores import Stores, require_storage, resolve_tracking_uri, storage_exists
+from ablate.stores import (
+    Stores,
+    read_only,
+    require_storage,
+    require_writable,
+    resolve_tracking_uri,
+    storage_exists,
+)
 from ablate.study import records, studies
 from ablate.study.designs import SearchSpec, StudySpec, SuiteSpec
 from ablate.study.ends import end_abandoned_runs, end_stale_run
@@ -41,6 +48,8 @@ class StudySession:
         self._ref: studies.StudyRef | None = None
         self._parent: str | None = None
         self.trained = False
+        self.read_only = False
+        """Stores this process may only read (``open(..., read_only=True)``): a report is written, not published."""
 
     # ------------------------------------------------------------------ the stores, opened once
 
@@ -50,14 +59,16 @@ class StudySession:
         if self._storage is None:
             self._storage = studies.open_storage(
                 self.stores.storage, heartbeat_seconds=self.stores.heartbeat_seconds,
-                on_stale=lambda trial: end_stale_run(self.tracker, trial))
+                on_stale=lambda trial: end_stale_run(self.tracker, trial),
+                read_only=self.read_only and read_only(self.stores.storage_url))
         return self._storage
 
     @property
     def tracker(self) -> Tracker:
         """The MLflow store (opened on first use; ``studies show`` never needs it)."""
         if self._tracker is None:
-            self._tracker = Tracker(self.stores.tracking_uri)
+            uri = self.stores.tracking_uri
+            self._tracker = Tracker(uri, writable=not (self.read_only and read_only(resolve_tracking_uri(uri))))
         return self._tracker
 
     # ------------------------------------------------------------------ opening a study
@@ -72,6 +83,7 @@ class StudySession:
 
             resolve_device(device)
         check_uri(resolve_tracking_uri(stores.tracking_uri))  # its shape, at once; reaching it comes later
+        require_writable(stores.storage_url)
         session = cls(stores) if reuse is None else cls(stores, reuse._storage, reuse._tracker)
         # A new store is created only after every check: a mistake leaves no file behind. An existing
         # study with nothing left to train needs neither the checks nor MLflow (a re-run is quick).
@@ -89,11 +101,14 @@ class StudySession:
         self._parent = None
 
     @classmethod
-    def open(cls, name: str, stores: Stores) -> StudySession:
+    def open(cls, name: str, stores: Stores, *, reading: bool = False) -> StudySession:
         """An existing study, by its full name or (its newest study) by its spec's name; a missing SQLite storage is
-        one line (nothing is created)."""
+        one line (nothing is created). ``reading``: a command that only reads, so stores it may not write are read
+        (``read_only``)."""
         require_storage(stores.storage_url)
         session = cls(stores)
+        session.read_only = reading and (read_only(stores.storage_url) or read_only(
+            resolve_tracking_uri(stores.tracking_uri)))
         session._ref = studies.load(name, session.storage)
         return session
 
@@ -202,6 +217,7 @@ class StudySession:
         """
         if not self.pending():
             return True
+        require_writable(self.stores.storage_url)
         self.check_trainable()
         self.trained = True
         self.tracker.set_status(self.parent_run_id, "RUNNING")
@@ -264,7 +280,8 @@ class StudySession:
             return report, cached, False
         report = build_report(self.study, spec)
         files = write_report(report, self.tracker, folder)
-        publish(report, self.tracker, self.parent_run_id, files)
+        if not self.read_only:
+            publish(report, self.tracker, self.parent_run_id, files)
         return report, files, True
 
     def summary(self) -> SearchSummary:

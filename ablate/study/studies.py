@@ -42,10 +42,12 @@ def open_storage(
     heartbeat_seconds: int | None = DEFAULT_HEARTBEAT_SECONDS,
     max_retry: int = DEFAULT_MAX_RETRY,
     on_stale: Callable[[FrozenTrial], None] | None = None,
+    read_only: bool = False,
 ) -> RDBStorage:
     """Optuna's RDB storage with heartbeats: a dead worker's trial is failed and re-queued.
 
-    ``on_stale`` is called with each trial failed for a lost heartbeat, before it is re-queued.
+    ``on_stale`` is called with each trial failed for a lost heartbeat, before it is re-queued. A ``read_only``
+    SQLite storage (a file this process cannot write) is only read: its transactions take no write lock.
     """
     retry = RetryHeartbeatStaleTrialCallback(max_retry=max_retry)
 
@@ -86,7 +88,7 @@ def open_storage(
             f"cannot open the Optuna storage {mask_url(url)}: {first}; check the URL and that "
             "the database server is running"
         ) from None
-    if url.startswith("sqlite"):
+    if url.startswith("sqlite") and not read_only:
         _serialize_sqlite(storage.engine)
     return storage
 

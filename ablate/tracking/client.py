@@ -14,7 +14,7 @@ import logging
 import os
 import subprocess
 from collections.abc import Iterator, Mapping, Sequence
-from contextlib import contextmanager, suppress
+from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
 from typing import Any
 
@@ -62,8 +62,9 @@ class Tracker:
 
         _quiet_mlflow()
         try:
-            with first_use_lock(self.uri):
-                create_whole(self.uri)
+            with first_use_lock(self.uri) if writable else nullcontext():  # a store only read exists: no lock file
+                if writable:
+                    create_whole(self.uri)
                 self.client = MlflowClient(tracking_uri=self.uri)
                 self._sql = sql_store(self.client)
         except AblateError:
