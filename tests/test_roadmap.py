@@ -219,7 +219,7 @@ def test_a_rerun_trains_nothing_and_finds_the_same_registered_version(trained_ro
     # --until-phase stops after a phase, here with nothing left to train
     partial = _roadmap(folder, *ARGS, "--until-phase", "2", "--out", "partial")
     assert partial.returncode == 0 and "stopped after phase 2 (--until-phase)" in partial.stdout
-    report = next((folder / "partial").glob("roadmap-*/report.md")).read_text()
+    report = next((folder / "partial").glob("roadmap-*-until-phase-2/report.md")).read_text()
     assert "--until-phase 2" in report and "## The final model" not in report
 
 
@@ -306,6 +306,8 @@ def test_a_failed_decision_stops_the_roadmap_with_advice_and_exit_code_0(workdir
 
 @pytest.mark.parametrize(("args", "message"), [
     (["--set", "phases.quick-check.decision.metric=test/cosine"], "a decision cannot read a test metric"),
+    (["--set", "phases.quick-check.decision.metric=train/loss"], "a decision reads a validation metric (val/...)"),
+    (["--set", "seeds.0=5"], "--set seeds.0: seeds is a list of values; give all of it"),
     (["--set", "phases.nope.title=x"], "no phase named 'nope' (the plan has: quick-check, infonce, combination)"),
     (["--set", "bogus=1"], "--set bogus: neither a roadmap setting"),
     (["--set", "phases.combination.steps.ablation.tuned.combined=[\"later\"]"], "'later', which is not a search step"),

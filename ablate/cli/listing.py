@@ -59,7 +59,7 @@ def studies_show(
     """A study's trials and why any stopped early, the best trial, importances, the expected best per budget."""
     from ablate.study.session import StudySession
 
-    show_study(StudySession.open(name, stores_of(storage, None)))
+    show_study(StudySession.open(name, stores_of(storage, None), reading=True))
 
 
 def show_study(session: StudySession) -> SearchSummary:
@@ -93,7 +93,7 @@ def studies_export(
         if output.is_dir():
             raise AblateError(f"--output {output}: that is a folder; give a file name, e.g. {output / 'trials.csv'}")
         studyfiles.writable_folder(output.parent, f"--output {output}", create=False)
-    session = StudySession.open(name, stores_of(storage, None))
+    session = StudySession.open(name, stores_of(storage, None), reading=True)
     text = records.export(session.study, format)
     if output is None:
         sys.stdout.write(text)

@@ -21,6 +21,7 @@ from ablate.cli.app import (
     TrackingOpt,
     app,
     console,
+    err_console,
     parse_array,
     parse_devices,
     parse_jobs,
@@ -65,7 +66,8 @@ class _Run:
 
 
 @app.command(help=(
-    "Run the quick-start's roadmap as one command: phase 1 a quick check (cosine against MSE), phase 2 the "
+    "Run the quick-start's roadmap: three phases of studies, a decision after each, a registered final model.\n\n"
+    "The default plan (studies/roadmap.toml): phase 1 is a quick check (cosine against MSE), phase 2 the "
     "temperature and batch searches and a full InfoNCE suite, phase 3 the weights and stages searches and the "
     "five-experiment ablation; each phase ends in a decision on validation, and the final model (chosen on "
     "validation) is registered in the MLflow Model Registry.\n\n"
@@ -149,6 +151,7 @@ def _phases(run: _Run, until: int) -> RoadmapResult:
             return result
     if until < len(spec.phases):
         result.stopped = f"--until-phase {until}: phases {until + 1} to {len(spec.phases)} were not run"
+        result.partial = True
         run.say(f"stopped after phase {until} (--until-phase)")
     return result
 
@@ -171,6 +174,12 @@ def _step(run: _Run, phase: str, step: plans.StepSpec) -> StepOutcome:
         outcome.suite, outcome.files = _report(session, run.out, finish=True)
     else:
         outcome.files = _search(session, run.out)
+    if studies.owes_work(study, session.storage, budget):  # decisions and tuned values come from finished studies
+        err_console.print(f"study {session.name} is not finished ({studies.counts(session.study)}): see `ablate "
+                          f"studies show {session.name}`; run the same roadmap command again to retry what failed, or "
+                          "once the trials other processes are running have ended")
+        raise typer.Exit(1)
+    if isinstance(study, SearchSpec):
         outcome.tuned = run.tuned[step.name] = plans.best_trial(session.study, study, step.name)
     done, owed = session.progress()
     first, last = studies.span_ms(session.study)
@@ -211,11 +220,13 @@ def _finish(run: _Run, result: RoadmapResult) -> None:
                 f"on validation), registered as {version.uri}" + ("" if version.created else " (registered before)"),
                 "green")
     assert run.session is not None
-    folder = studyfiles.safe_folder(run.out, f"roadmap-{run.identity}")
+    # a run stopped by --until-phase writes its own report: the whole roadmap's report and MLflow run stay as they are
+    suffix = f"-until-phase-{len(result.seconds)}" if result.partial else ""
+    folder = studyfiles.safe_folder(run.out, f"roadmap-{run.identity}{suffix}")
     files, run_id = report.publish(run.session.tracker, result, folder)
     for name, seconds in result.seconds.items():
         run.say(f"phase {name}: {result.wall(name):.1f} s of training, {seconds:.1f} s in this command", "")
-    run.say(f"report: {files[0]} (also on MLflow run {run_id})", "")
+    run.say(f"report: {files[0]}" + (f" (also on MLflow run {run_id})" if run_id else ""), "")
 
 
 def _dry_run(spec: plans.RoadmapSpec, until: int | None) -> None:

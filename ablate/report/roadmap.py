@@ -54,7 +54,7 @@ class FinalChoice:
     run: TrialResult
     objective: str
     test: Summary
-    """The chosen configuration's ``objective`` (test) over seeds."""
+    """The chosen configuration's ``objective`` (the suite's headline on test) over seeds."""
     version: str = ""
     """The registered ``models:/NAME/VERSION``."""
 
@@ -64,7 +64,8 @@ def final_choice(report: SuiteReport, step: str) -> FinalChoice:
     value; the test numbers are reported, never used to choose."""
     exp, metric, at = report.winner, report.chosen_by, report.headline_at
     sign = 1.0 if better(metric) == "maximize" else -1.0
-    runs = [r for r in report.trials if r.experiment == exp and math.isfinite(r.at(at).get(metric, math.nan))]
+    runs = [r for r in report.trials if r.experiment == exp and r.note != "diverged"
+            and math.isfinite(r.at(at).get(metric, math.nan))]
     if not runs:
         from ablate.errors import AblateError
 
@@ -72,8 +73,9 @@ def final_choice(report: SuiteReport, step: str) -> FinalChoice:
     run = max(runs, key=lambda r: (sign * r.at(at)[metric], -r.seed))
     means = {e: report.row(e, metric, at).summary.mean for e in report.spec.experiments
              if (e, metric, at) in report.rows}
-    objective = report.spec.objective
-    test = summarize([r.at("selected").get(objective, math.nan) for r in report.trials if r.experiment == exp])
+    objective = on_split(report.spec.objective, "test")  # the headline on test, also where it is read on validation
+    test = summarize([r.test.get(objective, math.nan) for r in report.trials if r.experiment == exp
+                      and r.note != "diverged"])
     return FinalChoice(step, report.study_name, exp, metric, at, means, run, objective, test)
 
 
@@ -89,6 +91,8 @@ class RoadmapResult:
     final: FinalChoice | None = None
     stopped: str = ""
     """Why the roadmap ended before its final choice ('' when it reached it)."""
+    partial: bool = False
+    """Stopped by --until-phase: its report is written on its own, not on the roadmap's MLflow run."""
 
     def wall(self, phase: str) -> float:
         """A phase's wall time: its studies' wall times added up."""
@@ -232,20 +236,23 @@ def register_final(tracker: Tracker, result: RoadmapResult) -> Version:
     f = result.final
     assert f is not None and f.run.run_id
     fingerprint = tracker.client.get_run(f.run.run_id).data.tags.get(Tag.DATA_FINGERPRINT, "")
-    tags = {Tag.STUDY: f.study, Tag.EXPERIMENT: f.experiment, Tag.SEED: str(f.run.seed), Tag.CHOSEN_BY: f.chosen_by,
-            Tag.DATA_FINGERPRINT: fingerprint, **decision_tags(result)}
-    version = register(tracker, result.spec.registered_name, f.run.run_id, key=(Tag.ROADMAP, result.identity),
-                       tags=tags, description=version_description(f))
+    tags = {Tag.ROADMAP: result.identity, Tag.STUDY: f.study, Tag.EXPERIMENT: f.experiment, Tag.SEED: str(f.run.seed),
+            Tag.CHOSEN_BY: f.chosen_by, Tag.DATA_FINGERPRINT: fingerprint, **decision_tags(result)}
+    version = register(tracker, result.spec.registered_name, f.run.run_id, tags=tags,
+                       description=version_description(f))
     result.final = dataclasses.replace(f, version=version.uri)
     return version
 
 
 def publish(tracker: Tracker, result: RoadmapResult, folder: Path) -> tuple[list[Path], str]:
-    """Write the report into ``folder`` and put it on the roadmap's MLflow run (found by its tag, else created)."""
+    """Write the report into ``folder`` and, unless it is partial, put it on the roadmap's MLflow run (found by its
+    tag, else created); returns the files and the run ('' when not put on one)."""
     from ablate.report.publish import writing
 
     with writing(f"the roadmap's report to {folder}", "run the same roadmap command again to write it"):
         files = write(result, folder)
+    if result.partial:
+        return files, ""
     experiment = tracker.experiment_id(result.spec.name)
     found = tracker.client.search_runs([experiment], filter_string=f"tags.`{Tag.ROADMAP}` = '{result.identity}'",
                                        max_results=1)

@@ -48,10 +48,13 @@ class DecisionSpec(_Strict):
 
     @field_validator("metric", mode="before")
     @classmethod
-    def _not_test(cls, v: Any) -> Any:
+    def _validation(cls, v: Any) -> Any:
         if isinstance(v, str) and is_test(v):
             raise ValueError(f"a decision cannot read a test metric ({v}): it chooses what runs next; decide on "
                              f"{on_split(v, 'val')} (the report gives {v} too)")
+        if isinstance(v, str) and not v.startswith("val/"):
+            raise ValueError(f"a decision reads a validation metric (val/...), not {v}: a training number says how "
+                             "well a loss is minimised, not how well it retrieves")
         return v
 
 
@@ -172,8 +175,14 @@ class RoadmapSpec(_Strict):
         return self.model_name or f"ablate-{self.name}"
 
     def identity(self) -> str:
-        """``name-hash`` of the whole plan: a changed setting is another roadmap (its studies are other studies)."""
-        blob = json.dumps(self.model_dump(mode="json", exclude={"description"}), sort_keys=True)
+        """``name-hash`` of the plan's settings (its texts, the description, titles and advice, left out): a changed
+        setting is another roadmap, with its own report and MLflow run."""
+        doc = self.model_dump(mode="json", exclude={"description"})
+        for phase in doc["phases"]:
+            phase.pop("title", None)
+            if phase.get("decision"):
+                phase["decision"].pop("advice", None)
+        blob = json.dumps(doc, sort_keys=True)
         return f"{self.name}-{hashlib.sha256(blob.encode()).hexdigest()[:8]}"
 
     def step_epochs(self, step: StepSpec) -> int:
@@ -210,7 +219,10 @@ def _override(doc: dict[str, Any], key: str, value: Any) -> None:
     if head in RoadmapSpec.model_fields:
         _set(doc, key.split("."), key, value)
     elif head in RUN_FIELDS:
-        doc.setdefault("runs", {})[key] = value
+        runs = doc.setdefault("runs", {})
+        if not isinstance(runs, dict):
+            raise AblateError(f"--set {key}: the plan's runs is a value ({runs!r}), not a table; write it as [runs]")
+        runs[key] = value
     else:
         raise AblateError(f"--set {key}: neither a roadmap setting ({', '.join(RoadmapSpec.model_fields)}) nor a "
                           "run field")
@@ -223,6 +235,8 @@ def _set(node: dict[str, Any], parts: list[str], key: str, value: Any) -> None:
         node[head] = value
         return
     nxt = node.get(head)
+    if isinstance(nxt, list) and not all(isinstance(x, dict) for x in nxt):
+        raise AblateError(f"--set {key}: {head} is a list of values; give all of it, e.g. --set {head}=[...]")
     if isinstance(nxt, list):
         found = next((x for x in nxt if isinstance(x, dict) and x.get("name") == rest[0]), None)
         if found is None:
@@ -295,7 +309,7 @@ def study_of(spec: RoadmapSpec, step: StepSpec, tuned: dict[str, Tuned]) -> Stud
     tuned yet gets its file's values."""
     epochs = spec.step_epochs(step)
     overrides: dict[str, Any] = {**step.set, **spec.runs, "name": f"{spec.name}-{step.name}"}
-    if step.suite:
+    if step.suite and "seeds" not in step.set:  # the roadmap's seeds, unless the step sets its own
         overrides["seeds"] = list(spec.seeds)
     study = studyfiles.load_study(step.study_file, overrides, epochs=epochs, experiments=step.experiments or None)
     if (isinstance(study, SearchSpec) and step.suite) or (isinstance(study, SuiteSpec) and step.search):
@@ -386,11 +400,13 @@ def best_trial(study: Any, spec: SearchSpec, step: str) -> Tuned:
 
     from ablate.study import records
 
-    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)) if t.value is not None]
+    complete = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if t.value is not None and not t.user_attrs.get(records.SKIPPED)]
     if not complete:
         raise AblateError(f"step {step!r}: study {study.study_name} has no complete trial (every one failed or was "
                           f"pruned); see `ablate studies show {study.study_name}`")
-    pick = (max if spec.goal == "maximize" else min)(complete, key=lambda t: (float(t.value), -t.number))
+    sign = 1.0 if spec.goal == "maximize" else -1.0
+    pick = max(complete, key=lambda t: (sign * float(t.value), -t.number))  # a tie: the first, as `studies show`
     values = dict(pick.user_attrs.get(records.VALUES) or pick.params)
     return Tuned(step, study.study_name, pick.number, spec.objective, float(pick.value), values, spec.base.epochs)
 

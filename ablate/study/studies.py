@@ -185,6 +185,7 @@ def fill_queue(study: optuna.Study, spec: StudySpec, budget: int | None = None) 
     taken = {t.user_attrs.get(records.RESUMES) for t in trials} | {retry(t) for t in trials}
     failed = [t for t in trials if t.state == TrialState.FAIL and t.number not in taken
               and (records.resumable(t) or t.user_attrs.get(records.ERROR) == records.INTERRUPTED)]
+    failed.sort(key=lambda t: (not records.resumable(t), -t.number))  # a checkpoint first, then the newest
     for params in owed:
         match = next((t for t in failed if t.params and (not params or _same(params, t.params))), None)
         attrs: dict[str, Any] = {records.QUEUED: True}

@@ -256,7 +256,7 @@ def load_study(
     experiments: Sequence[str] | None = None,
 ) -> StudySpec:
     """Read studies/NAME.toml (or a path), apply overrides, and validate it; ``experiments`` keeps only those of a
-    suite (the baseline first, with the claims on them)."""
+    suite (and the claims on them; its baseline must be among them)."""
     path = find_study(name)
     doc = read_document(path)
     if experiments is not None:

@@ -41,25 +41,23 @@ def logged_model_id(tracker: Tracker, run_id: str, name: str = MODEL) -> str:
     return str(max(ready, key=lambda m: m.creation_timestamp).model_id)
 
 
-def register(tracker: Tracker, name: str, run_id: str, *, key: tuple[str, str], tags: Mapping[str, str],
-             description: str) -> Version:
+def register(tracker: Tracker, name: str, run_id: str, *, tags: Mapping[str, str], description: str) -> Version:
     """Register ``run_id``'s model as a version of ``name``, with ``tags`` and ``description``.
 
-    A version of the same run carrying the same ``key`` tag (``(tag, value)``, e.g. the roadmap that chose it) is
-    the same registration: it is updated, not registered again, so re-running what chose it adds no version.
+    A run is registered once per name: a version of the same run is updated (its tags and description), not
+    registered again, so re-running what chose it adds no version.
     """
     from mlflow.exceptions import MlflowException
 
     client = tracker.client
     try:
         for v in client.search_model_versions(f"name = '{name}' AND run_id = '{run_id}'"):
-            if v.tags.get(key[0]) == key[1]:
-                for tag, value in tags.items():
-                    if v.tags.get(tag) != value:
-                        client.set_model_version_tag(name, v.version, tag, value)
-                if v.description != description:
-                    client.update_model_version(name, v.version, description=description)
-                return Version(name, str(v.version), run_id, False)
+            for tag, value in tags.items():
+                if v.tags.get(tag) != value:
+                    client.set_model_version_tag(name, v.version, tag, value)
+            if v.description != description:
+                client.update_model_version(name, v.version, description=description)
+            return Version(name, str(v.version), run_id, False)
         model_id = logged_model_id(tracker, run_id)
         try:
             client.create_registered_model(name)
@@ -67,7 +65,7 @@ def register(tracker: Tracker, name: str, run_id: str, *, key: tuple[str, str], 
             if "already exists" not in str(e).lower() and "RESOURCE_ALREADY_EXISTS" not in str(e):
                 raise
         v = client.create_model_version(name, source=f"models:/{model_id}", run_id=run_id,
-                                        tags={**tags, key[0]: key[1]}, description=description, model_id=model_id)
+                                        tags=dict(tags), description=description, model_id=model_id)
     except MlflowException as e:
         raise AblateError(f"cannot register model {name!r} in {tracker.shown_uri}: {str(e).splitlines()[0]}") from None
     return Version(name, str(v.version), run_id, True)
