@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote, unquote
@@ -136,6 +138,39 @@ def read_only(url: str) -> bool:
         return False
     db = Path(url[len(prefix):].split("?", 1)[0])
     return db.exists() and os.access(db, os.R_OK) and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK))
+
+
+def release_interrupted(error: BaseException) -> None:
+    """Let go of the database connections an interrupted call still holds (through its traceback's frames) before
+    the stores are written again: Ctrl-C or SIGTERM inside a SQLite transaction leaves its write lock with a
+    connection that only those frames keep, and every later write from this process would wait on it."""
+    import gc
+    import traceback
+
+    traceback.clear_frames(error.__traceback__)
+    gc.collect()
+
+
+@contextmanager
+def signals_held() -> Iterator[None]:
+    """Ctrl-C and SIGTERM wait until the block is done, then interrupt as usual (in the main thread only): a store
+    write in the block happens whole, with what records it."""
+    import signal
+    import threading
+
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum)) for s in (signal.SIGINT,
+                                                                                           signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+    if any(previous[signal.Signals(s)] is not signal.SIG_IGN for s in caught):
+        raise KeyboardInterrupt
 
 
 def require_writable(url: str) -> None:

@@ -111,6 +111,8 @@ class Tag(StrEnum):
     WINNER = "ablate.winner"
     ROADMAP = "ablate.roadmap"
     """The roadmap of a roadmap's MLflow run and of the model version it registered."""
+    SLURM_JOB = "ablate.slurm_job"
+    """The SLURM job (``JOB_TASK`` for a task of a job array) whose worker trained the run."""
     CHOSEN_BY = "ablate.chosen_by"
     """The validation metric that chose a registered model's configuration and run (a roadmap's final choice)."""
     DECISION = "ablate.decision"

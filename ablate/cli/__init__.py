@@ -21,7 +21,8 @@ try:  # typer vendors click from 0.2x on
 except ImportError:  # pragma: no cover - older typer with click
     from click.exceptions import ClickException, NoArgsIsHelpError, UsageError  # type: ignore[assignment]
 
-for _commands in ("train", "study", "roadmap", "listing", "serve"):  # registers their commands, in this order in --help
+# importing them registers their commands, in this order in --help
+for _commands in ("train", "study", "roadmap", "submit", "listing", "serve"):
     importlib.import_module(f"ablate.cli.{_commands}")
 
 __all__ = ["app", "main"]

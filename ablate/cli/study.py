@@ -108,8 +108,9 @@ def _train(session: StudySession, *, jobs: int | None, devices: list[str], array
         finished = session.run(jobs=p.workers, devices=p.devices, on_event=lines, spawn_after=p.spawn_after,
                                array=array, keep_checkpoints=keep)
     if not finished:
-        err_console.print(f"interrupted: the running trials ended FAIL in Optuna and KILLED in MLflow; "
-                          f"run the same command again to resume study {session.name}")
+        err_console.print(f"interrupted: the running trials ended FAIL in Optuna (each queued again, to continue from "
+                          f"its last checkpoint) and KILLED in MLflow; run the same command again to resume study "
+                          f"{session.name}")
         raise typer.Exit(130)
 
 

@@ -341,6 +341,8 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
             note = "the worker stopped sending heartbeats (it died or lost the database)"
         if rec.number in retried_as:
             note += f"; retried as #{retried_as[rec.number]}"
+        if rec.job:
+            note += ("; " if note else "") + f"SLURM job {rec.job}"
         rows.append(TrialRow(rec.number, rec.state, rec.label, rec.value if rec.state != Outcome.FAIL else None,
                              rec.epochs, note, dict(t.params), rec.test))
     complete = [r for r in rows if r.state == Outcome.COMPLETE and r.value is not None]

@@ -48,6 +48,8 @@ CHECKPOINT = "checkpoint_epoch"
 RESUMES = "resumes_trial"
 """On a queued trial: the number of the interrupted or failed trial whose configuration (and, where it has one,
 run and checkpoint) it continues."""
+SCHEDULER_JOB = "scheduler_job"
+"""The scheduler job whose worker took the trial (a SLURM ``JOB_TASK``)."""
 INTERRUPTED = "interrupted (Ctrl-C or SIGTERM)"
 """The error of a trial stopped by Ctrl-C or SIGTERM: the next command trains its configuration again."""
 FLOORS = "random_floors"
@@ -84,6 +86,8 @@ class TrialRecord:
     reported: dict[int, float] = field(default_factory=dict)
     stopped_early_at: int | None = None
     split: str = ""
+    job: str = ""
+    """The scheduler job whose worker took the trial ('' outside one)."""
 
     @classmethod
     def of(cls, t: FrozenTrial) -> TrialRecord:
@@ -100,7 +104,7 @@ class TrialRecord:
             queued=bool(a.get(QUEUED)), skipped=str(a.get(SKIPPED) or ""),
             reported=dict(t.intermediate_values),
             stopped_early_at=None if a.get(STOPPED_EARLY) is None else int(a[STOPPED_EARLY]),
-            split=str(a.get(SPLIT) or ""),
+            split=str(a.get(SPLIT) or ""), job=str(a.get(SCHEDULER_JOB) or ""),
         )
 
     @property
@@ -117,10 +121,12 @@ def _label(params: Mapping[str, Any]) -> str:
     return " ".join(f"{k}={v}" for k, v in params.items())
 
 
-def write_start(trial: optuna.Trial, label: str, values: Mapping[str, Any]) -> None:
-    """Record what a trial trains, once its parameters are known."""
+def write_start(trial: optuna.Trial, label: str, values: Mapping[str, Any], job: str | None = None) -> None:
+    """Record what a trial trains, once its parameters are known, and the scheduler job whose worker took it."""
     trial.set_user_attr(LABEL, label)
     trial.set_user_attr(VALUES, dict(values))
+    if job:
+        trial.set_user_attr(SCHEDULER_JOB, job)
 
 
 def write_run(trial: optuna.Trial, run_id: str) -> None:

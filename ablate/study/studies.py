@@ -9,9 +9,11 @@ workers run the same trial and the budget is never exceeded.
 
 from __future__ import annotations
 
+import threading
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from typing import Any
 
@@ -188,16 +190,78 @@ def fill_queue(study: optuna.Study, spec: StudySpec, budget: int | None = None) 
     failed.sort(key=lambda t: (not records.resumable(t), -t.number))  # a checkpoint first, then the newest
     for params in owed:
         match = next((t for t in failed if t.params and (not params or _same(params, t.params))), None)
-        attrs: dict[str, Any] = {records.QUEUED: True}
         if match is not None:
             failed.remove(match)
-            params = dict(match.params)
-            attrs[records.RESUMES] = match.number
-            if records.resumable(match):
-                attrs.update({records.RUN_ID: match.user_attrs[records.RUN_ID],
-                              records.CHECKPOINT: match.user_attrs[records.CHECKPOINT]})
-        study.enqueue_trial(params, user_attrs=attrs)
+            _continue(study, match)
+        else:
+            study.enqueue_trial(params, user_attrs={records.QUEUED: True})
     return len(owed)
+
+
+def _continue(study: optuna.Study, failed: FrozenTrial) -> None:
+    """Queue a trial that continues a failed or interrupted one: its parameters and, where it has one, its MLflow run
+    and checkpoint."""
+    attrs: dict[str, Any] = {records.QUEUED: True, records.RESUMES: failed.number}
+    if records.resumable(failed):
+        attrs.update({records.RUN_ID: failed.user_attrs[records.RUN_ID],
+                      records.CHECKPOINT: failed.user_attrs[records.CHECKPOINT]})
+    study.enqueue_trial(dict(failed.params), user_attrs=attrs)
+
+
+@contextmanager
+def heartbeats(storage: RDBStorage, study: optuna.Study, numbers: Sequence[int], seconds: int | None
+               ) -> Iterator[None]:
+    """Record the trials' heartbeats every ``seconds`` while they run (nothing when heartbeats are off).
+
+    Once per grace period (3 heartbeats) the same thread also fails other workers' stale trials (which
+    re-queues them), so a dead worker's trial is retried while every live worker is busy training.
+    """
+    if not seconds:
+        yield
+        return
+    grace = storage.grace_period or 2 * seconds  # as Optuna decides a trial is stale
+    study_id = storage.get_study_id_from_name(study.study_name)
+    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
+    stop = threading.Event()
+
+    def beat() -> None:
+        checked = time.monotonic()
+        while True:
+            for trial_id in ids:
+                storage.record_heartbeat(trial_id)
+            if time.monotonic() - checked >= grace:
+                checked = time.monotonic()
+                with suppress(Exception):  # a storage hiccup: the next check (or a worker between trials) does it
+                    optuna.storages.fail_stale_trials(study)
+            if stop.wait(seconds):
+                return
+
+    thread = threading.Thread(target=beat, name=f"heartbeat-{numbers[0]}", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join()
+
+
+def give_back(storage: RDBStorage, trials: Sequence[optuna.Trial]) -> None:
+    """Put trials taken but not started back in the queue (WAITING), keeping their numbers and any parameters drawn:
+    an interruption while taking them changes nothing about what the study trains."""
+    for t in trials:
+        storage.set_trial_state_values(t._trial_id, state=TrialState.WAITING)
+
+
+def continue_stopped(study: optuna.Study, numbers: Sequence[int]) -> int:
+    """Queue, at once, a continuation of each running trial among ``numbers`` that an interruption is about to fail
+    (SIGTERM from a scheduler's time limit or ``scancel``, Ctrl-C): its parameters and its last checkpoint, so any
+    worker, here or on another machine, goes on with it. Queued before the trials fail, so that no other worker
+    ever finds the study with nothing waiting or running and stops. Returns how many were queued."""
+    trials = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if t.number in set(numbers)]
+    for t in trials:
+        if t.params:
+            _continue(study, t)
+    return sum(1 for t in trials if t.params)
 
 
 def _same(fixed: dict[str, Any], params: dict[str, Any]) -> bool:

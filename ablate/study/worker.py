@@ -8,10 +8,9 @@ from __future__ import annotations
 
 import math
 import os
-import threading
 import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager, suppress
+from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -21,11 +20,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from ablate.errors import AblateError
 from ablate.specs import RunSpec
-from ablate.stores import Stores, mask_url
+from ablate.stores import Stores, mask_url, release_interrupted, signals_held
 from ablate.study import records, studies
 from ablate.study.designs import StudySpec
 from ablate.study.ends import end_abandoned_runs, end_stale_run
 from ablate.study.records import EpochEnded, Event, Note, TrialEnded, TrialStarted
+from ablate.study.schedulers import slurm_job
 from ablate.tracking.client import Tracker
 from ablate.training import stability
 from ablate.training.stability import Instability
@@ -168,13 +168,19 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
                 # that goes stale and is retried (Optuna never fails a running trial that has no beat at all)
                 storage.record_heartbeat(trial_id)
             try:
-                if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
-                    out.append(optuna.Trial(study, trial_id))
+                with signals_held():  # taken and recorded as taken, or not taken at all
+                    if storage.set_trial_state_values(trial_id, state=TrialState.RUNNING):
+                        out.append(optuna.Trial(study, trial_id))
             except optuna.exceptions.UpdateFinishedTrialError:
                 continue
             if len(out) == limit:
                 break
-    except BaseException:  # Ctrl-C, SIGTERM or a lost database while taking: what was taken goes back as FAIL
+    except KeyboardInterrupt as e:  # Ctrl-C or SIGTERM while taking: what was taken goes back to the queue as it was
+        release_interrupted(e)
+        with suppress(Exception):
+            studies.give_back(storage, out)
+        raise
+    except BaseException:  # a lost database while taking: what was taken goes back as FAIL
         for trial in out:
             with suppress(Exception):
                 study.tell(trial, state=TrialState.FAIL, skip_if_finished=True)
@@ -183,52 +189,27 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
 
 
 def _run(ctx: Context, group: list[optuna.Trial], objective: Callable[[list[optuna.Trial]], None]) -> None:
-    """Train a group of taken trials with heartbeats; a trial the objective did not end ends FAIL."""
-    with _heartbeat(ctx, [t.number for t in group]):
-        try:
-            objective(group)
-        except TrialError:
-            pass
-        finally:  # also on Ctrl-C, SIGTERM or a user's mistake, which then stop the worker
-            for t in group:
-                ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
-
-
-@contextmanager
-def _heartbeat(ctx: Context, numbers: list[int]) -> Iterator[None]:
-    """Record the trials' heartbeats every ``heartbeat_seconds`` while they run.
-
-    Once per grace period (3 heartbeats) the same thread also fails other workers' stale trials (which
-    re-queues them), so a dead worker's trial is retried while every live worker is busy training.
-    """
-    if not ctx.heartbeat_seconds:
-        yield
-        return
-    storage, interval = ctx.storage, ctx.heartbeat_seconds
-    grace = storage.grace_period or 2 * interval  # as Optuna decides a trial is stale
-    study_id = storage.get_study_id_from_name(ctx.study.study_name)
-    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
-    stop = threading.Event()
-
-    def beat() -> None:
-        checked = time.monotonic()
-        while True:
-            for trial_id in ids:
-                storage.record_heartbeat(trial_id)
-            if time.monotonic() - checked >= grace:
-                checked = time.monotonic()
-                with suppress(Exception):  # a storage hiccup: the next check (or a worker between trials) does it
-                    optuna.storages.fail_stale_trials(ctx.study)
-            if stop.wait(interval):
-                return
-
-    thread = threading.Thread(target=beat, name=f"heartbeat-{numbers[0]}", daemon=True)
-    thread.start()
+    """Train a group of taken trials with heartbeats; a trial the objective did not end ends FAIL, unless an
+    interruption came before its run started: then it goes back to the queue as it was."""
+    interrupted = False
     try:
-        yield
-    finally:
-        stop.set()
-        thread.join()
+        with studies.heartbeats(ctx.storage, ctx.study, [t.number for t in group], ctx.heartbeat_seconds):
+            objective(group)
+    except TrialError:
+        pass
+    except KeyboardInterrupt as e:
+        interrupted = True
+        release_interrupted(e)
+        raise
+    finally:  # also on Ctrl-C, SIGTERM or a user's mistake, which then stop the worker
+        for t in group:
+            frozen = ctx.storage.get_trial(t._trial_id)
+            if frozen.state != TrialState.RUNNING:
+                continue
+            if interrupted and not frozen.user_attrs.get(records.RUN_ID):
+                studies.give_back(ctx.storage, [t])
+            else:
+                ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
 
 
 def end_parent_if_done(ctx: Context) -> bool:
@@ -258,7 +239,7 @@ class _Taken:
         self.assignments = [ctx.spec.suggest(t) for t in trials]
         self.runs = [a.run.model_copy(update={"device": device}) if device else a.run for a in self.assignments]
         for t, a, run in zip(trials, self.assignments, self.runs, strict=True):
-            records.write_start(t, a.label, a.values)
+            records.write_start(t, a.label, a.values, slurm_job())
             emit(TrialStarted(t.number, a.label, run.epochs, os.getpid()))
         self.ended: set[int] = set()
         self.outcomes: dict[int, RunOutcome] = {}
@@ -310,10 +291,14 @@ class _Objective:
         self.ctx, self.device, self.emit, self.keep_checkpoints = ctx, device, emit, keep_checkpoints
 
     def __call__(self, trials: list[optuna.Trial]) -> None:
-        group = _Taken(self.ctx, trials, self.device, self.emit, self)
+        group = _Taken(self.ctx, trials, self.device, self.emit, self)  # interrupted here: _run gives them back
         try:
             self._train(group)
-        except KeyboardInterrupt:
+        except KeyboardInterrupt as e:
+            release_interrupted(e)
+            with suppress(Exception):  # queued again at once: another worker (or the next command) continues them
+                studies.continue_stopped(self.ctx.study, [t.number for k, t in enumerate(trials)
+                                                          if k not in group.ended])
             group.failed(records.INTERRUPTED)
             raise
         except AblateError as e:  # a user's mistake: every trial would fail the same way
@@ -340,8 +325,8 @@ class _Objective:
         pairs = list(zip(trials, group.assignments, strict=True))
         train_and_log_members(
             trainer, ctx.tracker, ctx.experiment_id, [spec.run_name(t.number, a.label) for t, a in pairs],
-            tags=[{Tag.STUDY: ctx.name, Tag.TRIAL: t.number, **{f"ablate.{k}": v for k, v in a.values.items()}}
-                  for t, a in pairs],
+            tags=[{Tag.STUDY: ctx.name, Tag.TRIAL: t.number, **{f"ablate.{k}": v for k, v in a.values.items()},
+                   **({Tag.SLURM_JOB: job} if (job := slurm_job()) else {})} for t, a in pairs],
             parent_run_id=ctx.parent_run_id, on_start=group.on_start,
             on_epoch=lambda k, result, history: hooks[k](result, history), on_end=group.on_end,
             resume=resume, keep_checkpoints=self.keep_checkpoints,

@@ -17,6 +17,7 @@ from typing import Any
 from torch import nn
 
 from ablate.specs import RunSpec, StabilitySpec
+from ablate.stores import release_interrupted
 from ablate.tracking import checkpoints
 from ablate.tracking.batches import MetricBatch
 from ablate.tracking.client import Tracker, environment_tags
@@ -284,6 +285,7 @@ class _TrackedArray:
     def _abort(self, e: BaseException) -> None:
         """The runs still open end KILLED (Ctrl-C, SIGTERM: checkpointed first, to continue) or FAILED."""
         status = "KILLED" if isinstance(e, KeyboardInterrupt) else "FAILED"
+        release_interrupted(e)
         for k in sorted(self.open_runs):
             try:
                 if k in self.batches:
