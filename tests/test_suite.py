@@ -138,7 +138,8 @@ def test_an_interrupted_suite_resumes_where_it_stopped(workdir, monkeypatch, cap
     study, _ = _study(workdir)
     states = [t.state for t in study.get_trials()]
     assert states.count(optuna.trial.TrialState.COMPLETE) == 2
-    assert states.count(optuna.trial.TrialState.FAIL) == 1
+    # the third was stopped before its run started: back in the queue as it was, nothing failed or left running
+    assert states.count(optuna.trial.TrialState.WAITING) == 8 and len(states) == 10
     parent = study.user_attrs[records.PARENT_RUN]
     assert MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(parent).info.status == "KILLED"
 
