@@ -258,7 +258,7 @@ def test_the_arrays_are_planned_for_the_workers_that_share_the_trials():
 
 
 def test_auto_measures_on_the_real_data_and_says_what_it_chose():
-    run = tiny_run(loss="infonce")
+    run = tiny_run(loss="infonce", epochs=400)  # enough work queued for measuring to pay
     state = torch.get_rng_state()
     choice = choose(run, waiting=3, array=None)
     assert torch.equal(torch.get_rng_state(), state)  # measuring leaves the random state as it was
@@ -266,3 +266,14 @@ def test_auto_measures_on_the_real_data_and_says_what_it_chose():
     assert choice.reason.startswith("member-epochs/s by array size {1: ")
     assert f"arrays of {choice.size} " in choice.reason
     assert choose(run, waiting=3, array=2).size == 2 and choose(run, waiting=1, array=None).size == 1
+
+
+def test_auto_does_not_measure_when_the_work_queued_cannot_pay_for_it():
+    from ablate.training import arrays
+
+    run = tiny_run(loss="infonce", epochs=10)
+    choice = choose(run, waiting=15, array=None, workers=2)  # 75 member-epochs each; measuring 1 and 2 costs 9
+    assert choice.size == 1 and "too little work for measuring array sizes to pay" in choice.reason
+    assert arrays._affordable([1, 2, 4, 8, 15], budget=0.05 * 15 * 300) == [1, 2, 4, 8, 15]  # the README suite
+    assert arrays._affordable([1, 2, 4, 8, 15], budget=0.05 * 15 * 30 / 2) == [1, 2]
+    assert arrays._affordable([1, 2, 4, 8, 15], budget=0.05 * 15 * 60) == [1, 2, 4, 8]

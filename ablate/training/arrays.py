@@ -34,6 +34,10 @@ MARGIN = 0.1
 ROUNDS = 3
 """Measurements of each size, interleaved; each size's median counts."""
 
+MEASURE_SHARE = 0.05
+"""Measuring may cost at most this share of the work queued for each worker (in member-epochs): a short study is
+trained one trial at a time rather than spend more on measuring than fusing could save."""
+
 
 @dataclass(frozen=True)
 class ArrayChoice:
@@ -64,10 +68,25 @@ def choose(run: RunSpec, waiting: int, array: int | None, workers: int = 1) -> A
     return _CHOSEN[key]
 
 
+def _affordable(sizes: list[int], budget: float) -> list[int]:
+    """The smallest sizes whose measurement (``ROUNDS`` epochs of each, k member-epochs at size k) fits the budget."""
+    kept: list[int] = []
+    for k in sorted(sizes):
+        if (sum(kept) + k) * ROUNDS > budget:
+            break
+        kept.append(k)
+    return kept
+
+
 def _measure(run: RunSpec, waiting: int, workers: int) -> ArrayChoice:
     import statistics
 
     import torch
+
+    budget = MEASURE_SHARE * waiting * run.epochs / max(1, workers)
+    if len(_affordable([1, 2], budget)) < 2:
+        return ArrayChoice(1, f"{waiting} trial(s) of {run.epochs} epoch(s) for {workers} worker(s): too little work "
+                              "for measuring array sizes to pay; one at a time")
 
     from ablate.training.devices import amp_for, resolve_device
     from ablate.training.splits import load_split
@@ -82,6 +101,7 @@ def _measure(run: RunSpec, waiting: int, workers: int) -> ArrayChoice:
         sizes = [k for k in CANDIDATES if k <= min(waiting, cap)]
         if waiting <= cap and waiting not in sizes and waiting < CANDIDATES[-1]:
             sizes.append(waiting)
+        sizes = _affordable(sizes, budget)
         seconds: dict[int, list[float]] = {k: [] for k in sizes}
         for _ in range(ROUNDS):  # interleaved: a spell of load slows every size alike
             for k in sorted(sizes):
