@@ -130,14 +130,21 @@ def require_storage(url: str) -> None:
                           "or `ablate tune` first, or point --storage (or ABLATE_STORAGE) at the study's storage")
 
 
+def sqlite_file(url: str) -> Path | None:
+    """The file behind a ``sqlite:///PATH`` URL (None for any other store, and for an in-memory database)."""
+    prefix = "sqlite:///"
+    if not url.startswith(prefix) or in_memory(url):
+        return None
+    return Path(url[len(prefix):].split("?", 1)[0])
+
+
 def read_only(url: str) -> bool:
     """Whether a store is a SQLite file this process may read but not write (the file, or its folder, where SQLite
     keeps its journal): what only reads it (a report) still works, without writing."""
-    prefix = "sqlite:///"
-    if not url.startswith(prefix) or url.endswith(":memory:"):
+    db = sqlite_file(url)
+    if db is None or not db.exists():
         return False
-    db = Path(url[len(prefix):].split("?", 1)[0])
-    return db.exists() and os.access(db, os.R_OK) and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK))
+    return os.access(db, os.R_OK) and not (os.access(db, os.W_OK) and os.access(db.parent, os.W_OK))
 
 
 def release_interrupted(error: BaseException) -> None:
@@ -176,15 +183,12 @@ def signals_held() -> Iterator[None]:
 def require_writable(url: str) -> None:
     """A command that trains writes to its Optuna storage: a SQLite storage it may only read is one line."""
     if read_only(url):
-        path = url[len("sqlite:///"):].split("?", 1)[0]
-        raise AblateError(f"the Optuna storage {mask_url(url)} is read-only here ({path} or its folder cannot be "
-                          "written: SQLite writes a journal beside it); make both writable, or choose another "
-                          "--storage (reports of it still work: `ablate report`, `ablate studies show`)")
+        raise AblateError(f"the Optuna storage {mask_url(url)} is read-only here ({sqlite_file(url)} or its folder "
+                          "cannot be written: SQLite writes a journal beside it); make both writable, or choose "
+                          "another --storage (reports of it still work: `ablate report`, `ablate studies show`)")
 
 
 def storage_exists(url: str) -> bool:
     """Whether a storage already exists: a SQLite file on disk (a database server's storage always counts)."""
-    prefix = "sqlite:///"
-    if url.startswith(prefix) and not url.endswith(":memory:"):
-        return Path(url[len(prefix):].split("?", 1)[0]).exists()
-    return True
+    db = sqlite_file(url)
+    return db.exists() if db is not None else True

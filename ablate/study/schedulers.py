@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.errors import AblateError
-from ablate.stores import mask_url
+from ablate.stores import mask_url, sqlite_file
 
 SHARED_FILESYSTEMS = frozenset({
     "nfs", "nfs4", "lustre", "gpfs", "beegfs", "ceph", "cephfs", "cifs", "smb3", "glusterfs", "fuse.glusterfs",
@@ -96,8 +96,9 @@ def check_shared(uri: str, what: str, partition: str | None) -> None:
 
 def local_path(uri: str) -> Path | None:
     """The file or folder behind a SQLite or file store URI (None for a database server or a tracking server)."""
-    if uri.startswith("sqlite:///"):
-        return Path(uri[len("sqlite:///"):].split("?", 1)[0]).resolve()
+    db = sqlite_file(uri)
+    if db is not None:
+        return db.resolve()
     if uri.startswith("file:"):
         return Path(uri.removeprefix("file://").removeprefix("file:")).resolve()
     if "://" not in uri:

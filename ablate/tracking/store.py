@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from ablate.errors import AblateError
-from ablate.stores import in_memory, mask_url, split_credentials
+from ablate.stores import in_memory, mask_url, split_credentials, sqlite_file
 
 
 @contextmanager
@@ -22,13 +22,12 @@ def first_use_lock(uri: str) -> Iterator[None]:
     Two processes that open a new store at once would both run MLflow's migrations and one of them
     fail ('table ... already exists'); an exclusive lock on a file beside the database prevents that.
     """
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or uri.endswith(":memory:"):
+    db = sqlite_file(uri)
+    if db is None:
         yield
         return
     import fcntl
 
-    db = Path(uri[len(prefix):].split("?", 1)[0])
     db.parent.mkdir(parents=True, exist_ok=True)
     with open(db.with_name(db.name + ".lock"), "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
@@ -42,10 +41,9 @@ def create_whole(uri: str) -> None:
     """A new SQLite store appears whole or not at all: MLflow's schema is migrated in a file beside it, which is then
     renamed into place (Ctrl-C or kill -9 during a first migration left a store every later command refused). A
     store left half-created by an older version is explained in one line with the command that clears it."""
-    prefix = "sqlite:///"
-    if not uri.startswith(prefix) or in_memory(uri):
+    db = sqlite_file(uri)
+    if db is None:
         return
-    db = Path(uri[len(prefix):].split("?", 1)[0])
     if db.exists():
         _refuse_half_created(db, uri)
         return
@@ -53,7 +51,7 @@ def create_whole(uri: str) -> None:
 
     creating = db.with_name(f".{db.name}.{os.getpid()}-{time.monotonic_ns()}.creating")  # never a name reused
     try:
-        store = MlflowClient(tracking_uri=f"{prefix}{creating}")._tracking_client.store  # migrates the schema
+        store = MlflowClient(tracking_uri=f"sqlite:///{creating}")._tracking_client.store  # migrates the schema
         engine = getattr(store, "engine", None)
         if engine is not None:
             engine.dispose()  # closed before it moves
