@@ -254,8 +254,7 @@ def _dry_run(spec: plans.RoadmapSpec, until: int | None) -> None:
         if phase.decision is not None:
             d = phase.decision
             console.print(f"  decision: {d.experiment} against the baseline on {d.metric} ({d.at} epoch): "
-                          f"{plans.RULES[d.rule]}" + (f" ({d.alpha:g})" if d.rule == "significant" else ""),
-                          highlight=False)
+                          f"{d.rule_text}", highlight=False)
         console.print(f"  phase {i}: at most {phase_epochs:,} run-epochs", highlight=False)
     final = spec.final_step
     console.print(f"final: the winner of {final.name if final else '?'} on validation, registered as "

@@ -46,6 +46,11 @@ class DecisionSpec(_Strict):
     advice: str = ""
     """What to change when the decision fails (printed, and in the report)."""
 
+    @property
+    def rule_text(self) -> str:
+        """What the rule asks, in words (with alpha where it has one)."""
+        return RULES[self.rule] + (f" ({self.alpha:g})" if self.rule == "significant" else "")
+
     @field_validator("metric", mode="before")
     @classmethod
     def _validation(cls, v: Any) -> Any:
@@ -389,8 +394,7 @@ def decide(phase: PhaseSpec, report: Any, force: bool = False) -> Decision:
     }[d.rule]
     holm = f"{row.p_holm:.3g}" if math.isfinite(row.p_holm) else "n/a"
     reason = (f"{d.experiment} against {report.baseline} on {d.metric} ({where}, {c.n} seeds): difference "
-              f"{c.diff:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}], Holm p = {holm}; rule: {RULES[d.rule]}"
-              + (f" ({d.alpha:g})" if d.rule == "significant" else ""))
+              f"{c.diff:+.4f} [{c.ci_low:+.4f}, {c.ci_high:+.4f}], Holm p = {holm}; rule: {d.rule_text}")
     return Decision(phase.name, passed, reason, force and not passed, d.advice)
 
 
