@@ -1,12 +1,15 @@
 """Many short trials: a study of one-epoch trials on tiny pairs, taken by many workers at once.
 
-For each storage it creates a search of N trials (`ablate tune --jobs 0`, random sampling, each trial one epoch on
-about 100 pairs), starts W `ablate worker` processes (or, with --slurm, a SLURM job array of W tasks) with
-`--array 1`, and waits for them. It prints trials per minute against one worker on the same storage (timed on its
-own study of --reference trials), the overhead per trial (each worker's wall time per trial minus the trial's own
-training time; target under 0.1 s), storage errors in the workers' output, configurations trained twice and trials
-lost (0 each), and the time of `ablate studies show`, `ablate studies export` and the MLflow runs page (the
-search-runs request the UI sends for its first page) at N trials (targets: under 5 s each).
+For each storage it creates a study of N trials, each one epoch on about 100 pairs (on PostgreSQL a search, `ablate
+tune --jobs 0` with random sampling; on SQLite a suite of two experiments over N/2 seeds, `ablate run-suite --jobs
+0`, so that `ablate report` is timed too), starts W `ablate worker` processes (or, with --slurm, a SLURM job array
+of W tasks) with `--array 1`, and waits for them. It prints trials per minute against one worker on the same storage
+(timed on its own study of --reference trials), the overhead per trial (each worker's wall time per trial minus the
+trial's own training time; target under 0.1 s; with more workers than cores that wall time is shared, so the CPU
+time the workers spent per trial is printed beside it), storage errors in the workers' output, configurations
+trained twice and trials lost (0 each), and the time of `ablate studies show`, `ablate report`, `ablate studies
+export` and the MLflow runs page (the search-runs request the UI sends for its first page) at N trials (targets:
+under 5 s each).
 
     python benchmarks/scale.py --postgres postgresql://postgres@127.0.0.1:5432/DB [--trials 1000] [--workers 8]
            [--sqlite-workers 2] [--reference 100] [--slurm]
@@ -19,6 +22,7 @@ from __future__ import annotations
 import argparse
 import os
 import re
+import resource
 import statistics
 import subprocess
 import sys
@@ -49,6 +53,23 @@ seed = 0
 type = "none"
 """
 
+SUITE = """\
+kind = "suite"
+name = "{name}"
+objective = "test/top1"
+baseline = "mse"
+seeds = {seeds}
+[base]
+epochs = 1
+batch_size = 16
+data = {{ source = "{data}" }}
+model = {{ hidden = [16] }}
+[experiments.mse]
+loss = "mse"
+[experiments.infonce]
+loss = "infonce"
+"""
+
 
 def ablate(*args: str, cwd: Path, env: dict[str, str]) -> tuple[float, str]:
     t0 = time.perf_counter()
@@ -59,9 +80,13 @@ def ablate(*args: str, cwd: Path, env: dict[str, str]) -> tuple[float, str]:
     return time.perf_counter() - t0, done.stdout
 
 
-def create(name: str, trials: int, folder: Path, env: dict[str, str]) -> str:
-    (folder / f"{name}.toml").write_text(SEARCH.format(name=name, trials=trials, data=folder / "pairs.npz"))
-    _, out = ablate("tune", f"{name}.toml", "--jobs", "0", cwd=folder, env=env)
+def create(name: str, trials: int, folder: Path, env: dict[str, str], suite: bool = False) -> str:
+    """Create a study of `trials` queued one-epoch trials (a search, or a suite of two experiments) and return its
+    name."""
+    text = (SUITE.format(name=name, seeds=list(range((trials + 1) // 2)), data=folder / "pairs.npz") if suite else
+            SEARCH.format(name=name, trials=trials, data=folder / "pairs.npz"))
+    (folder / f"{name}.toml").write_text(text)
+    _, out = ablate("run-suite" if suite else "tune", f"{name}.toml", "--jobs", "0", cwd=folder, env=env)
     found = re.search(rf"study ({name}-\w+) in", out)
     assert found, out
     return found.group(1)
@@ -87,29 +112,36 @@ def run_workers(study: str, workers: int, folder: Path, env: dict[str, str], slu
 def measure(label: str, study: str, workers: int, folder: Path, env: dict[str, str], slurm: bool,
             per_worker_reference: float | None) -> float:
     """Train the study with `workers` workers and print what the module docstring lists; returns trials/min."""
+    before = resource.getrusage(resource.RUSAGE_CHILDREN)
     wall, out = run_workers(study, workers, folder, env, slurm)
+    after = resource.getrusage(resource.RUSAGE_CHILDREN)
+    cpu = after.ru_utime + after.ru_stime - before.ru_utime - before.ru_stime
     trials = optuna.load_study(study_name=study, storage=env["ABLATE_STORAGE"]).get_trials(deepcopy=False)
     complete = [t for t in trials if t.state == optuna.trial.TrialState.COMPLETE]
     owed = len([t for t in trials if t.user_attrs.get("ablate.queued")]) or len(trials)
     training = [sum(v for k, v in t.user_attrs.get("final", {}).items() if k == "epoch_seconds") for t in complete]
     per_trial = wall * workers / max(1, len(complete))
     overhead = per_trial - statistics.mean(training or [0.0])
-    params = [round(t.params.get("temperature", -1), 12) for t in complete]
+    params = [(t.user_attrs.get("label"), round(t.params.get("temperature", -1), 12)) for t in complete]
     errors = len(re.findall(r"(?i)(error|traceback|database is locked|deadlock)", out))
     rate = 60 * len(complete) / wall
     lost = len([t for t in trials if t.state != optuna.trial.TrialState.COMPLETE])
-    print(f"{label}: {len(complete)} of {owed} trials in {wall:.1f} s with {workers} worker(s): {rate:.0f} trials/min"
+    cpu_note = "" if slurm else f"; worker CPU per trial {cpu / max(1, len(complete)):.3f} s"
+    print(f"{label}: {len(complete)} of {owed} trials in {wall:.1f} s with {workers} worker(s) on "
+          f"{os.cpu_count()} cores: {rate:.0f} trials/min"
           + (f" ({rate / per_worker_reference:.2f}x one worker)" if per_worker_reference else "")
           + f"; per trial per worker {per_trial:.3f} s, of which training {statistics.mean(training or [0]):.3f} s,"
-          f" overhead {overhead:.3f} s (target < 0.1 s); storage errors {errors}; trained twice "
+          f" overhead {overhead:.3f} s (target < 0.1 s){cpu_note}; storage errors {errors}; trained twice "
           f"{len(params) - len(set(params))}; lost {lost}",
           flush=True)
     return rate
 
 
-def reads(study: str, folder: Path, env: dict[str, str]) -> None:
+def reads(study: str, folder: Path, env: dict[str, str], suite: bool) -> None:
     """The time of what reads a large study: studies show, export, and the MLflow UI's first runs page."""
     show, _ = ablate("studies", "show", study, cwd=folder, env=env)
+    report = (ablate("report", study, "--out", str(folder / f"report-{study}"), cwd=folder, env=env)[0]
+              if suite else None)
     export, _ = ablate("studies", "export", study, "--format", "csv", "--output", "trials.csv", cwd=folder, env=env)
     from mlflow import MlflowClient
 
@@ -118,7 +150,10 @@ def reads(study: str, folder: Path, env: dict[str, str]) -> None:
     exp = client.get_experiment_by_name(study.rsplit("-", 1)[0])
     client.search_runs([exp.experiment_id], max_results=100, order_by=["attributes.start_time DESC"])
     page = time.perf_counter() - t0
-    print(f"  at that size: studies show {show:.2f} s, export {export:.2f} s, MLflow runs page {page:.2f} s "
+    shown = "" if report is None else f"report {report:.2f} s, "
+    print(f"  at that size ({'a suite' if suite else 'a search'}): studies show {show:.2f} s, {shown}"
+          f"export {export:.2f} s, "
+          f"MLflow runs page {page:.2f} s "
           "(targets < 5 s)", flush=True)
 
 
@@ -155,11 +190,12 @@ def main() -> None:
         for label, env in stores.items():
             workers = args.workers if label == "PostgreSQL" else args.sqlite_workers
             slurm = args.slurm and label == "PostgreSQL"
-            one = measure(f"{label}, reference", create(f"one-{label.lower()}", args.reference, folder, env), 1,
-                          folder, env, False, None)
-            study = create(f"scale-{label.lower()}", args.trials, folder, env)
+            suite = label == "SQLite"
+            one = measure(f"{label}, reference", create(f"one-{label.lower()}", args.reference, folder, env, suite),
+                          1, folder, env, False, None)
+            study = create(f"scale-{label.lower()}", args.trials, folder, env, suite)
             measure(f"{label}{', SLURM tasks' if slurm else ''}", study, workers, folder, env, slurm, one)
-            reads(study, folder, env)
+            reads(study, folder, env, suite)
 
 
 if __name__ == "__main__":

@@ -96,7 +96,9 @@ def _one_line(args: list[str], monkeypatch: pytest.MonkeyPatch, capsys: pytest.C
 
 
 def test_what_cannot_work_across_machines_is_one_line(created, workdir, monkeypatch, capsys):
-    _one_line(["submit", "nope", "--dry-run"], monkeypatch, capsys, "no study")
+    with monkeypatch.context() as m:  # stores a single-node cluster can reach, with or without SLURM running here
+        m.setattr("ablate.study.schedulers.single_node", lambda partition: True)
+        _one_line(["submit", "nope", "--dry-run"], monkeypatch, capsys, "no study")
     local = f"sqlite:///{workdir / 'optuna.db'}"
     _one_line(["submit", "probe", "--storage", local, "--partition", "not-a-partition", "--dry-run"], monkeypatch,
               capsys, f"the Optuna storage {local} is a file on this machine")

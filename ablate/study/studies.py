@@ -209,7 +209,7 @@ def _continue(study: optuna.Study, failed: FrozenTrial) -> None:
 
 
 @contextmanager
-def heartbeats(storage: RDBStorage, study: optuna.Study, numbers: Sequence[int], seconds: int | None
+def heartbeats(storage: RDBStorage, study: optuna.Study, trials: Sequence[optuna.Trial], seconds: int | None
                ) -> Iterator[None]:
     """Record the trials' heartbeats every ``seconds`` while they run (nothing when heartbeats are off).
 
@@ -220,29 +220,64 @@ def heartbeats(storage: RDBStorage, study: optuna.Study, numbers: Sequence[int],
         yield
         return
     grace = storage.grace_period or 2 * seconds  # as Optuna decides a trial is stale
-    study_id = storage.get_study_id_from_name(study.study_name)
-    ids = [storage.get_trial_id_from_study_id_trial_number(study_id, n) for n in numbers]
+    ids = [t._trial_id for t in trials]
     stop = threading.Event()
 
     def beat() -> None:
         checked = time.monotonic()
-        while True:
+        while not stop.wait(seconds):  # the first beat was recorded as the trials were taken
             for trial_id in ids:
                 storage.record_heartbeat(trial_id)
             if time.monotonic() - checked >= grace:
                 checked = time.monotonic()
                 with suppress(Exception):  # a storage hiccup: the next check (or a worker between trials) does it
                     optuna.storages.fail_stale_trials(study)
-            if stop.wait(seconds):
-                return
 
-    thread = threading.Thread(target=beat, name=f"heartbeat-{numbers[0]}", daemon=True)
+    thread = threading.Thread(target=beat, name=f"heartbeat-{trials[0].number}", daemon=True)
     thread.start()
     try:
         yield
     finally:
         stop.set()
         thread.join()
+
+
+TAKE_WINDOW = 256
+"""How many queued trials a worker reads to form an array (the first this many: arrays are never larger, and the
+measuring budget of ``--array auto`` counts at most this much queued work)."""
+
+
+def waiting(storage: RDBStorage, study: optuna.Study, study_id: int, limit: int) -> list[FrozenTrial]:
+    """The first ``limit`` queued (WAITING) trials: continuations of interrupted trials first, then by number.
+
+    One query however long the queue is, so taking a trial costs the same in a study of 10 trials as in one of
+    10,000 (``Study.get_trials`` would read every queued trial, with all its attributes, for each trial taken).
+    """
+
+    def order(t: FrozenTrial) -> tuple[bool, int]:
+        return t.user_attrs.get(records.RESUMES) is None, t.number
+
+    build = getattr(storage, "_build_frozen_trial_from_trial_model", None)
+    if build is None:  # an Optuna without it: read the whole queue
+        return sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)), key=order)[:limit]
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+    from sqlalchemy import orm
+
+    trial, attr = models.TrialModel, models.TrialUserAttributeModel
+    continuation = sa.exists().where(attr.trial_id == trial.trial_id, attr.key == records.RESUMES)
+    with _create_scoped_session(storage.scoped_session) as session:
+        found = (
+            session.query(trial)
+            .options(*(orm.selectinload(r) for r in (trial.params, trial.values, trial.user_attributes,
+                                                      trial.system_attributes, trial.intermediate_values)))
+            .filter(trial.study_id == study_id, trial.state == TrialState.WAITING)
+            .order_by(sa.case((continuation, 0), else_=1), trial.number)
+            .limit(limit)
+            .all()
+        )
+        return [build(t) for t in found]
 
 
 def give_back(storage: RDBStorage, trials: Sequence[optuna.Trial]) -> None:

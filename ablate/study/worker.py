@@ -9,9 +9,10 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from contextlib import suppress
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
 import optuna
@@ -56,6 +57,11 @@ class Context:
     def name(self) -> str:
         """The Optuna study name."""
         return self.study.study_name
+
+    @cached_property
+    def study_id(self) -> int:
+        """The study's id in the storage."""
+        return self.storage.get_study_id_from_name(self.study.study_name)
 
     @classmethod
     def open(cls, name: str, stores: Stores) -> Context:
@@ -130,16 +136,24 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     creates a trial past the queue. The first waiting trial decides the kind of run; more are taken
     while they train with the same shapes, up to the array size (``arrays.choose``).
     """
+    while True:
+        # what an interruption stopped goes first, so a search continues as it would have without the interruption
+        # (a few more than one for single trials: others racing for the first ones leave the rest)
+        waiting = studies.waiting(ctx.storage, ctx.study, ctx.study_id, studies.TAKE_WINDOW if array != 1 else 8)
+        if not waiting:
+            return []
+        taken = _take(ctx, waiting, array, device, say, workers)
+        if taken:
+            return taken
+        # every trial read was taken by other workers in the meantime: read the queue again
+
+
+def _take(ctx: Context, waiting: list[FrozenTrial], array: int | None, device: str | None,
+          say: Callable[[str], None] | None, workers: int) -> list[optuna.Trial]:
     from ablate.training.arrays import choose
     from ablate.training.preflight import fusion_key
 
     storage, study, spec = ctx.storage, ctx.study, ctx.spec
-    study_id = storage.get_study_id_from_name(study.study_name)
-    # what an interruption stopped goes first, so a search continues as it would have without the interruption
-    waiting = sorted(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)),
-                     key=lambda t: (t.user_attrs.get(records.RESUMES) is None, t.number))
-    if not waiting:
-        return []
 
     def shaped(t: FrozenTrial) -> RunSpec | None:
         run = spec.shape_of(t)
@@ -162,7 +176,7 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     out: list[optuna.Trial] = []
     try:
         for t in (alike or waiting[:1]) if limit > 1 else waiting:
-            trial_id = storage.get_trial_id_from_study_id_trial_number(study_id, t.number)
+            trial_id = t._trial_id
             if ctx.heartbeat_seconds:
                 # a beat before the trial is RUNNING: a worker that dies at any moment after taking it leaves a trial
                 # that goes stale and is retried (Optuna never fails a running trial that has no beat at all)
@@ -188,13 +202,15 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     return out
 
 
-def _run(ctx: Context, group: list[optuna.Trial], objective: Callable[[list[optuna.Trial]], None]) -> None:
+def _run(ctx: Context, group: list[optuna.Trial],
+         objective: Callable[[list[optuna.Trial]], Collection[int] | None]) -> None:
     """Train a group of taken trials with heartbeats; a trial the objective did not end ends FAIL, unless an
-    interruption came before its run started: then it goes back to the queue as it was."""
-    interrupted = False
+    interruption came before its run started: then it goes back to the queue as it was. (The objective may return
+    the numbers of the trials it ended: those are not read back.)"""
+    interrupted, ended = False, set()
     try:
-        with studies.heartbeats(ctx.storage, ctx.study, [t.number for t in group], ctx.heartbeat_seconds):
-            objective(group)
+        with studies.heartbeats(ctx.storage, ctx.study, group, ctx.heartbeat_seconds):
+            ended = set(objective(group) or ())
     except TrialError:
         pass
     except KeyboardInterrupt as e:
@@ -203,6 +219,8 @@ def _run(ctx: Context, group: list[optuna.Trial], objective: Callable[[list[optu
         raise
     finally:  # also on Ctrl-C, SIGTERM or a user's mistake, which then stop the worker
         for t in group:
+            if t.number in ended:
+                continue
             frozen = ctx.storage.get_trial(t._trial_id)
             if frozen.state != TrialState.RUNNING:
                 continue
@@ -244,11 +262,11 @@ class _Taken:
         self.ended: set[int] = set()
         self.outcomes: dict[int, RunOutcome] = {}
 
-    def end(self, k: int, state: str, reason: str) -> None:
-        """Trial k ended in ``state``: tag its run and say so."""
+    def end(self, k: int, state: str, reason: str, tagged: bool = False) -> None:
+        """Trial k ended in ``state``: tag its run (unless ``tagged`` already) and say so."""
         self.ended.add(k)
         out = self.outcomes.get(k)
-        if out is not None:
+        if out is not None and not tagged:
             self.ctx.tracker.set_tags(out.run_id, {Tag.STATE: state})
         last = out.final.get(self.ctx.spec.watched) if out is not None else None
         self.emit(TrialEnded(self.trials[k].number, self.assignments[k].label, state, reason, last))
@@ -257,23 +275,35 @@ class _Taken:
         """Trial k's MLflow run exists."""
         records.write_run(self.trials[k], run_id)
 
+    def state_of(self, outcome: RunOutcome) -> tuple[str, str]:
+        """The state an ended run gives its trial, and why: FAIL (its loss failed), PRUNED (stopped, or no finite
+        objective) or COMPLETE."""
+        if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
+            return Outcome.FAIL, outcome.error
+        if outcome.stopped is not None:
+            return Outcome.PRUNED, outcome.stopped.message
+        if self.objective.value(outcome) is None:
+            return Outcome.PRUNED, f"{self.ctx.spec.objective} is not finite"
+        return Outcome.COMPLETE, ""
+
+    def end_tags(self, k: int, outcome: RunOutcome) -> dict[str, Any]:
+        """What trial k's run is tagged with as it ends (its state), in the same request as its other end tags."""
+        return {Tag.STATE: self.state_of(outcome)[0]}
+
     def on_end(self, k: int, outcome: RunOutcome) -> None:
-        """Trial k's run ended: FAIL (its loss failed), PRUNED (stopped, or no finite objective) or COMPLETE."""
+        """Trial k's run ended (tagged with its state by ``end_tags``): record it and tell Optuna."""
         self.outcomes[k] = outcome
         trial, study = self.trials[k], self.ctx.study
         self.objective.record(trial, outcome)
-        value = self.objective.value(outcome)
-        if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
-            records.write_error(trial, outcome.error)
+        state, reason = self.state_of(outcome)
+        if state == Outcome.FAIL:
+            records.write_error(trial, reason)
             study.tell(trial, state=TrialState.FAIL)
-            self.end(k, Outcome.FAIL, outcome.error)
-        elif outcome.stopped is not None or value is None:
+        elif state == Outcome.PRUNED:
             study.tell(trial, state=TrialState.PRUNED)
-            why = outcome.stopped.message if outcome.stopped else f"{self.ctx.spec.objective} is not finite"
-            self.end(k, Outcome.PRUNED, why)
         else:
-            study.tell(trial, value)
-            self.end(k, Outcome.COMPLETE, "")
+            study.tell(trial, self.objective.value(outcome))
+        self.end(k, state, reason, tagged=True)
 
     def failed(self, reason: str) -> None:
         """Every trial not ended yet ends FAIL with ``reason``."""
@@ -290,7 +320,8 @@ class _Objective:
     def __init__(self, ctx: Context, device: str | None, emit: OnEvent, keep_checkpoints: bool = False):
         self.ctx, self.device, self.emit, self.keep_checkpoints = ctx, device, emit, keep_checkpoints
 
-    def __call__(self, trials: list[optuna.Trial]) -> None:
+    def __call__(self, trials: list[optuna.Trial]) -> set[int]:
+        """Train the trials; returns the numbers of those told to Optuna (all of them, unless it raises)."""
         group = _Taken(self.ctx, trials, self.device, self.emit, self)  # interrupted here: _run gives them back
         try:
             self._train(group)
@@ -308,6 +339,7 @@ class _Objective:
             reason = mask_url(f"{type(e).__name__}: {e}")[:2000]
             group.failed(reason)
             raise TrialError(reason) from e
+        return {trials[k].number for k in group.ended}
 
     def _train(self, group: _Taken) -> None:
         from ablate.tracking.runs import train_and_log_members
@@ -329,6 +361,7 @@ class _Objective:
                    **({Tag.SLURM_JOB: job} if (job := slurm_job()) else {})} for t, a in pairs],
             parent_run_id=ctx.parent_run_id, on_start=group.on_start,
             on_epoch=lambda k, result, history: hooks[k](result, history), on_end=group.on_end,
+            end_tags=group.end_tags,
             resume=resume, keep_checkpoints=self.keep_checkpoints,
             on_checkpoint=lambda k, epoch: records.write_checkpoint(trials[k], epoch),
         )

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import subprocess
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager, nullcontext, suppress
 from pathlib import Path
@@ -37,6 +39,8 @@ _GROUPED_VIEW_TAG = f"mlflow.sharedViewState.{GROUPED_VIEW}"
 _LOGGED_ARTIFACTS = "mlflow.loggedArtifacts"
 """The run tag through which the MLflow UI finds table artifacts."""
 BATCH_LIMIT = 1000
+"""MLflow's limit on the entries of one ``log_batch`` request (of them at most 100 parameters and 100 tags)."""
+_BATCH_PARAMS = 100
 MODEL = "model"
 """The artifact path of a run's model (its weights at the validation-selected epoch)."""
 SPLIT_FILE = "split.json"
@@ -131,21 +135,32 @@ class Tracker:
 
     def log_params(self, run_id: str, params: Mapping[str, Any]) -> None:
         """Log parameters in batches; values are stringified and masked."""
-        from mlflow.entities import Param
-
-        items = [
-            Param(k, mask_url(_param_text(v))[:PARAM_VALUE_LIMIT]) for k, v in params.items()
-        ]
-        for i in range(0, len(items), 100):
-            self.client.log_batch(run_id, params=items[i : i + 100])
+        self.log_batch(run_id, params=params)
 
     def set_tags(self, run_id: str, tags: Mapping[str, Any]) -> None:
         """Set tags (values stringified and masked)."""
-        from mlflow.entities import RunTag
+        self.log_batch(run_id, tags=tags)
 
-        items = [RunTag(str(k), mask_url(str(v))[:PARAM_VALUE_LIMIT]) for k, v in tags.items()]
-        if items:
-            self.client.log_batch(run_id, tags=items)
+    def log_batch(self, run_id: str, *, params: Mapping[str, Any] | None = None, tags: Mapping[str, Any] | None = None,
+                  metrics: Mapping[str, float] | None = None, step: int = 0) -> None:
+        """Log parameters, tags and one step's finite metrics, in one request where MLflow's batch limits allow
+        (parameter and tag values stringified and masked)."""
+        from mlflow.entities import Metric, Param, RunTag
+
+        now = int(time.time() * 1000)
+        ps = [Param(k, mask_url(_param_text(v))[:PARAM_VALUE_LIMIT]) for k, v in (params or {}).items()]
+        ts = [RunTag(str(k), mask_url(str(v))[:PARAM_VALUE_LIMIT]) for k, v in (tags or {}).items()]
+        ms = [Metric(k, float(v), now, step) for k, v in (metrics or {}).items() if math.isfinite(float(v))]
+        if len(ps) <= _BATCH_PARAMS and len(ts) <= _BATCH_PARAMS and len(ps) + len(ts) + len(ms) <= BATCH_LIMIT:
+            if ps or ts or ms:
+                self.client.log_batch(run_id, metrics=ms, params=ps, tags=ts)
+            return
+        for i in range(0, len(ps), _BATCH_PARAMS):
+            self.client.log_batch(run_id, params=ps[i : i + _BATCH_PARAMS])
+        for i in range(0, len(ts), _BATCH_PARAMS):
+            self.client.log_batch(run_id, tags=ts[i : i + _BATCH_PARAMS])
+        for i in range(0, len(ms), BATCH_LIMIT):
+            self.client.log_batch(run_id, metrics=ms[i : i + BATCH_LIMIT])
 
     def log_metrics(self, run_id: str, metrics: Mapping[str, float], step: int = 0) -> list[str]:
         """Log finite metrics at one step in one call; returns the keys left out as non-finite."""
@@ -188,7 +203,7 @@ class Tracker:
         """Store a file as an artifact."""
         self.client.log_artifact(run_id, str(path), artifact_path)
 
-    def log_model(self, run_id: str, model: Any, name: str = MODEL) -> str:
+    def log_model(self, run_id: str, model: Any, name: str = MODEL, experiment_id: str | None = None) -> str:
         """Store a torch model as the run's MLflow model ``name`` (an MLflow 3 logged model whose source is the run) and
         return its id: ``mlflow.pytorch.load_model(f"runs:/{run_id}/model")`` loads it back as the same class.
 
@@ -205,7 +220,8 @@ class Tracker:
         import torch
         from mlflow.entities import LoggedModelStatus
 
-        experiment_id = self.client.get_run(run_id).info.experiment_id
+        if experiment_id is None:
+            experiment_id = self.client.get_run(run_id).info.experiment_id
         logged = self.client.create_logged_model(experiment_id=experiment_id, name=name, source_run_id=run_id)
         try:
             with tempfile.TemporaryDirectory(prefix="ablate-model-") as tmp:

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -118,6 +118,7 @@ def train_and_log_members(
     on_start: Callable[[int, str], None] | None = None,
     on_epoch: Callable[[int, EpochResult, list[dict[str, float]]], Instability | None] | None = None,
     on_end: Callable[[int, RunOutcome], None] | None = None,
+    end_tags: Callable[[int, RunOutcome], dict[str, Any]] | None = None,
     resume: dict[int, tuple[str, dict[str, Any]]] | None = None,
     on_checkpoint: Callable[[int, int], None] | None = None,
     keep_checkpoints: bool = False,
@@ -126,14 +127,15 @@ def train_and_log_members(
 
     A member's run ends FINISHED as soon as the member stops (its epochs done, stopped by
     ``on_epoch``, or diverged) and ``on_end`` is called for it then; on Ctrl-C or SIGTERM the runs
-    still training end KILLED, on an error FAILED. NaN or inf never reaches MLflow.
+    still training end KILLED, on an error FAILED. NaN or inf never reaches MLflow. ``end_tags(k, outcome)`` gives
+    tags that go with the run's other end tags (in the same request).
 
     With ``on_checkpoint`` the members are checkpointed into their runs' artifacts (see
     ``ablate.tracking.checkpoints``; ``on_checkpoint(k, epoch)`` follows each write), also when stopped, and a
     finished member's checkpoint is removed unless ``keep_checkpoints``. ``resume`` maps a member to
     (its earlier MLflow run, a checkpoint): the member continues that run from the checkpoint's epoch.
     """
-    hooks = _Hooks(on_start, on_epoch, on_end, on_checkpoint, keep_checkpoints)
+    hooks = _Hooks(on_start, on_epoch, on_end, on_checkpoint, keep_checkpoints, end_tags)
     array = _TrackedArray(trainer, tracker, hooks, resume or {})
     array.open(experiment_id, run_names, tags, parent_run_id)
     return array.run()
@@ -148,6 +150,7 @@ class _Hooks:
     on_end: Callable[[int, RunOutcome], None] | None
     on_checkpoint: Callable[[int, int], None] | None
     keep_checkpoints: bool
+    end_tags: Callable[[int, RunOutcome], dict[str, Any]] | None = None
 
 
 class _TrackedArray:
@@ -165,9 +168,11 @@ class _TrackedArray:
         self.snapshots: dict[int, dict[str, Any]] = {}
         """Each open member's state at its last finished epoch."""
         self.written: dict[int, int] = {}
+        self.experiment_id: str | None = None
 
     def open(self, experiment_id: str, run_names: Sequence[str], tags: Sequence[dict[str, Any]],
              parent_run_id: str | None) -> None:
+        self.experiment_id = experiment_id
         """Start each member's MLflow run, or continue the run it resumes."""
         trainer, tracker = self.trainer, self.tracker
         how = load_split(trainer.spec.data).how
@@ -262,7 +267,8 @@ class _TrackedArray:
             outcome.test, test_floors = trainer.score_test(k, model)
             outcome.floors = {**trainer.floors, **test_floors}
         self.snapshots.pop(k, None)
-        _finish(tracker, outcome, self.batches[k], model)
+        tags = self.hooks.end_tags(k, outcome) if self.hooks.end_tags is not None else {}
+        _finish(tracker, outcome, self.batches[k], model, self.experiment_id, tags)
         if self.hooks.on_checkpoint is not None and not self.hooks.keep_checkpoints and (
                 k in self.written or k in self.resume):
             checkpoints.remove(tracker, outcome.run_id)
@@ -296,12 +302,13 @@ class _TrackedArray:
                 self.tracker.end_run(self.outcomes[k].run_id, status)
 
 
-def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn.Module | None = None) -> None:
-    """Send the run's last metrics, then its end tags and summary; for a run that ended (not one interrupted) also
-    its test metrics (step = the selected epoch) and its selected ``model``."""
+def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn.Module | None = None,
+            experiment_id: str | None = None, tags: Mapping[str, Any] | None = None) -> None:
+    """Send the run's last metrics, then its end tags (with ``tags``) and summary; for a run that ended (not one
+    interrupted) also its test metrics (step = the selected epoch) and its selected ``model``."""
     batch.close()
     run_id, best = outcome.run_id, outcome.best_run
-    end_tags: dict[str, Any] = {Tag.EPOCHS_TRAINED: len(outcome.history)}
+    end_tags: dict[str, Any] = {**(tags or {}), Tag.EPOCHS_TRAINED: len(outcome.history)}
     if batch.nonfinite:
         end_tags[Tag.DIVERGED] = ", ".join(f"{k}@epoch{v}" for k, v in batch.nonfinite.items())
     if outcome.stopped is not None:
@@ -314,12 +321,10 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn
     if best.epoch >= 0:
         end_tags[Tag.BEST_EPOCH] = best.epoch
         end_tags[Tag.SELECTED_BY] = best.select
-    tracker.set_tags(run_id, end_tags)
-    if outcome.floors:  # constant for the run: parameters, not per-epoch metrics
-        tracker.log_params(run_id, {f"random {k}": round(v, 6) for k, v in outcome.floors.items()
-                                    if math.isfinite(v)})
-    if outcome.test:  # measured only for a run that ended
-        tracker.log_metrics(run_id, outcome.test, step=best.epoch)
+    floors = {f"random {k}": round(v, 6) for k, v in outcome.floors.items() if math.isfinite(v)}
+    # one request: the end tags, the floors (constant for the run: parameters, not per-epoch metrics) and, for a run
+    # that ended, its test metrics
+    tracker.log_batch(run_id, tags=end_tags, params=floors, metrics=outcome.test, step=best.epoch)
     if outcome.history:
         tracker.log_dict(
             run_id,
@@ -329,4 +334,4 @@ def _finish(tracker: Tracker, outcome: RunOutcome, batch: MetricBatch, model: nn
             "final_metrics.json",
         )
     if model is not None:
-        tracker.log_model(run_id, model.cpu())
+        tracker.log_model(run_id, model.cpu(), experiment_id=experiment_id)
