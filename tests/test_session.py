@@ -76,3 +76,41 @@ def test_auto_jobs_start_every_worker_at_once_only_when_the_queue_holds_real_wor
     # never more workers than trials, whatever --jobs or --devices ask
     assert [plan(jobs, [], pending=2).workers for jobs in (1, 6, 1000)] == [1, 2, 2]
     assert plan(None, ["cuda:0", "cuda:1", "cuda:2"], pending=2).devices == ["cuda:0", "cuda:1"]
+
+
+@pytest.mark.parametrize("store", ["sqlite", "postgresql"])
+def test_the_queue_is_read_a_few_trials_at_a_time_continuations_first(store, tmp_path, request):
+    """A worker reads the first trials of the queue (continuations of interrupted trials first, then by number), not
+    every queued trial, and a trial's record is written whole; a finished trial's record cannot be changed."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from ablate.study import records
+
+    url = f"sqlite:///{tmp_path / 'optuna.db'}" if store == "sqlite" else request.getfixturevalue("postgres_url")
+    storage = studies.open_storage(url, heartbeat_seconds=None)
+    study = optuna.create_study(study_name="queue", storage=storage)
+    for x in range(6):
+        study.enqueue_trial({"x": x}, user_attrs={records.QUEUED: True})
+    study.enqueue_trial({"x": 9}, user_attrs={records.QUEUED: True, records.RESUMES: 2})  # number 6
+    study_id = storage.get_study_id_from_name("queue")
+    assert [t.number for t in studies.waiting(storage, study, study_id, 3)] == [6, 0, 1]
+    assert [t.params for t in studies.waiting(storage, study, study_id, 1)] == [{}]  # drawn when taken, as queued
+    assert [t.user_attrs[records.RESUMES] for t in studies.waiting(storage, study, study_id, 1)] == [2]
+    assert len(studies.waiting(storage, study, study_id, 100)) == 7
+
+    trial = study.ask()  # takes #0
+    records.write_result(trial, final={"val/mrr": 0.5, "val/top1": float("nan")}, selected={"val/mrr": 0.6},
+                         best_epoch=3, epochs=5, diverged=False, stop=None, test={"test/mrr": 0.4}, split="s")
+    attrs = storage.get_trial(trial._trial_id).user_attrs
+    assert {k: attrs[k] for k in ("final", "selected", "test", "best_epoch", "epochs_trained", "split")} == {
+        "final": {"val/mrr": 0.5}, "selected": {"val/mrr": 0.6}, "test": {"test/mrr": 0.4}, "best_epoch": 3,
+        "epochs_trained": 5, "split": "s"}
+    assert trial.user_attrs["final"] == {"val/mrr": 0.5}
+    records.write_attrs(trial, {"best_epoch": 4, "label": "x=0"})  # an attribute written again is replaced
+    assert storage.get_trial(trial._trial_id).user_attrs["best_epoch"] == 4
+    study.tell(trial, 0.5)
+    with pytest.raises(optuna.exceptions.UpdateFinishedTrialError):
+        records.write_attrs(trial, {"best_epoch": 5, "label": "y"})
+    assert storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
+    assert [t.number for t in studies.waiting(storage, study, study_id, 2)] == [6, 1]

@@ -150,8 +150,10 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     with storage.engine.begin() as connection:
         state = connection.execute(select(models.TrialModel.state).where(
             models.TrialModel.trial_id == trial._trial_id)).scalar_one()
+        if not state.is_finished():
+            connection.execute(upsert)
+    if state.is_finished():  # raised outside the transaction: Optuna's own check reads the trial again
         storage.check_trial_is_updatable(trial._trial_id, state)
-        connection.execute(upsert)
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs reads, as set_user_attr keeps it
 
 
