@@ -120,3 +120,22 @@ def test_studies_show_fits_80_columns_without_cutting_anything():
         if t.note:  # why it stopped, below the table, by trial number
             assert f"#{t.number} {t.state} {' '.join(t.note.split())}" in words
     assert "expected best val/mrr with n trials" in words and "60: 0.4590" in words
+
+
+def test_studies_show_lists_the_newest_trials_and_says_how_to_see_the_rest():
+    trials = [TrialRow(n, "COMPLETE", f"x={n}", n / 100, 1, "") for n in range(80)]
+    summary = SearchSummary("val/mrr", trials, {"COMPLETE": 80}, trials[3], {}, [])
+    shown = render.summary_markdown("s", summary, limit=50)
+    listed = [int(m) for m in re.findall(r"^\| (\d+) \|", shown, re.M)]
+    assert listed == list(range(30, 80))
+    assert "30 earlier trial(s) not listed: `ablate studies show --all`" in shown
+    assert "best (chosen on val/mrr): trial #3 x=3" in shown  # the best is named even when not listed
+    every = render.summary_markdown("s", summary)
+    assert [int(m) for m in re.findall(r"^\| (\d+) \|", every, re.M)] == list(range(80))
+    assert "not listed" not in every
+    console = Console(width=80, record=True, markup=False, soft_wrap=True)
+    for item in render.summary_lines("s", summary, limit=50):
+        console.print(item, soft_wrap=False)
+    text = console.export_text()
+    assert re.search(r"^ *30 +COMPLETE", text, re.M) and not re.search(r"^ *29 +COMPLETE", text, re.M)
+    assert "30 earlier trial(s) not listed" in " ".join(text.split())

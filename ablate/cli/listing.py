@@ -51,27 +51,35 @@ def studies_list(storage: StorageOpt = None) -> None:
     console.print(table)
 
 
+SHOWN_TRIALS = 50
+"""How many trials `studies show` lists (the newest) unless asked for all."""
+
+
 @studies_app.command("show")
 def studies_show(
     name: Annotated[str, typer.Argument(metavar="STUDY", help="Study name (or spec name: its newest study).")],
     storage: StorageOpt = None,
+    every: Annotated[bool, typer.Option("--all", help=f"List every trial, not the newest {SHOWN_TRIALS}.")] = False,
 ) -> None:
-    """A study's trials and why any stopped early, the best trial, importances, the expected best per budget."""
+    """A study's trials (the newest few) and why any stopped early, the best trial, importances, the expected best per
+    budget."""
     from ablate.study.session import StudySession
 
-    show_study(StudySession.open(name, stores_of(storage, None), reading=True))
+    show_study(StudySession.open(name, stores_of(storage, None), reading=True), every)
 
 
-def show_study(session: StudySession) -> SearchSummary:
-    """Print a study's trials, best trial, importances and expected best value; returns what it printed."""
+def show_study(session: StudySession, every: bool = False) -> SearchSummary:
+    """Print a study's trials (the newest ``SHOWN_TRIALS``, or ``every`` one), best trial, importances and
+    expected best value; returns what it printed."""
     from ablate.report import render
 
     summary = session.summary()
+    limit = None if every else SHOWN_TRIALS
     if console.is_terminal:  # fits the terminal: lines word-wrap, the table is made for 80 columns
-        for item in render.summary_lines(session.name, summary):
+        for item in render.summary_lines(session.name, summary, limit):
             console.print(item, soft_wrap=False)
     else:  # a log: nothing is cut or wrapped
-        console.print(render.summary_markdown(session.name, summary), highlight=False)
+        console.print(render.summary_markdown(session.name, summary, limit), highlight=False)
     return summary
 
 

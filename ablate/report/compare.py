@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 from ablate.report import stats
 from ablate.report.stats import Comparison, Summary
@@ -352,15 +352,16 @@ def search_summary(study: optuna.Study, spec: StudySpec) -> SearchSummary:
         best = (max if maximize else min)(complete, key=lambda r: r.value or 0.0)
     finished = [r.value for r in rows if r.state in (Outcome.COMPLETE, Outcome.PRUNED) and r.value is not None]
     return SearchSummary(
-        metric, rows, studies.counts(study), best, _importances(study) if spec.searches else {},
+        metric, rows, studies.counts(study, trials), best, _importances(study, trials) if spec.searches else {},
         stats.expected_max([v for v in finished if v is not None], maximize) if chooses else [], waiting,
     )
 
 
-def _importances(study: optuna.Study) -> dict[str, float]:
-    """fANOVA importances of the complete trials, kept on the study for the trials they were computed from (fANOVA
-    and the scikit-learn it loads take seconds; a finished study's show or re-run reads them back)."""
-    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+def _importances(study: optuna.Study, trials: list[FrozenTrial]) -> dict[str, float]:
+    """fANOVA importances of the complete ``trials`` (the study's), kept on the study for the trials they were
+    computed from (fANOVA and the scikit-learn it loads take seconds; a finished study's show or re-run reads them
+    back)."""
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
     if len(complete) < 2 or not any(t.params for t in complete):
         return {}
     key = [len(complete), max(t.number for t in complete)]

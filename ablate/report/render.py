@@ -11,7 +11,7 @@ from pathlib import Path
 from rich import box
 from rich.table import Table
 
-from ablate.report.compare import Row, SearchSummary, SuiteReport, report_metrics
+from ablate.report.compare import Row, SearchSummary, SuiteReport, TrialRow, report_metrics
 from ablate.vocabulary import SCREENING_METRICS, is_test, on_split
 
 
@@ -381,9 +381,19 @@ def _facts(summary: SearchSummary) -> list[str]:
     return out
 
 
-def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
-    """`studies show` for a terminal, in 80 columns: the trials table, why trials stopped (by trial
-    number, below the table rather than in a column of it), then the facts (lines to word-wrap)."""
+def _shown(summary: SearchSummary, limit: int | None) -> tuple[list[TrialRow], str]:
+    """The trials to list (the newest ``limit``; all when None) and a line saying what was left out."""
+    if limit is None or len(summary.trials) <= limit:
+        return summary.trials, ""
+    left = len(summary.trials) - limit
+    return summary.trials[-limit:], (f"{left} earlier trial(s) not listed: `ablate studies show --all` lists every "
+                                     "trial, `ablate studies export` writes them to a file")
+
+
+def summary_lines(name: str, summary: SearchSummary, limit: int | None = None) -> list[Table | str]:
+    """`studies show` for a terminal, in 80 columns: the trials table (the newest ``limit``), why trials stopped (by
+    trial number, below the table rather than in a column of it), then the facts (lines to word-wrap)."""
+    trials, left_out = _shown(summary, limit)
     table = Table(title=f"{name}: trials", title_justify="left", box=box.SIMPLE_HEAD, show_edge=False,
                   padding=(0, 1), pad_edge=False)
     table.add_column("#", justify="right", no_wrap=True)
@@ -391,10 +401,10 @@ def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
     table.add_column("configuration", overflow="fold")
     table.add_column(summary.metric, justify="right", no_wrap=True)
     table.add_column("epochs", justify="right", no_wrap=True)
-    for t in summary.trials:
+    for t in trials:
         table.add_row(str(t.number), t.state, t.label, fmt(t.value), str(t.epochs))
-    out: list[Table | str] = [table]
-    noted = [t for t in summary.trials if t.note]
+    out: list[Table | str] = [table, *([left_out] if left_out else [])]
+    noted = [t for t in trials if t.note]
     if noted:
         notes = Table(title="notes", title_justify="left", box=None, show_header=False, padding=(0, 1),
                       pad_edge=False)
@@ -406,13 +416,14 @@ def summary_lines(name: str, summary: SearchSummary) -> list[Table | str]:
     return out + _facts(summary)
 
 
-def summary_markdown(name: str, summary: SearchSummary) -> str:
-    """`studies show` for a log: the trials as a full-width Markdown table, then the facts."""
+def summary_markdown(name: str, summary: SearchSummary, limit: int | None = None) -> str:
+    """`studies show` for a log: the trials (the newest ``limit``) as a full-width Markdown table, then the facts."""
     def escaped(text: str) -> str:
         return text.replace("|", "\\|")
 
+    trials, left_out = _shown(summary, limit)
     lines = [f"**{escaped(name)}: trials**", "", f"| # | state | configuration | `{summary.metric}` | epochs | note |",
              "|---:|---|---|---:|---:|---|"]
     lines += [f"| {t.number} | {t.state} | {escaped(t.label)} | {fmt(t.value)} | {t.epochs} | {escaped(t.note)} |"
-              for t in summary.trials]
-    return "\n".join([*lines, "", *_facts(summary)])
+              for t in trials]
+    return "\n".join([*lines, *(["", left_out] if left_out else []), "", *_facts(summary)])

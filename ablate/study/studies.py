@@ -375,10 +375,10 @@ def predates_test_split(study: optuna.Study) -> bool:
                for r in runs)
 
 
-def counts(study: optuna.Study) -> dict[str, int]:
-    """Trials by state name (skipped trials left out)."""
+def counts(study: optuna.Study, trials: Sequence[FrozenTrial] | None = None) -> dict[str, int]:
+    """Trials by state name (skipped trials left out), of the study's ``trials`` when already read."""
     out: dict[str, int] = {}
-    for t in study.get_trials(deepcopy=False):
+    for t in study.get_trials(deepcopy=False) if trials is None else trials:
         if not t.user_attrs.get(records.SKIPPED):
             out[t.state.name] = out.get(t.state.name, 0) + 1
     return out
