@@ -801,6 +801,26 @@ def _taken_study(workdir: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.
     return worker.Context.open("temperature", stores)
 
 
+def test_a_worker_takes_and_samples_trials_queued_after_it_read_the_study(workdir, monkeypatch, capsys):
+    """The queue is read past Optuna's trial cache, which must have read a trial before the sampler can set its
+    parameters: a trial queued after the worker's first look (a continuation, more trials) is sampled all the same."""
+    import optuna
+
+    from ablate.study import records, worker
+
+    ctx = _taken_study(workdir, monkeypatch, capsys)
+    (first,) = worker.take(ctx)
+    ctx.spec.suggest(first)
+    other = optuna.load_study(study_name=ctx.name, storage=f"sqlite:///{workdir / 'optuna.db'}")  # another process
+    other.enqueue_trial({}, user_attrs={records.QUEUED: True, records.RESUMES: first.number})
+    (resumed,) = worker.take(ctx)  # the newest trial, a continuation, goes first
+    assert resumed.number == 2
+    assert "temperature" in ctx.spec.suggest(resumed).values
+    (last,) = worker.take(ctx)
+    assert last.number == 1 and "temperature" in ctx.spec.suggest(last).values
+    assert worker.take(ctx) == []
+
+
 @pytest.mark.slow
 def test_a_trial_taken_by_a_worker_that_dies_before_its_first_heartbeat_is_retried(workdir, monkeypatch, capsys):
     from optuna.trial import TrialState

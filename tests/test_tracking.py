@@ -287,3 +287,30 @@ def test_a_store_left_half_created_is_explained_with_the_command_that_clears_it(
     con.close()
     with pytest.raises(AblateError, match=rf"was left half-created .* holds 0 run\(s\); remove it \(rm {db}\)"):
         Tracker(f"sqlite:///{db}")
+
+
+def test_metric_histories_of_many_runs_are_read_at_once_as_mlflow_gives_them(tracker):
+    """A report reads every run's curves at once (from a SQL store's table); the values are those of MLflow's own
+    get_metric_history, by step, and the same without the SQL shortcut."""
+    from mlflow.entities import Metric
+
+    exp = tracker.experiment_id("histories")
+    runs = [tracker.start_run(exp, f"r{i}") for i in range(3)]
+    for i, run in enumerate(runs):
+        metrics = [Metric("val/mrr", 0.1 * i + step / 100, 1000 + step, step) for step in (2, 0, 1)]
+        tracker.client.log_batch(run, metrics=[*metrics, Metric("train/loss", 1.0, 1000, 0)])
+    tracker.client.log_batch(runs[0], metrics=[Metric("val/mrr", 0.5, 999, 1)])  # a second value at step 1
+    keys = ["val/mrr", "train/loss", "val/top1"]
+    expected = {(r, k): [m.value for m in sorted(tracker.client.get_metric_history(r, k),
+                                                   key=lambda m: (m.step, m.timestamp))]
+                for r in runs for k in keys}
+    expected = {pair: values for pair, values in expected.items() if values}
+    assert tracker._sql is not None  # a SQLite store: read from its table
+    read = tracker.histories(runs, keys)
+    assert read == expected and read[(runs[0], "val/mrr")] == [0.0, 0.5, 0.01, 0.02]
+    assert (runs[0], "val/top1") not in read
+    sql, tracker._sql = tracker._sql, None
+    try:
+        assert tracker.histories(runs, keys) == expected  # through get_metric_history, several at a time
+    finally:
+        tracker._sql = sql

@@ -29,12 +29,10 @@ def curve_keys(report: SuiteReport) -> list[str]:
 def curves(report: SuiteReport, tracker: Tracker, keys: Sequence[str]) -> dict[str, dict[str, list[list[float]]]]:
     """Per experiment and metric, one per-epoch series per seed, read back from MLflow."""
     out: dict[str, dict[str, list[list[float]]]] = {e: {} for e in report.spec.experiments}
+    histories = tracker.histories([r.run_id for r in report.trials if r.run_id], keys)
     for r in report.trials:
-        if not r.run_id:
-            continue
         for key in keys:
-            hist = tracker.client.get_metric_history(r.run_id, key)
-            series = [m.value for m in sorted(hist, key=lambda m: m.step)]
+            series = histories.get((r.run_id, key)) if r.run_id else None
             if series:
                 out.setdefault(r.experiment, {}).setdefault(key, []).append(series)
     return out

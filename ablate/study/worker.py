@@ -11,7 +11,7 @@ import os
 import time
 from collections.abc import Callable, Collection
 from contextlib import suppress
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cached_property
 from typing import TYPE_CHECKING, Any
 
@@ -52,6 +52,7 @@ class Context:
     parent_run_id: str
     heartbeat_seconds: int | None
     storage: RDBStorage
+    known: list[int] = field(default_factory=lambda: [-1], compare=False)  # the newest trial its cache has read
 
     @property
     def name(self) -> str:
@@ -142,6 +143,9 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
         waiting = studies.waiting(ctx.storage, ctx.study, ctx.study_id, studies.TAKE_WINDOW if array != 1 else 8)
         if not waiting:
             return []
+        if max(t.number for t in waiting) > ctx.known[0]:  # Optuna's trial cache must have read a trial before
+            # it takes a parameter: it reads the study once, and again only once a newer trial (a continuation) exists
+            ctx.known[0] = max(t.number for t in ctx.study.get_trials(deepcopy=False))
         taken = _take(ctx, waiting, array, device, say, workers)
         if taken:
             return taken
@@ -204,9 +208,8 @@ def _take(ctx: Context, waiting: list[FrozenTrial], array: int | None, device: s
 
 def _run(ctx: Context, group: list[optuna.Trial],
          objective: Callable[[list[optuna.Trial]], Collection[int] | None]) -> None:
-    """Train a group of taken trials with heartbeats; a trial the objective did not end ends FAIL, unless an
-    interruption came before its run started: then it goes back to the queue as it was. (The objective may return
-    the numbers of the trials it ended: those are not read back.)"""
+    """Train a group of taken trials with heartbeats; a trial the objective did not end (it returns those it did)
+    ends FAIL, unless an interruption came before its run started: then it goes back to the queue as it was."""
     interrupted, ended = False, set()
     try:
         with studies.heartbeats(ctx.storage, ctx.study, group, ctx.heartbeat_seconds):
