@@ -18,7 +18,7 @@ from optuna.trial import TrialState
 
 from ablate.errors import AblateError
 from ablate.report import stats
-from ablate.report.compare import SearchSummary, SuiteReport, build_report, collect, search_summary
+from ablate.report.compare import SearchSummary, SuiteReport, build_report, collect, compute, search_summary
 from ablate.report.publish import cached_report, publish, search_report, write_report
 from ablate.stores import (
     Stores,
@@ -278,7 +278,7 @@ class StudySession:
         cached = cached_report(report, folder)
         if cached is not None:
             return report, cached, False
-        report = build_report(self.study, spec)
+        report = compute(report)
         files = write_report(report, self.tracker, folder)
         if not self.read_only:
             publish(report, self.tracker, self.parent_run_id, files)

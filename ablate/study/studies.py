@@ -318,7 +318,7 @@ class StudyRef:
 
 def load(name: str, storage: RDBStorage) -> StudyRef:
     """A study by its full name, or the newest study made from the spec called ``name``."""
-    summaries = optuna.get_all_study_summaries(storage=storage, include_best_trial=False)
+    summaries = storage.get_all_studies()  # names and attributes only (a summary would read every trial)
     exact = [s for s in summaries if s.study_name == name]
     if not exact:
         exact = sorted(
@@ -348,11 +348,11 @@ def attach(name: str, spec: StudySpec, storage: RDBStorage) -> StudyRef:
 def list_studies(storage: RDBStorage) -> list[dict[str, Any]]:
     """One summary per ablate study in the storage, oldest first: trials finished, owed and failed."""
     out = []
-    for s in optuna.get_all_study_summaries(storage=storage, include_best_trial=False):
+    for s in storage.get_all_studies():
         if records.SPEC not in s.user_attrs:
             continue
         doc = s.user_attrs[records.SPEC]
-        trials = optuna.load_study(study_name=s.study_name, storage=storage).get_trials(deepcopy=False)
+        trials = storage.get_all_trials(storage.get_study_id_from_name(s.study_name), deepcopy=False)
         kept = [t for t in trials if not t.user_attrs.get(records.SKIPPED)]
         out.append({
             "name": s.study_name,
