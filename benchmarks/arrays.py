@@ -44,12 +44,15 @@ CASES = {
 
 
 def suite(array: str, extra: list[str]) -> tuple[float, dict[str, dict[str, float]]]:
-    """Wall seconds of the suite and, per experiment, the headline metric's mean and CI half-width."""
+    """Wall seconds of the suite and, per experiment, the headline metric's mean and CI half-width; prints what
+    `--array auto` chose and why."""
     with tempfile.TemporaryDirectory() as tmp:
         t0 = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "ablate", "run-suite", "baseline-vs-multistage", "--array", array,
-                        *extra], cwd=tmp, check=True, stdout=subprocess.DEVNULL)
+        done = subprocess.run([sys.executable, "-m", "ablate", "run-suite", "baseline-vs-multistage", "--array",
+                               array, *extra], cwd=tmp, check=True, stdout=subprocess.PIPE, text=True)
         seconds = time.perf_counter() - t0
+        for line in dict.fromkeys(ln.strip() for ln in done.stdout.splitlines() if "array" in ln and "by" in ln):
+            print(f"  [{array}, {seconds:.1f} s] {line}")
         (report,) = Path(tmp, "reports").glob("*/report.json")
         rows = json.loads(report.read_text())["rows"]
     out = {}
