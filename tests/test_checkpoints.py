@@ -116,7 +116,9 @@ def test_a_trial_killed_mid_run_resumes_from_its_checkpoint_and_ends_as_if_never
             trials = studies.load("resume", storage).study.get_trials(states=(optuna.trial.TrialState.RUNNING,))
         except Exception:
             continue
-        if trials and (checkpoint := trials[0].user_attrs.get(records.CHECKPOINT)) is not None and checkpoint >= 10:
+        # the first checkpoint will do: how soon the next one comes depends on what the first cost (a budget of
+        # the time), which a busy machine can stretch past the end of the trial
+        if trials and (checkpoint := trials[0].user_attrs.get(records.CHECKPOINT)) is not None:
             break
     assert checkpoint is not None and proc.poll() is None, "no checkpoint was written while the trial ran"
     os.killpg(proc.pid, signal.SIGKILL)
