@@ -263,3 +263,24 @@ def test_a_finished_searchs_rerun_reads_its_importances_back_and_touches_no_mlfl
     assert code == 0, err + out
     if kept["values"]:
         assert "parameter importances (fANOVA): temperature 1.00" in out
+
+
+def test_a_run_that_fails_after_its_end_tags_were_sent_is_tagged_fail_like_its_trial(workdir, monkeypatch, capsys):
+    """A run's state tag goes out with its other end tags, before its model is logged and Optuna is told: when
+    something fails in between, the trial ends FAIL and its run's tag says FAIL too, not the state it was about
+    to have."""
+    from mlflow import MlflowClient
+
+    from ablate.tracking.client import Tracker
+    from ablate.vocabulary import Tag
+
+    def no_room(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(Tracker, "log_model", no_room)
+    run_cli(["tune", "temperature", "--n-trials", "1", "--jobs", "1", "--array", "1", *TINY_SEARCH, "--epochs", "2"],
+            monkeypatch, capsys)
+    (trial,) = _load(workdir, "temperature").study.get_trials()
+    assert trial.state == optuna.trial.TrialState.FAIL and "No space left" in trial.user_attrs["error"]
+    run = MlflowClient(f"sqlite:///{workdir / 'mlflow.db'}").get_run(trial.user_attrs["mlflow_run_id"])
+    assert run.data.tags[Tag.STATE] == "FAIL" and run.info.status == "FAILED"

@@ -97,7 +97,7 @@ def test_the_queue_is_read_a_few_trials_at_a_time_continuations_first(store, tmp
     assert [t.number for t in studies.waiting(storage, study, study_id, 3)] == [6, 0, 1]
     assert [t.params for t in studies.waiting(storage, study, study_id, 1)] == [{}]  # drawn when taken, as queued
     assert [t.user_attrs[records.RESUMES] for t in studies.waiting(storage, study, study_id, 1)] == [2]
-    assert len(studies.waiting(storage, study, study_id, 100)) == 7
+    assert len(studies.waiting(storage, study, study_id, 100)) == 7 == studies.queued(storage, study_id)
 
     trial = study.ask()  # takes #0
     records.write_result(trial, final={"val/mrr": 0.5, "val/top1": float("nan")}, selected={"val/mrr": 0.6},
@@ -114,3 +114,4 @@ def test_the_queue_is_read_a_few_trials_at_a_time_continuations_first(store, tmp
         records.write_attrs(trial, {"best_epoch": 5, "label": "y"})
     assert storage.get_trial(trial._trial_id).state == TrialState.COMPLETE
     assert [t.number for t in studies.waiting(storage, study, study_id, 2)] == [6, 1]
+    assert studies.queued(storage, study_id) == 6

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -133,7 +134,9 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     from optuna.storages import RDBStorage
 
     storage = getattr(trial.storage, "_backend", trial.storage)  # a study's RDB storage comes wrapped in a cache
-    if not (isinstance(storage, RDBStorage) and storage.engine.name in ("postgresql", "sqlite") and len(attrs) > 1):
+    name = storage.engine.name if isinstance(storage, RDBStorage) else ""
+    upserts = name == "postgresql" or (name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0))
+    if not (upserts and isinstance(storage, RDBStorage) and len(attrs) > 1):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
@@ -142,7 +145,7 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     from sqlalchemy.dialects import postgresql, sqlite
 
     table = models.TrialUserAttributeModel
-    dialect = postgresql if storage.engine.name == "postgresql" else sqlite
+    dialect = postgresql if name == "postgresql" else sqlite
     rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     insert = dialect.insert(table).values(rows)
     upsert = insert.on_conflict_do_update(index_elements=[table.trial_id, table.key],

@@ -225,13 +225,15 @@ def heartbeats(storage: RDBStorage, study: optuna.Study, trials: Sequence[optuna
 
     def beat() -> None:
         checked = time.monotonic()
-        while not stop.wait(seconds):  # the first beat was recorded as the trials were taken
+        while True:
             for trial_id in ids:
                 storage.record_heartbeat(trial_id)
             if time.monotonic() - checked >= grace:
                 checked = time.monotonic()
                 with suppress(Exception):  # a storage hiccup: the next check (or a worker between trials) does it
                     optuna.storages.fail_stale_trials(study)
+            if stop.wait(seconds):
+                return
 
     thread = threading.Thread(target=beat, name=f"heartbeat-{trials[0].number}", daemon=True)
     thread.start()
@@ -243,8 +245,7 @@ def heartbeats(storage: RDBStorage, study: optuna.Study, trials: Sequence[optuna
 
 
 TAKE_WINDOW = 256
-"""How many queued trials a worker reads to form an array (the first this many: arrays are never larger, and the
-measuring budget of ``--array auto`` counts at most this much queued work)."""
+"""How many queued trials a worker reads to form an array (the first this many, or ``--array`` if larger)."""
 
 
 def waiting(storage: RDBStorage, study: optuna.Study, study_id: int, limit: int) -> list[FrozenTrial]:
@@ -278,6 +279,18 @@ def waiting(storage: RDBStorage, study: optuna.Study, study_id: int, limit: int)
             .all()
         )
         return [build(t) for t in found]
+
+
+def queued(storage: RDBStorage, study_id: int) -> int:
+    """How many trials wait in the study's queue (one count, without reading them)."""
+    import sqlalchemy as sa
+    from optuna.storages._rdb import models
+    from optuna.storages._rdb.storage import _create_scoped_session
+
+    trial = models.TrialModel
+    with _create_scoped_session(storage.scoped_session) as session:
+        return int(session.execute(sa.select(sa.func.count()).select_from(trial).where(
+            trial.study_id == study_id, trial.state == TrialState.WAITING)).scalar_one())
 
 
 def give_back(storage: RDBStorage, trials: Sequence[optuna.Trial]) -> None:

@@ -137,23 +137,21 @@ def take(ctx: Context, array: int | None = 1, device: str | None = None,
     creates a trial past the queue. The first waiting trial decides the kind of run; more are taken
     while they train with the same shapes, up to the array size (``arrays.choose``).
     """
-    while True:
-        # what an interruption stopped goes first, so a search continues as it would have without the interruption
-        # (a few more than one for single trials: others racing for the first ones leave the rest)
-        waiting = studies.waiting(ctx.storage, ctx.study, ctx.study_id, studies.TAKE_WINDOW if array != 1 else 8)
+    while True:  # continuations first (a search goes on as if never interrupted); other workers may race for them
+        window = max(studies.TAKE_WINDOW, array or 0) if array != 1 else 8
+        waiting = studies.waiting(ctx.storage, ctx.study, ctx.study_id, window)
         if not waiting:
             return []
         if max(t.number for t in waiting) > ctx.known[0]:  # Optuna's trial cache must have read a trial before
             # it takes a parameter: it reads the study once, and again only once a newer trial (a continuation) exists
             ctx.known[0] = max(t.number for t in ctx.study.get_trials(deepcopy=False))
-        taken = _take(ctx, waiting, array, device, say, workers)
+        taken = _take(ctx, waiting, array, device, say, workers, full=len(waiting) == window)
         if taken:
-            return taken
-        # every trial read was taken by other workers in the meantime: read the queue again
+            return taken  # else every trial read was taken by other workers meanwhile: read the queue again
 
 
 def _take(ctx: Context, waiting: list[FrozenTrial], array: int | None, device: str | None,
-          say: Callable[[str], None] | None, workers: int) -> list[optuna.Trial]:
+          say: Callable[[str], None] | None, workers: int, full: bool) -> list[optuna.Trial]:
     from ablate.training.arrays import choose
     from ablate.training.preflight import fusion_key
 
@@ -173,7 +171,8 @@ def _take(ctx: Context, waiting: list[FrozenTrial], array: int | None, device: s
         # study runs yet and no other kind waits (a busy worker, or one that takes the other kind, shares nothing)
         kinds = {fusion_key(run) for t in waiting if not records.resumable(t) and (run := shaped(t)) is not None}
         idle = len(kinds) == 1 and not study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
-        choice = choose(first, len(alike), array, workers if idle else 1)
+        queued = studies.queued(storage, ctx.study_id) if full and len(alike) == len(waiting) else len(alike)
+        choice = choose(first, queued, array, workers if idle else 1)  # (measuring is paid for by all of the queue)
         limit = choice.size
         if choice.reason and say is not None:
             say(choice.reason)
@@ -264,18 +263,20 @@ class _Taken:
             emit(TrialStarted(t.number, a.label, run.epochs, os.getpid()))
         self.ended: set[int] = set()
         self.outcomes: dict[int, RunOutcome] = {}
+        self.run_ids: dict[int, str] = {}
 
     def end(self, k: int, state: str, reason: str, tagged: bool = False) -> None:
-        """Trial k ended in ``state``: tag its run (unless ``tagged`` already) and say so."""
+        """Trial k ended in ``state``: tag its run, if it has one (unless ``tagged`` already), and say so."""
         self.ended.add(k)
         out = self.outcomes.get(k)
-        if out is not None and not tagged:
-            self.ctx.tracker.set_tags(out.run_id, {Tag.STATE: state})
+        if k in self.run_ids and not tagged:
+            self.ctx.tracker.set_tags(self.run_ids[k], {Tag.STATE: state})
         last = out.final.get(self.ctx.spec.watched) if out is not None else None
         self.emit(TrialEnded(self.trials[k].number, self.assignments[k].label, state, reason, last))
 
     def on_start(self, k: int, run_id: str) -> None:
         """Trial k's MLflow run exists."""
+        self.run_ids[k] = run_id
         records.write_run(self.trials[k], run_id)
 
     def state_of(self, outcome: RunOutcome) -> tuple[str, str]:
@@ -301,18 +302,16 @@ class _Taken:
         state, reason = self.state_of(outcome)
         if state == Outcome.FAIL:
             records.write_error(trial, reason)
-            study.tell(trial, state=TrialState.FAIL)
-        elif state == Outcome.PRUNED:
-            study.tell(trial, state=TrialState.PRUNED)
-        else:
-            study.tell(trial, self.objective.value(outcome))
+        value = self.objective.value(outcome) if state == Outcome.COMPLETE else None
+        study.tell(trial, value, state=TrialState.COMPLETE if value is not None else TrialState[state])
         self.end(k, state, reason, tagged=True)
 
     def failed(self, reason: str) -> None:
         """Every trial not ended yet ends FAIL with ``reason``."""
         for k, t in enumerate(self.trials):
-            if k not in self.ended:
-                records.write_error(t, reason)
+            if k not in self.ended:  # its run, tagged COMPLETE or PRUNED if it ended before this, is tagged FAIL
+                with suppress(optuna.exceptions.UpdateFinishedTrialError):  # failed meanwhile as stale
+                    records.write_error(t, reason)
                 self.ctx.study.tell(t, state=TrialState.FAIL, skip_if_finished=True)
                 self.end(k, Outcome.FAIL, reason)
 

@@ -181,11 +181,12 @@ class Tracker:
             with self._sql.ManagedSessionMaker(read_only=True) as session:
                 for i in range(0, len(run_ids), 500):
                     rows = session.execute(sa.select(SqlMetric.run_uuid, SqlMetric.key, SqlMetric.step,
-                                                     SqlMetric.timestamp, SqlMetric.value)
+                                                     SqlMetric.timestamp, SqlMetric.value, SqlMetric.is_nan)
                                            .where(SqlMetric.run_uuid.in_(run_ids[i : i + 500]),
                                                   SqlMetric.key.in_(list(keys))))
-                    for run, key, step, stamp, value in rows:
-                        out.setdefault((run, key), []).append((int(step), int(stamp), float(value)))
+                    for run, key, step, stamp, value, nan in rows:  # MLflow keeps a NaN as 0 with is_nan set
+                        out.setdefault((run, key), []).append((int(step), int(stamp),
+                                                               math.nan if nan else float(value)))
         else:
             from concurrent.futures import ThreadPoolExecutor
 

@@ -172,8 +172,8 @@ class _TrackedArray:
 
     def open(self, experiment_id: str, run_names: Sequence[str], tags: Sequence[dict[str, Any]],
              parent_run_id: str | None) -> None:
-        self.experiment_id = experiment_id
         """Start each member's MLflow run, or continue the run it resumes."""
+        self.experiment_id = experiment_id
         trainer, tracker = self.trainer, self.tracker
         how = load_split(trainer.spec.data).how
         for k, member in enumerate(trainer.every):
