@@ -134,9 +134,7 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     from optuna.storages import RDBStorage
 
     storage = getattr(trial.storage, "_backend", trial.storage)  # a study's RDB storage comes wrapped in a cache
-    name = storage.engine.name if isinstance(storage, RDBStorage) else ""
-    upserts = name == "postgresql" or (name == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0))
-    if not (upserts and isinstance(storage, RDBStorage) and len(attrs) > 1):
+    if not isinstance(storage, RDBStorage) or len(attrs) < 2 or not _upserts(storage.engine.name):
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         return
@@ -145,7 +143,7 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     from sqlalchemy.dialects import postgresql, sqlite
 
     table = models.TrialUserAttributeModel
-    dialect = postgresql if name == "postgresql" else sqlite
+    dialect = postgresql if storage.engine.name == "postgresql" else sqlite
     rows = [{"trial_id": trial._trial_id, "key": k, "value_json": json.dumps(v)} for k, v in attrs.items()]
     insert = dialect.insert(table).values(rows)
     upsert = insert.on_conflict_do_update(index_elements=[table.trial_id, table.key],
@@ -158,6 +156,11 @@ def write_attrs(trial: optuna.Trial, attrs: Mapping[str, Any]) -> None:
     if state.is_finished():  # raised outside the transaction: Optuna's own check reads the trial again
         storage.check_trial_is_updatable(trial._trial_id, state)
     trial._cached_frozen_trial.user_attrs.update(attrs)  # what trial.user_attrs reads, as set_user_attr keeps it
+
+
+def _upserts(dialect: str) -> bool:
+    """Whether the database takes INSERT ... ON CONFLICT DO UPDATE (SQLite from 3.24, as Optuna checks)."""
+    return dialect == "postgresql" or (dialect == "sqlite" and sqlite3.sqlite_version_info >= (3, 24, 0))
 
 
 def write_start(trial: optuna.Trial, label: str, values: Mapping[str, Any], job: str | None = None) -> None:

@@ -279,16 +279,17 @@ class _Taken:
         self.run_ids[k] = run_id
         records.write_run(self.trials[k], run_id)
 
-    def state_of(self, outcome: RunOutcome) -> tuple[str, str]:
-        """The state an ended run gives its trial, and why: FAIL (its loss failed), PRUNED (stopped, or no finite
-        objective) or COMPLETE."""
+    def state_of(self, outcome: RunOutcome) -> tuple[str, str, float | None]:
+        """The state an ended run gives its trial, why, and its value: FAIL (its loss failed), PRUNED (stopped, or no
+        finite objective) or COMPLETE (the only state with a value)."""
         if outcome.error is not None:  # the run's own loss failed: this trial fails, the others go on
-            return Outcome.FAIL, outcome.error
+            return Outcome.FAIL, outcome.error, None
         if outcome.stopped is not None:
-            return Outcome.PRUNED, outcome.stopped.message
-        if self.objective.value(outcome) is None:
-            return Outcome.PRUNED, f"{self.ctx.spec.objective} is not finite"
-        return Outcome.COMPLETE, ""
+            return Outcome.PRUNED, outcome.stopped.message, None
+        value = self.objective.value(outcome)
+        if value is None:
+            return Outcome.PRUNED, f"{self.ctx.spec.objective} is not finite", None
+        return Outcome.COMPLETE, "", value
 
     def end_tags(self, k: int, outcome: RunOutcome) -> dict[str, Any]:
         """What trial k's run is tagged with as it ends (its state), in the same request as its other end tags."""
@@ -299,11 +300,10 @@ class _Taken:
         self.outcomes[k] = outcome
         trial, study = self.trials[k], self.ctx.study
         self.objective.record(trial, outcome)
-        state, reason = self.state_of(outcome)
+        state, reason, value = self.state_of(outcome)
         if state == Outcome.FAIL:
             records.write_error(trial, reason)
-        value = self.objective.value(outcome) if state == Outcome.COMPLETE else None
-        study.tell(trial, value, state=TrialState.COMPLETE if value is not None else TrialState[state])
+        study.tell(trial, value, state=TrialState[state])
         self.end(k, state, reason, tagged=True)
 
     def failed(self, reason: str) -> None:
