@@ -32,16 +32,21 @@ from pathlib import Path
 
 import optuna
 
-SEARCH = """\
-kind = "search"
-name = "{name}"
-n_trials = {trials}
+BASE = """\
 [base]
-loss = "infonce"
 epochs = 1
 batch_size = 16
 data = {{ source = "{data}" }}
 model = {{ hidden = [16] }}
+"""
+"""What every trial of both studies trains: one epoch of a small head, batch 16, on the tiny pairs."""
+
+SEARCH = """\
+kind = "search"
+name = "{name}"
+n_trials = {trials}
+""" + BASE + """\
+loss = "infonce"
 [params.temperature]
 type = "float"
 low = 0.05
@@ -59,11 +64,7 @@ name = "{name}"
 objective = "test/top1"
 baseline = "mse"
 seeds = {seeds}
-[base]
-epochs = 1
-batch_size = 16
-data = {{ source = "{data}" }}
-model = {{ hidden = [16] }}
+""" + BASE + """\
 [experiments.mse]
 loss = "mse"
 [experiments.infonce]
